@@ -1,0 +1,125 @@
+"""Small shared helpers: seeding, device resolution, timers and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = [
+    "atomic_path",
+    "atomic_open",
+    "check_random_state",
+    "resolve_device",
+    "seed_everything",
+    "Timer",
+]
+
+
+def check_random_state(seed: int | np.random.Generator | None) -> np.random.Generator:
+    """Return a numpy Generator from ``None``, an int or a Generator (never reseeds globals)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None or isinstance(seed, (int, np.integer)):
+        return np.random.default_rng(seed)
+    raise TypeError(f"seed must be None, an int or a numpy Generator, not {type(seed).__name__}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch once, at the entry point (CLI or API top level)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return
+    torch.manual_seed(seed)
+
+
+_DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a concrete torch device string.
+
+    ``auto`` picks CUDA when available, then Apple MPS, then CPU. Asking for a device
+    that is not present is a :class:`ConfigError` that names the devices that are.
+    """
+    import torch
+
+    name = device.lower().strip()
+    base = name.split(":", 1)[0]
+    if base not in _DEVICES:
+        raise ConfigError(
+            f"Unknown device {device!r}: expected one of {', '.join(_DEVICES)} (or cuda:N)."
+        )
+    mps_ok = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if base == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if mps_ok:
+            return "mps"
+        return "cpu"
+    if base == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"Device {device!r} was requested but CUDA is not available on this machine; "
+            "use --device cpu (or auto)."
+        )
+    if base == "mps" and not mps_ok:
+        raise ConfigError(
+            f"Device {device!r} was requested but Apple MPS is not available; "
+            "use --device cpu (or auto)."
+        )
+    return name
+
+
+class Timer:
+    """Collect wall-clock seconds per named stage: ``with timer("embed"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    Readers never see a half-written file, and a failed write leaves any previous
+    file untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing and atomically move it onto ``path`` on success."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh

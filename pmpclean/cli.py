@@ -1,0 +1,477 @@
+"""The ``pmpclean`` command line: a thin translator over :mod:`pmpclean.pipeline`.
+
+Each command parses options, builds a config, makes one library call and renders
+the result through :class:`pmpclean._output.Output`. Errors of the
+:class:`~pmpclean.errors.PmpcleanError` family become one red line and exit code 1;
+usage errors exit 2; ``PMPCLEAN_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import __version__
+from .config import ScanConfig, load_config
+from .errors import PmpcleanError
+
+app = typer.Typer(
+    name="pmpclean",
+    help=(
+        "Audit and clean noisy image-caption datasets.\n\n"
+        "Typical session:\n\n"
+        "  pmpclean scan data.csv              # score every pair, write data.pmpclean/\n\n"
+        "  pmpclean rematch data.csv --out cleaned.csv\n\n"
+        "  pmpclean finetune cleaned.csv --out model/\n\n"
+        "Run 'pmpclean COMMAND --help' for the options of each command."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+class Format(str, enum.Enum):
+    human = "human"
+    json = "json"
+
+
+class Policy(str, enum.Enum):
+    rematch = "rematch"
+    drop = "drop"
+    flag = "flag"
+
+
+class Cost(str, enum.Enum):
+    learned = "learned"
+    fixed = "fixed"
+    paper = "paper"
+
+
+# ---------------------------------------------------------------- shared options
+
+Manifest = Annotated[
+    Path,
+    typer.Argument(
+        help="Dataset manifest: .csv, .tsv, .parquet or .jsonl, one image-caption pair per row.",
+        show_default=False,
+    ),
+]
+FormatOpt = Annotated[
+    Format, typer.Option("--format", help="human: tables for people; json: one JSON document on stdout.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and JSON with --format json).")]
+ImageCol = Annotated[str, typer.Option("--image-col", help="Column holding image paths (relative to the manifest's folder).")]
+TextCol = Annotated[str, typer.Option("--text-col", help="Column holding captions.")]
+IdCol = Annotated[Optional[str], typer.Option("--id-col", help="Optional column of unique row ids (checked for duplicates).")]
+LabelCol = Annotated[
+    Optional[str], typer.Option("--label-col", help="Optional class-label column: also audits the labels.")
+]
+ModelOpt = Annotated[str, typer.Option("--model", help="open_clip architecture (see open_clip.list_models()), or hf-hub:org/name.")]
+PretrainedOpt = Annotated[
+    str,
+    typer.Option(
+        "--pretrained",
+        help="open_clip weights tag, a local checkpoint file, or 'none' for random weights (smoke tests only: scores mean nothing).",
+    ),
+]
+EmbeddingsOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--embeddings",
+        help="Precomputed embeddings (.npz with arrays 'image' and 'text', shape (n_rows, d), row-aligned; or .parquet). No model is loaded and no image is opened.",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images or captions per forward pass.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Processes decoding images in parallel with the model.")]
+CacheDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--cache-dir", help="Embedding cache folder \\[default: $PMPCLEAN_CACHE_DIR, else $XDG_CACHE_HOME/pmpclean, else ~/.cache/pmpclean]."),
+]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the embedding cache.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice; the same seed repeats the run.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace output files that already exist.")]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", help="Settings file (config.yaml of an earlier scan). Options given on the command line win."),
+]
+
+
+def _explicit(ctx: typer.Context, name: str) -> bool:
+    """True when the option was given on the command line (not a default)."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _build_config(ctx: typer.Context, config_file: Path | None, mapping: dict[str, tuple[str, Any]]) -> ScanConfig:
+    """Defaults < --config file < options given on the command line."""
+    cfg = load_config(config_file) if config_file is not None else ScanConfig()
+    changes: dict[str, Any] = {}
+    for param, (key, value) in mapping.items():
+        if config_file is None or _explicit(ctx, param):
+            changes[key] = value
+    return cfg.replace(**changes) if changes else cfg
+
+
+@contextmanager
+def _run(out: Any) -> Iterator[None]:
+    """Turn library errors into one red line and exit 1; tracebacks with PMPCLEAN_DEBUG=1."""
+    debug = os.environ.get("PMPCLEAN_DEBUG", "") not in ("", "0")
+    try:
+        yield
+    except PmpcleanError as exc:
+        if debug:
+            raise
+        out.error(str(exc))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        out.error("Interrupted. Embeddings computed so far are cached; run the command again to resume.")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no raw tracebacks
+        if debug:
+            raise
+        out.error(
+            f"Unexpected {type(exc).__name__}: {exc}. This is a bug in pmpclean; "
+            "rerun with PMPCLEAN_DEBUG=1 for the traceback and report it."
+        )
+        raise typer.Exit(1) from None
+
+
+def _output(fmt: Format, quiet: bool) -> Any:
+    from ._output import Output
+
+    return Output(format=fmt.value, quiet=quiet)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"pmpclean {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Audit and clean noisy image-caption datasets."""
+
+
+# ---------------------------------------------------------------- scan
+
+
+@app.command()
+def scan(
+    ctx: typer.Context,
+    manifest: Manifest,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Output folder \\[default: <manifest stem>.pmpclean/ beside the manifest]."),
+    ] = None,
+    image_col: ImageCol = "image",
+    text_col: TextCol = "caption",
+    id_col: IdCol = None,
+    label_col: LabelCol = None,
+    truth_col: Annotated[
+        Optional[str],
+        typer.Option("--truth-col", help="Ground-truth column (original row of each caption, as 'pmpclean corrupt' writes): adds detection and rematch metrics."),
+    ] = None,
+    model: ModelOpt = "ViT-B-32",
+    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    embeddings: EmbeddingsOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 2,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    k: Annotated[int, typer.Option("--k", min=1, help="Nearest alternatives per side each pair is compared against.")] = 10,
+    threshold: Annotated[
+        float, typer.Option("--threshold", min=0.0, max=1.0, help="match_score below this flags a pair (calibrated: 0.5 needs no tuning).")
+    ] = 0.5,
+    no_rematch: Annotated[bool, typer.Option("--no-rematch", help="Flag mismatches but propose no captions.")] = False,
+    mass: Annotated[
+        Optional[float], typer.Option("--mass", help="Fraction s in (0, 1] of suspect mass the partial transport moves \\[default: estimated].")
+    ] = None,
+    cost: Annotated[Cost, typer.Option("--cost", help="Similarity-to-cost mapping: learned (from the clean pairs), fixed (1 - similarity), paper (L2RM's batch network).")] = Cost.learned,
+    min_confidence: Annotated[
+        float, typer.Option("--min-confidence", min=0.0, max=1.0, help="Proposals with lower rematch_confidence are withheld (action drop/review).")
+    ] = 0.5,
+    gallery_size: Annotated[int, typer.Option("--gallery-size", min=0, help="Pairs per gallery in report.html.")] = 24,
+    seed: SeedOpt = 0,
+    config_file: ConfigOpt = None,
+    fmt: FormatOpt = Format.human,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score every image-caption pair, flag mismatches, propose better captions.
+
+    Writes audit.parquet, audit.csv, summary.json, config.yaml and report.html to the
+    output folder. With --embeddings the scan runs without any model.
+    """
+    from ._utils import seed_everything
+    from .pipeline import scan as run_scan
+
+    output = _output(fmt, quiet)
+    with _run(output):
+        cfg = _build_config(
+            ctx,
+            config_file,
+            {
+                "image_col": ("data__image_col", image_col),
+                "text_col": ("data__text_col", text_col),
+                "id_col": ("data__id_col", id_col),
+                "label_col": ("data__label_col", label_col),
+                "truth_col": ("data__truth_col", truth_col),
+                "model": ("embed__model", model),
+                "pretrained": ("embed__pretrained", pretrained),
+                "embeddings": ("embed__embeddings", str(embeddings) if embeddings else None),
+                "device": ("embed__device", device),
+                "batch_size": ("embed__batch_size", batch_size),
+                "workers": ("embed__workers", workers),
+                "cache_dir": ("embed__cache_dir", str(cache_dir) if cache_dir else None),
+                "no_cache": ("embed__use_cache", not no_cache),
+                "k": ("audit__k", k),
+                "threshold": ("audit__threshold", threshold),
+                "no_rematch": ("audit__rematch", not no_rematch),
+                "mass": ("audit__mass", mass),
+                "cost": ("audit__cost", cost.value),
+                "min_confidence": ("audit__min_confidence", min_confidence),
+                "gallery_size": ("gallery_size", gallery_size),
+                "seed": ("seed", seed),
+            },
+        )
+        seed_everything(cfg.seed)
+        _warn_remote_images(output)
+        with output.progress() as progress:
+            result = run_scan(manifest, config=cfg, out_dir=out, progress=progress)
+        for message in result.summary.get("warnings", []):
+            output.warning(message)
+        output.scan_summary(result.summary, result.audit)
+
+
+def _warn_remote_images(output: Any) -> None:
+    """Route library warnings (e.g. random weights, remote images) to the output sink."""
+    import warnings
+
+    def _show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        output.warning(str(message))
+
+    warnings.showwarning = _show  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------- rematch
+
+
+@app.command()
+def rematch(
+    ctx: typer.Context,
+    manifest: Manifest,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Cleaned manifest to write; its extension (.csv .tsv .parquet .jsonl) sets the format. Dropped rows go to <stem>.dropped<ext> beside it.")],
+    policy: Annotated[
+        Policy,
+        typer.Option("--policy", help="rematch: keep clean pairs and confident rematches; drop: keep clean pairs only; flag: keep every row, add audit columns."),
+    ] = Policy.rematch,
+    min_confidence: Annotated[
+        Optional[float], typer.Option("--min-confidence", min=0.0, max=1.0, help="Apply only proposals at least this confident \\[default: the scan's setting].")
+    ] = None,
+    fix_labels: Annotated[bool, typer.Option("--fix-labels", help="Replace labels flagged by the label audit with the suggested label.")] = False,
+    audit_dir: Annotated[
+        Optional[Path], typer.Option("--audit-dir", help="Folder of the scan to apply \\[default: <manifest stem>.pmpclean/]. Scanned now when absent or stale.")
+    ] = None,
+    rescan: Annotated[bool, typer.Option("--rescan", help="Scan again even when an up-to-date audit exists.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be written, write nothing.")] = False,
+    force: ForceOpt = False,
+    image_col: ImageCol = "image",
+    text_col: TextCol = "caption",
+    label_col: LabelCol = None,
+    model: ModelOpt = "ViT-B-32",
+    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    embeddings: EmbeddingsOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    config_file: ConfigOpt = None,
+    fmt: FormatOpt = Format.human,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a cleaned manifest from the latest scan (scanning first when needed).
+
+    Every input row lands in exactly one of the cleaned manifest and the dropped file.
+    The input is never modified; existing outputs are kept unless --force.
+    """
+    from ._utils import seed_everything
+    from .pipeline import rematch as run_rematch
+
+    output = _output(fmt, quiet)
+    with _run(output):
+        cfg = _build_config(
+            ctx,
+            config_file,
+            {
+                "image_col": ("data__image_col", image_col),
+                "text_col": ("data__text_col", text_col),
+                "label_col": ("data__label_col", label_col),
+                "model": ("embed__model", model),
+                "pretrained": ("embed__pretrained", pretrained),
+                "embeddings": ("embed__embeddings", str(embeddings) if embeddings else None),
+                "device": ("embed__device", device),
+                "seed": ("seed", seed),
+            },
+        )
+        seed_everything(cfg.seed)
+        _warn_remote_images(output)
+        with output.progress() as progress:
+            result = run_rematch(
+                manifest,
+                out=out,
+                policy=policy.value,
+                min_confidence=min_confidence,
+                fix_labels=fix_labels,
+                force=force,
+                config=cfg,
+                audit_dir=audit_dir,
+                rescan=rescan,
+                dry_run=dry_run,
+                progress=progress,
+            )
+        output.rematch_summary(result.info)
+
+
+# ---------------------------------------------------------------- embed
+
+
+@app.command()
+def embed(
+    ctx: typer.Context,
+    manifest: Manifest,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Embeddings file (.npz) \\[default: <manifest stem>.pmpclean/embeddings.npz].")
+    ] = None,
+    image_col: ImageCol = "image",
+    text_col: TextCol = "caption",
+    id_col: IdCol = None,
+    model: ModelOpt = "ViT-B-32",
+    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 2,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = Format.human,
+    quiet: QuietOpt = False,
+) -> None:
+    """Embed every image and caption and write a row-aligned .npz for --embeddings.
+
+    Each unique image is embedded once; results are cached, so an interrupted run
+    resumes and a later scan of the same data does no model work.
+    """
+    from ._utils import seed_everything
+    from .pipeline import embed as run_embed
+
+    output = _output(fmt, quiet)
+    with _run(output):
+        cfg = ScanConfig().replace(
+            data__image_col=image_col,
+            data__text_col=text_col,
+            data__id_col=id_col,
+            embed__model=model,
+            embed__pretrained=pretrained,
+            embed__device=device,
+            embed__batch_size=batch_size,
+            embed__workers=workers,
+            embed__cache_dir=str(cache_dir) if cache_dir else None,
+            embed__use_cache=not no_cache,
+            seed=seed,
+        )
+        seed_everything(cfg.seed)
+        _warn_remote_images(output)
+        with output.progress() as progress:
+            result = run_embed(manifest, out=out, config=cfg, force=force, progress=progress)
+        output.embed_summary(result.info)
+
+
+# ---------------------------------------------------------------- corrupt
+
+
+@app.command()
+def corrupt(
+    manifest: Manifest,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Noisy manifest to write (format from the extension).")],
+    rate: Annotated[float, typer.Option("--rate", min=0.0, max=1.0, help="Fraction of rows whose caption is replaced by another image's caption.")] = 0.2,
+    mode: Annotated[
+        str,
+        typer.Option("--mode", help="shuffle: captions of random other images (the L2RM protocol); hard: captions of similar images (needs --embeddings)."),
+    ] = "shuffle",
+    embeddings: EmbeddingsOpt = None,
+    image_col: ImageCol = "image",
+    text_col: TextCol = "caption",
+    truth_col: Annotated[str, typer.Option("--truth-col", help="Name of the ground-truth column written (original row of each caption).")] = "true_row",
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    fmt: FormatOpt = Format.human,
+    quiet: QuietOpt = False,
+) -> None:
+    """Inject known caption mismatches, for evaluating an audit (scan --truth-col true_row)."""
+    from .pipeline import corrupt as run_corrupt
+
+    output = _output(fmt, quiet)
+    with _run(output):
+        result = run_corrupt(
+            manifest,
+            out=out,
+            rate=rate,
+            mode=mode,
+            seed=seed,
+            image_col=image_col,
+            text_col=text_col,
+            truth_col=truth_col,
+            force=force,
+            embeddings=embeddings,
+        )
+        output.corrupt_summary(result.info)
+
+
+# ---------------------------------------------------------------- finetune
+
+
+@app.command()
+def finetune(
+    manifest: Manifest,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint and metrics.json.")],
+    fmt: FormatOpt = Format.human,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune the open_clip model on an audited dataset (arrives in a later version)."""
+    output = _output(fmt, quiet)
+    output.error("'pmpclean finetune' arrives in a later version of pmpclean; scan and rematch work now.")
+    raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``pmpclean``); ``argv`` for tests."""
+    try:
+        app(args=argv, prog_name="pmpclean", standalone_mode=True)
+    except SystemExit as exc:
+        if argv is not None and exc.code not in (0, None):
+            raise
+        if argv is None:
+            raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

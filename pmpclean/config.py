@@ -1,0 +1,171 @@
+"""Frozen per-stage settings, and how they are saved next to every run.
+
+Precedence, stated once: command-line options > a ``--config`` file > the defaults
+below. Every output folder gets a ``config.yaml`` holding the resolved settings, so
+``pmpclean scan DATASET --config DIR/config.yaml`` repeats the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "EmbedConfig",
+    "AuditConfig",
+    "LabelConfig",
+    "ScanConfig",
+    "load_config",
+    "config_to_dict",
+    "config_from_dict",
+]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How to read the manifest."""
+
+    image_col: str = "image"  # column holding the image path (relative to the manifest's folder)
+    text_col: str = "caption"  # column holding the caption
+    id_col: str | None = None  # optional unique row id column (checked for duplicates)
+    label_col: str | None = None  # optional class label column: enables the label audit
+    truth_col: str | None = None  # optional ground truth (original row of each caption): enables metrics
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Where embeddings come from."""
+
+    model: str = "ViT-B-32"  # open_clip architecture name, or hf-hub:org/name
+    pretrained: str = "laion2b_s34b_b79k"  # open_clip tag, checkpoint path, or "none" (random)
+    embeddings: str | None = None  # precomputed .npz/.parquet (image, text): no model is loaded
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    batch_size: int = 64  # images or captions per forward pass
+    workers: int = 2  # DataLoader worker processes decoding images
+    cache_dir: str | None = None  # embedding cache (default: $XDG_CACHE_HOME/pmpclean)
+    use_cache: bool = True  # reuse and extend the on-disk embedding cache
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Scoring, splitting and rematching of image-caption pairs."""
+
+    k: int = 10  # dataset neighbours per side that a pair is compared against
+    threshold: float = 0.5  # match_score below this flags a pair as mismatched
+    review_margin: float = 0.2  # flagged pairs within this of the threshold, with no proposal: review
+    rematch: bool = True  # propose captions for flagged pairs with partial optimal transport
+    mass: float | None = None  # fraction s of suspect mass transported (None: estimated)
+    reg: float | None = None  # entropic regularisation of the transport (None: solver default)
+    cost: str = "learned"  # learned | fixed | paper: similarity-to-cost mapping
+    candidates: int | None = None  # caption candidates per suspect image (None: solver default)
+    block_size: int | None = None  # largest dense transport block (None: solver default)
+    min_confidence: float = 0.5  # proposals below this rematch_confidence are withheld
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Label audit (active when DataConfig.label_col is set)."""
+
+    method: str = "uot"  # uot (partial OT to class prototypes)
+    epochs: int | None = None  # training epochs of the modality heads (None: default)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Everything a scan needs; saved as config.yaml in the output folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    seed: int = 0  # seeds every random choice of the run
+    gallery_size: int = 24  # pairs per gallery in report.html (the full data is in audit.parquet)
+
+    def replace(self, **changes: Any) -> ScanConfig:
+        """Return a copy with ``section__field=value`` or top-level ``field=value`` changes."""
+        return config_from_dict(_merge(config_to_dict(self), _nest(changes)))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if "__" in key:
+            section, name = key.split("__", 1)
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+_SECTIONS = {"data": DataConfig, "embed": EmbedConfig, "audit": AuditConfig, "labels": LabelConfig}
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "settings") -> ScanConfig:
+    """Build a :class:`ScanConfig` from a nested dict, rejecting unknown keys by name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}.")
+    top_names = {f.name for f in fields(ScanConfig)}
+    unknown = sorted(set(raw) - top_names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(top_names))}."
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            kwargs[name] = value
+            continue
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping.")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(value) - known)
+        if bad:
+            raise ConfigError(
+                f"{source}: unknown setting(s) {', '.join(f'{name}.{b}' for b in bad)}; "
+                f"known in {name}: {', '.join(sorted(known))}."
+            )
+        kwargs[name] = cls(**value)
+    return ScanConfig(**kwargs)
+
+
+def load_config(path: str | Path) -> ScanConfig:
+    """Read a ``config.yaml`` or ``config.json`` written by an earlier run (or by hand)."""
+    import json
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {p} does not exist; pass the config.yaml of an earlier scan.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Config file {p} could not be parsed: {exc}") from exc
+    raw = raw or {}
+    # a config.yaml written by pmpclean carries provenance keys next to the settings
+    raw = {k: v for k, v in raw.items() if k not in {"pmpclean_version", "manifest"}}
+    return config_from_dict(raw, source=str(p))

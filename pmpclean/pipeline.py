@@ -1,0 +1,933 @@
+"""The pipeline, top to bottom: read → embed → score → split → rematch → labels → write.
+
+Every public entry point of pmpclean (``scan``, ``rematch``, ``embed``, ``corrupt``)
+lives here and returns a typed result. Nothing here prints; progress goes through
+the optional ``progress(stage, done, total)`` callback.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import platform
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from ._utils import Timer, atomic_open, atomic_path
+from .config import ScanConfig, config_to_dict
+from .errors import ConfigError, DatasetError, PmpcleanError
+
+__all__ = [
+    "ScanResult",
+    "RematchResult",
+    "EmbedResult",
+    "CorruptResult",
+    "scan",
+    "rematch",
+    "embed",
+    "corrupt",
+    "default_out_dir",
+    "AUDIT_COLUMNS",
+    "ACTIONS",
+    "POLICIES",
+]
+
+Progress = Callable[[str, int, int], None]
+
+#: Columns every audit table adds after the input columns (see README, "Output files").
+AUDIT_COLUMNS = (
+    "row",
+    "status",
+    "image_path",
+    "similarity",
+    "pair_score",
+    "match_score",
+    "is_mismatched",
+    "proposed_row",
+    "proposed_caption",
+    "rematch_confidence",
+    "action",
+)
+ACTIONS = ("keep", "rematch", "drop", "review")
+POLICIES = ("rematch", "drop", "flag")
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan` found and where it wrote it."""
+
+    audit: pd.DataFrame  # one row per input row: input columns + AUDIT_COLUMNS (+ label columns)
+    summary: dict[str, Any]  # the content of summary.json
+    out_dir: Path | None  # None when write=False
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RematchResult:
+    """The cleaned and dropped manifests written by :func:`rematch`."""
+
+    cleaned: pd.DataFrame
+    dropped: pd.DataFrame
+    info: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EmbedResult:
+    image: np.ndarray
+    text: np.ndarray
+    status: np.ndarray
+    info: dict[str, Any]
+    path: Path | None
+
+
+@dataclass
+class CorruptResult:
+    frame: pd.DataFrame
+    info: dict[str, Any]
+    path: Path | None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def default_out_dir(manifest: str | Path) -> Path:
+    """``data/captions.csv`` → ``data/captions.pmpclean/`` (beside the manifest)."""
+    p = Path(manifest)
+    return p.with_name(p.stem + ".pmpclean")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"pmpclean": __version__, "python": platform.python_version()}
+    for name, mod in [
+        ("numpy", "numpy"),
+        ("pandas", "pandas"),
+        ("torch", "torch"),
+        ("open_clip", "open_clip"),
+        ("pot", "ot"),
+        ("faiss", "faiss"),
+    ]:
+        try:
+            module = __import__(mod)
+            out[name] = str(getattr(module, "__version__", "?"))
+        except Exception:  # noqa: BLE001 - a missing optional module is not an error here
+            out[name] = "not installed"
+    return out
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".pmpclean-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DatasetError(
+            f"Cannot write to output folder {out_dir} ({exc.strerror or exc}); "
+            "pass --out DIR with a writable folder."
+        ) from exc
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return None if math.isnan(f) or math.isinf(f) else f
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically, with NaN/inf as null and numpy scalars converted."""
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        json.dump(_jsonable(obj), fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    return Path(path)
+
+
+def _validate_audit_config(cfg: ScanConfig) -> None:
+    a = cfg.audit
+    if not 0.0 < a.threshold < 1.0:
+        raise ConfigError(f"threshold must lie in (0, 1), got {a.threshold}; the default 0.5 needs no tuning.")
+    if a.mass is not None and not 0.0 < a.mass <= 1.0:
+        raise ConfigError(
+            f"mass must lie in (0, 1], got {a.mass}: it is the fraction of suspect mass transported."
+        )
+    if not 0.0 <= a.min_confidence <= 1.0:
+        raise ConfigError(f"min_confidence must lie in [0, 1], got {a.min_confidence}.")
+    if a.k < 1:
+        raise ConfigError(f"k must be at least 1, got {a.k}.")
+    if a.review_margin < 0:
+        raise ConfigError(f"review_margin must be >= 0, got {a.review_margin}.")
+    if a.cost not in ("learned", "fixed", "paper"):
+        raise ConfigError(f"Unknown cost {a.cost!r}: expected one of learned, fixed, paper.")
+
+
+def _opt(**kwargs: Any) -> dict[str, Any]:
+    """Drop None values so stage defaults apply."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def _read(source: str | Path | pd.DataFrame, cfg: ScanConfig) -> Any:
+    from .data import read_manifest
+
+    d = cfg.data
+    return read_manifest(
+        source,
+        image_col=d.image_col,
+        text_col=d.text_col,
+        id_col=d.id_col,
+        label_col=d.label_col,
+        check_files=cfg.embed.embeddings is None,
+    )
+
+
+def _embeddings(manifest: Any, cfg: ScanConfig, progress: Progress | None) -> tuple[Any, dict[str, Any]]:
+    from .embed import embed_manifest, load_embeddings
+
+    e = cfg.embed
+    if e.embeddings is not None:
+        emb = load_embeddings(e.embeddings, len(manifest))
+        return emb, {"source": emb.source, "device": None, "model_work": False}
+    emb = embed_manifest(
+        manifest,
+        model=e.model,
+        pretrained=e.pretrained,
+        device=e.device,
+        batch_size=e.batch_size,
+        workers=e.workers,
+        cache_dir=e.cache_dir,
+        use_cache=e.use_cache,
+        progress=progress,
+    )
+    info = {
+        "source": emb.source,
+        "model": e.model,
+        "pretrained": e.pretrained,
+        "device": e.device,
+        "images_through_model": emb.n_model_images,
+        "captions_through_model": emb.n_model_texts,
+    }
+    return emb, info
+
+
+def _text_groups(captions: np.ndarray) -> np.ndarray:
+    """Rows whose caption text is identical (after trimming and case folding) share a group."""
+    keys = pd.Series(captions, dtype=object).fillna("").astype(str).str.strip().str.casefold()
+    codes, _ = pd.factorize(keys)
+    return codes.astype(np.int64)
+
+
+def _image_groups(image_index: np.ndarray) -> np.ndarray:
+    """Rows of the same image share a group; rows without an image get groups of their own."""
+    groups = np.asarray(image_index, dtype=np.int64).copy()
+    missing = groups < 0
+    if missing.any():
+        start = int(groups.max(initial=-1)) + 1
+        groups[missing] = start + np.arange(int(missing.sum()))
+    return groups
+
+
+def _actions(
+    status: np.ndarray,
+    match_score: np.ndarray,
+    is_mismatched: np.ndarray,
+    proposed_row: np.ndarray,
+    confidence: np.ndarray,
+    *,
+    threshold: float,
+    review_margin: float,
+    min_confidence: float,
+) -> np.ndarray:
+    """keep / rematch / drop / review for every row (rows that could not be scored: drop)."""
+    action = np.full(len(status), "keep", dtype=object)
+    scored = status == "ok"
+    action[~scored] = "drop"
+    proposal = is_mismatched & (proposed_row >= 0) & (confidence >= min_confidence)
+    action[proposal] = "rematch"
+    no_proposal = is_mismatched & ~proposal
+    borderline = no_proposal & (match_score >= threshold - review_margin)
+    action[no_proposal] = "drop"
+    action[borderline] = "review"
+    return action
+
+
+def _evaluate(
+    truth: np.ndarray,
+    image_group: np.ndarray,
+    valid: np.ndarray,
+    match_score: np.ndarray,
+    is_mismatched: np.ndarray,
+    proposed_row: np.ndarray,
+    confidence: np.ndarray,
+) -> dict[str, Any]:
+    from .evaluate import detection_metrics, precision_recall_points, rematch_metrics
+
+    true_row = truth.astype(np.int64)
+    true_mis = image_group[true_row] != image_group
+    v = valid
+    det = detection_metrics(true_mis[v], match_score[v], is_mismatched[v])
+    rem = rematch_metrics(
+        true_row, image_group, np.where(v, proposed_row, -1), np.where(v, confidence, 0.0), true_mis & v
+    )
+    curve = precision_recall_points(true_mis[v], match_score[v])
+    return {
+        "n_true_mismatched": int((true_mis & v).sum()),
+        "detection": det,
+        "rematch": rem,
+        "pr_curve": curve,
+    }
+
+
+def _truth_array(frame: pd.DataFrame, col: str, n: int) -> np.ndarray:
+    if col not in frame.columns:
+        raise DatasetError(
+            f"Ground-truth column {col!r} not found; columns present: {', '.join(map(str, frame.columns))}. "
+            "Use --truth-col to name it (pmpclean corrupt writes 'true_row')."
+        )
+    values = pd.to_numeric(frame[col], errors="coerce")
+    bad = values.isna() | (values < 0) | (values >= n) | (values != values.round())
+    if bad.any():
+        first = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DatasetError(
+            f"Ground-truth column {col!r} must hold the 0-based input row of each caption (0..{n - 1}); "
+            f"row {first} holds {frame[col].iloc[first]!r}."
+        )
+    return values.to_numpy().astype(np.int64)
+
+
+def scan(
+    source: str | Path | pd.DataFrame,
+    *,
+    config: ScanConfig | None = None,
+    out_dir: str | Path | None = None,
+    write: bool = True,
+    progress: Progress | None = None,
+) -> ScanResult:
+    """Audit a dataset: score every pair, flag mismatches, propose rematches, audit labels.
+
+    Parameters
+    ----------
+    source : path or DataFrame
+        The manifest (CSV, TSV, Parquet or JSON Lines), or a DataFrame.
+    config : ScanConfig, optional
+        Every setting; defaults as documented in :mod:`pmpclean.config`.
+    out_dir : path, optional
+        Where to write the audit (default: ``<manifest stem>.pmpclean/`` beside it).
+    write : bool
+        Write audit.parquet, audit.csv, summary.json, config.yaml and report.html.
+    progress : callable, optional
+        ``progress(stage, done, total)`` for progress bars.
+
+    Returns
+    -------
+    ScanResult
+        ``audit`` has one row per input row, in input order: the input columns
+        unchanged, then ``row``, ``status``, ``match_score`` ([0, 1], higher = more
+        likely a true pair), ``is_mismatched``, ``proposed_row`` (-1 when none),
+        ``proposed_caption``, ``rematch_confidence`` ([0, 1], 0 when none) and
+        ``action`` (keep / rematch / drop / review).
+    """
+    cfg = config or ScanConfig()
+    _validate_audit_config(cfg)
+    timer = Timer()
+    warn_list: list[str] = []
+
+    if isinstance(source, pd.DataFrame):
+        manifest_path: Path | None = None
+        if write and out_dir is None:
+            raise ConfigError("scan() of a DataFrame needs out_dir=... (or write=False).")
+    else:
+        manifest_path = Path(source)
+    if write:
+        target = Path(out_dir) if out_dir is not None else default_out_dir(manifest_path)  # type: ignore[arg-type]
+        _check_writable(target)
+
+    with timer("read"):
+        manifest = _read(source, cfg)
+    n = len(manifest)
+    frame: pd.DataFrame = manifest.frame
+    clash = sorted(set(frame.columns) & set(AUDIT_COLUMNS))
+    if clash:
+        raise DatasetError(
+            f"The manifest already has column(s) {', '.join(clash)}, which pmpclean's audit adds; "
+            "rename them (or scan the original manifest rather than an audit table)."
+        )
+    truth = _truth_array(frame, cfg.data.truth_col, n) if cfg.data.truth_col else None
+
+    with timer("embed"):
+        emb, embed_info = _embeddings(manifest, cfg, progress)
+    status = np.asarray(manifest.status, dtype=object).copy()
+    img = np.asarray(emb.image, dtype=np.float32)
+    txt = np.asarray(emb.text, dtype=np.float32)
+    ok = status == "ok"
+    finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)
+    status[ok & ~finite] = "missing_embedding"
+    valid = status == "ok"
+
+    image_group = _image_groups(manifest.image_index)
+    text_group = _text_groups(manifest.captions)
+
+    similarity = np.full(n, np.nan)
+    pair_score = np.full(n, np.nan)
+    match_score = np.full(n, np.nan)
+    is_mismatched = np.zeros(n, dtype=bool)
+    proposed_row = np.full(n, -1, dtype=np.int64)
+    confidence = np.zeros(n, dtype=np.float64)
+    split_info: dict[str, Any] = {}
+    rematch_info: dict[str, Any] | None = None
+    pair_audit = True
+    n_valid = int(valid.sum())
+
+    if img.shape[1] != txt.shape[1]:
+        pair_audit = False
+        warn_list.append(
+            f"Pair audit skipped: image embeddings are {img.shape[1]}-d and text embeddings "
+            f"{txt.shape[1]}-d, so they share no space to compare pairs in"
+            + (" (the label audit still runs)." if cfg.data.label_col else ".")
+        )
+        if not cfg.data.label_col:
+            raise DatasetError(
+                f"Image embeddings ({img.shape[1]}-d) and text embeddings ({txt.shape[1]}-d) differ in "
+                "width, so pairs cannot be compared; give embeddings from one shared space, or a "
+                "--label-col to audit labels only."
+            )
+    elif n_valid < 3:
+        raise DatasetError(
+            f"Only {n_valid} of {n} rows can be scored (status counts: "
+            f"{_counts(status)}); at least 3 scoreable pairs are needed."
+        )
+
+    if pair_audit:
+        from .rematch import rematch as _rematch
+        from .score import pair_scores
+        from .split import split_pairs
+
+        with timer("score"):
+            ps = pair_scores(
+                img,
+                txt,
+                image_group=image_group,
+                text_group=text_group,
+                valid=valid,
+                k=cfg.audit.k,
+                seed=cfg.seed,
+                progress=progress,
+            )
+        similarity = np.asarray(ps.similarity, dtype=np.float64)
+        pair_score = np.asarray(ps.score, dtype=np.float64)
+        with timer("split"):
+            sp = split_pairs(pair_score, threshold=cfg.audit.threshold, seed=cfg.seed)
+        match_score = np.asarray(sp.match_score, dtype=np.float64)
+        is_mismatched = np.asarray(sp.is_mismatched, dtype=bool) & valid
+        split_info = {
+            "threshold": float(sp.threshold),
+            "estimated_noise_rate": float(sp.noise_rate),
+            "mixture": sp.mixture,
+        }
+        if cfg.audit.rematch:
+            with timer("rematch"):
+                rm = _rematch(
+                    img,
+                    txt,
+                    is_mismatched,
+                    image_group=image_group,
+                    text_group=text_group,
+                    clean=valid & ~is_mismatched,
+                    seed=cfg.seed,
+                    progress=progress,
+                    **_opt(
+                        mass=cfg.audit.mass,
+                        reg=cfg.audit.reg,
+                        cost=cfg.audit.cost,
+                        k=cfg.audit.candidates,
+                        block_size=cfg.audit.block_size,
+                        min_confidence=cfg.audit.min_confidence,
+                    ),
+                )
+            proposed_row = np.asarray(rm.proposed_row, dtype=np.int64)
+            confidence = np.asarray(rm.rematch_confidence, dtype=np.float64)
+            rematch_info = dict(rm.info)
+            rematch_info["n_suspects"] = int(is_mismatched.sum())
+            rematch_info["n_proposed"] = int((proposed_row >= 0).sum())
+            rematch_info["min_confidence"] = cfg.audit.min_confidence
+
+    captions = np.asarray(manifest.captions, dtype=object)
+    proposed_caption = np.where(proposed_row >= 0, captions[np.maximum(proposed_row, 0)], "")
+    action = _actions(
+        status,
+        match_score,
+        is_mismatched,
+        proposed_row,
+        confidence,
+        threshold=cfg.audit.threshold,
+        review_margin=cfg.audit.review_margin,
+        min_confidence=cfg.audit.min_confidence,
+    )
+
+    audit = frame.copy()
+    audit["row"] = np.arange(n, dtype=np.int64)
+    audit["status"] = status
+    audit["image_path"] = np.asarray(manifest.image_refs, dtype=object)
+    audit["similarity"] = similarity
+    audit["pair_score"] = pair_score
+    audit["match_score"] = match_score
+    audit["is_mismatched"] = is_mismatched
+    audit["proposed_row"] = proposed_row
+    audit["proposed_caption"] = proposed_caption.astype(object)
+    audit["rematch_confidence"] = confidence
+    audit["action"] = action
+
+    labels_summary = None
+    if cfg.data.label_col:
+        with timer("labels"):
+            labels_summary = _label_audit(audit, manifest, img, txt, cfg, progress)
+
+    evaluation = None
+    if truth is not None and pair_audit:
+        evaluation = _evaluate(
+            truth, image_group, valid, match_score, is_mismatched, proposed_row, confidence
+        )
+
+    summary: dict[str, Any] = {
+        "pmpclean_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "manifest": str(manifest_path.resolve()) if manifest_path else None,
+        "manifest_sha256": _file_sha256(manifest_path) if manifest_path else None,
+        "n_rows": n,
+        "input_columns": [str(c) for c in frame.columns],
+        "n_scored": n_valid if pair_audit else 0,
+        "n_images": int(len(manifest.unique_images)),
+        "status_counts": _counts(status),
+        "action_counts": {a: int((action == a).sum()) for a in ACTIONS},
+        "n_mismatched": int(is_mismatched.sum()),
+        "estimated_noise_rate": split_info.get("estimated_noise_rate"),
+        "threshold": cfg.audit.threshold,
+        "pair_audit": pair_audit,
+        "mixture": split_info.get("mixture"),
+        "rematch": rematch_info,
+        "model": embed_info,
+        "evaluation": evaluation,
+        "labels": labels_summary,
+        "settings": config_to_dict(cfg),
+        "versions": _versions(),
+        "timings": {},
+        "files": {},
+        "warnings": warn_list,
+    }
+    result = ScanResult(audit=audit, summary=summary, out_dir=None)
+    if write:
+        with timer("write"):
+            _write_scan(result, target, cfg)
+    summary["timings"] = {k: round(v, 4) for k, v in timer.seconds.items()}
+    if write:
+        write_json(target / "summary.json", summary)
+    return result
+
+
+def _counts(values: np.ndarray) -> dict[str, int]:
+    uniq, counts = np.unique(np.asarray(values, dtype=str), return_counts=True)
+    return {str(u): int(c) for u, c in zip(uniq, counts)}
+
+
+def _label_audit(
+    audit: pd.DataFrame,
+    manifest: Any,
+    img: np.ndarray,
+    txt: np.ndarray,
+    cfg: ScanConfig,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    from .labels import audit_labels
+
+    label_col = cfg.data.label_col
+    assert label_col is not None
+    valid = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)
+    valid &= np.asarray(manifest.status, dtype=object) == "ok"
+    la = audit_labels(
+        img,
+        txt,
+        manifest.frame[label_col].to_numpy(),
+        valid=valid,
+        seed=cfg.seed,
+        progress=progress,
+        **_opt(method=cfg.labels.method, epochs=cfg.labels.epochs),
+    )
+    audit["label_status"] = la.label_status
+    audit["label_score"] = la.label_score
+    audit["is_label_issue"] = la.is_label_issue
+    audit["suggested_label"] = la.suggested_label
+    audit["label_confidence"] = la.label_confidence
+    out = dict(la.summary)
+    out["label_col"] = label_col
+    return out
+
+
+def _write_scan(result: ScanResult, target: Path, cfg: ScanConfig) -> None:
+    import yaml
+
+    from .report import write_report
+
+    audit = result.audit
+    files = {
+        "audit_parquet": target / "audit.parquet",
+        "audit_csv": target / "audit.csv",
+        "summary": target / "summary.json",
+        "config": target / "config.yaml",
+        "report": target / "report.html",
+    }
+    with atomic_path(files["audit_parquet"]) as tmp:
+        _to_parquet(audit, tmp)
+    with atomic_path(files["audit_csv"]) as tmp:
+        audit.to_csv(tmp, index=False)
+    with atomic_open(files["config"], "w", encoding="utf-8") as fh:
+        fh.write(f"# pmpclean {__version__} settings; repeat with: pmpclean scan MANIFEST --config this-file\n")
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+    result.out_dir = target
+    result.files = {k: str(v) for k, v in files.items()}
+    result.summary["out_dir"] = str(target.resolve())
+    result.summary["files"] = dict(result.files)
+    write_report(
+        files["report"],
+        audit,
+        result.summary,
+        gallery_size=cfg.gallery_size,
+        image_col=cfg.data.image_col,
+        text_col=cfg.data.text_col,
+        label_col=cfg.data.label_col,
+    )
+
+
+def _to_parquet(frame: pd.DataFrame, path: Path) -> None:
+    try:
+        frame.to_parquet(path, index=False)
+    except (TypeError, ValueError, ImportError) as first:
+        # mixed-type object columns (e.g. JSON Lines with numbers and strings) → strings
+        fixed = frame.copy()
+        for col in fixed.columns:
+            if fixed[col].dtype == object:
+                fixed[col] = fixed[col].map(lambda v: v if v is None or isinstance(v, str) else str(v))
+        try:
+            fixed.to_parquet(path, index=False)
+        except Exception as exc:  # noqa: BLE001
+            raise DatasetError(f"Could not write Parquet file {path}: {exc}") from first
+
+
+# --------------------------------------------------------------------------- rematch
+
+LABEL_COLUMNS = ("label_status", "label_score", "is_label_issue", "suggested_label", "label_confidence")
+
+
+def _dropped_path(out: Path) -> Path:
+    """``cleaned.csv`` → ``cleaned.dropped.csv`` (same format as the cleaned manifest)."""
+    return out.with_name(f"{out.stem}.dropped{out.suffix}")
+
+
+def _load_audit(source: Path, audit_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """The latest scan of ``source`` in ``audit_dir``, or None when absent or stale."""
+    summary_path = audit_dir / "summary.json"
+    audit_path = audit_dir / "audit.parquet"
+    if not (summary_path.is_file() and audit_path.is_file()):
+        return None
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if summary.get("manifest_sha256") != _file_sha256(source):
+        return None  # the manifest changed since that scan
+    return pd.read_parquet(audit_path), summary
+
+
+def rematch(
+    source: str | Path,
+    *,
+    out: str | Path,
+    policy: str = "rematch",
+    min_confidence: float | None = None,
+    fix_labels: bool = False,
+    force: bool = False,
+    config: ScanConfig | None = None,
+    audit_dir: str | Path | None = None,
+    rescan: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> RematchResult:
+    """Apply the latest scan of ``source`` and write a cleaned manifest.
+
+    Every input row lands in exactly one of two files: the cleaned manifest ``out``
+    and ``<out stem>.dropped<ext>`` beside it. Both keep the input columns and add
+    ``pmpclean_row`` (0-based input row) and ``pmpclean_action``.
+
+    Policies
+    --------
+    ``rematch``
+        keep clean pairs, replace the caption of each confident rematch, drop the
+        rest of the flagged pairs (``drop`` and ``review`` actions).
+    ``drop``
+        keep clean pairs only.
+    ``flag``
+        keep every row and add ``match_score``, ``is_mismatched``,
+        ``proposed_caption``, ``rematch_confidence`` columns; nothing is dropped.
+    """
+    if policy not in POLICIES:
+        raise ConfigError(f"Unknown policy {policy!r}: expected one of {', '.join(POLICIES)}.")
+    src = Path(source)
+    if not src.is_file():
+        raise DatasetError(f"Manifest {src} does not exist.")
+    out_path = Path(out)
+    dropped_path = _dropped_path(out_path)
+    from .data import SUPPORTED_SUFFIXES, write_table
+
+    if out_path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise ConfigError(
+            f"Cannot tell the format of --out {out_path}: use one of "
+            f"{', '.join(sorted(SUPPORTED_SUFFIXES))}."
+        )
+    for p in (out_path, dropped_path):
+        if p.resolve() == src.resolve():
+            raise ConfigError(f"--out {p} is the input manifest; pmpclean never overwrites its input.")
+        if p.exists() and not force:
+            raise DatasetError(f"{p} already exists; pass --force to replace it.")
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise ConfigError(f"min_confidence must lie in [0, 1], got {min_confidence}.")
+
+    cfg = config or ScanConfig()
+    a_dir = Path(audit_dir) if audit_dir is not None else default_out_dir(src)
+    loaded = None if rescan else _load_audit(src, a_dir)
+    scanned = loaded is None
+    if loaded is None:
+        res = scan(src, config=cfg, out_dir=a_dir, progress=progress)
+        audit, summary = res.audit, res.summary
+    else:
+        audit, summary = loaded
+    input_cols = summary.get("input_columns") or [
+        c for c in audit.columns if c not in AUDIT_COLUMNS and c not in LABEL_COLUMNS
+    ]
+    settings = summary.get("settings", {})
+    text_col = settings.get("data", {}).get("text_col", cfg.data.text_col)
+    label_col = settings.get("data", {}).get("label_col", cfg.data.label_col)
+    threshold = float(settings.get("audit", {}).get("threshold", cfg.audit.threshold))
+    margin = float(settings.get("audit", {}).get("review_margin", cfg.audit.review_margin))
+    cut = (
+        float(min_confidence)
+        if min_confidence is not None
+        else float(settings.get("audit", {}).get("min_confidence", cfg.audit.min_confidence))
+    )
+
+    action = _actions(
+        audit["status"].to_numpy(dtype=object),
+        audit["match_score"].to_numpy(dtype=np.float64),
+        audit["is_mismatched"].to_numpy(dtype=bool),
+        audit["proposed_row"].to_numpy(dtype=np.int64),
+        audit["rematch_confidence"].to_numpy(dtype=np.float64),
+        threshold=threshold,
+        review_margin=margin,
+        min_confidence=cut,
+    )
+    base = audit[input_cols].copy()
+    base["pmpclean_row"] = audit["row"].to_numpy()
+    base["pmpclean_action"] = action
+    if policy == "rematch":
+        keep = np.isin(action, ["keep", "rematch"])
+        rem = action == "rematch"
+        new_caps = base[text_col].astype(object).to_numpy().copy()
+        new_caps[rem] = audit["proposed_caption"].to_numpy(dtype=object)[rem]
+        base[text_col] = new_caps
+    elif policy == "drop":
+        keep = action == "keep"
+    else:
+        keep = np.ones(len(base), dtype=bool)
+        for col in ("match_score", "is_mismatched", "proposed_caption", "rematch_confidence"):
+            base[f"pmpclean_{col}"] = audit[col].to_numpy()
+    n_labels_fixed = 0
+    if fix_labels:
+        if not label_col or "is_label_issue" not in audit.columns:
+            raise ConfigError(
+                "--fix-labels needs a label audit: scan with --label-col COLUMN first."
+            )
+        issue = audit["is_label_issue"].to_numpy(dtype=bool)
+        labels_out = base[label_col].astype(object).to_numpy().copy()
+        labels_out[issue] = audit["suggested_label"].astype(object).to_numpy()[issue]
+        base[label_col] = labels_out
+        n_labels_fixed = int(issue.sum())
+    reason = np.where(
+        audit["status"].to_numpy(dtype=object) != "ok",
+        audit["status"].to_numpy(dtype=object),
+        np.where(action == "review", "borderline match_score, no confident proposal", "mismatched"),
+    )
+    cleaned = base[keep].reset_index(drop=True)
+    dropped = base[~keep].copy()
+    dropped["pmpclean_reason"] = reason[~keep]
+    dropped = dropped.reset_index(drop=True)
+    assert len(cleaned) + len(dropped) == len(audit)
+    info = {
+        "manifest": str(src),
+        "policy": policy,
+        "min_confidence": cut,
+        "n_rows": int(len(audit)),
+        "n_cleaned": int(len(cleaned)),
+        "n_dropped": int(len(dropped)),
+        "n_rematched": int(((action == "rematch") & keep).sum()) if policy == "rematch" else 0,
+        "n_labels_fixed": n_labels_fixed,
+        "action_counts": {a: int((action == a).sum()) for a in ACTIONS},
+        "scanned_now": scanned,
+        "audit_dir": str(a_dir),
+        "dry_run": dry_run,
+    }
+    files: dict[str, str] = {}
+    if not dry_run:
+        write_table(cleaned, out_path, force=force)
+        write_table(dropped, dropped_path, force=force)
+        files = {"cleaned": str(out_path), "dropped": str(dropped_path)}
+    info["files"] = files
+    return RematchResult(cleaned=cleaned, dropped=dropped, info=info, files=files)
+
+
+# --------------------------------------------------------------------------- embed / corrupt
+
+
+def embed(
+    source: str | Path,
+    *,
+    out: str | Path | None = None,
+    config: ScanConfig | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> EmbedResult:
+    """Embed every row of a manifest and write ``out`` (.npz: ``image``, ``text``, ``status``).
+
+    The file is row-aligned with the manifest and is exactly what ``--embeddings``
+    accepts, so a later ``scan`` needs no model.
+    """
+    cfg = config or ScanConfig()
+    if cfg.embed.embeddings is not None:
+        raise ConfigError("embed computes embeddings; it cannot also take --embeddings.")
+    src = Path(source)
+    out_path = Path(out) if out is not None else default_out_dir(src) / "embeddings.npz"
+    if out_path.suffix.lower() != ".npz":
+        raise ConfigError(f"--out {out_path}: embeddings are written as .npz.")
+    if out_path.exists() and not force:
+        raise DatasetError(f"{out_path} already exists; pass --force to replace it.")
+    timer = Timer()
+    with timer("read"):
+        manifest = _read(src, cfg)
+    with timer("embed"):
+        emb, info = _embeddings(manifest, cfg, progress)
+    status = np.asarray(manifest.status, dtype=object)
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, image=emb.image, text=emb.text, status=status.astype(str))
+    info.update(
+        {
+            "manifest": str(src),
+            "n_rows": len(manifest),
+            "n_images": len(manifest.unique_images),
+            "status_counts": _counts(status),
+            "dim_image": int(emb.image.shape[1]),
+            "dim_text": int(emb.text.shape[1]),
+            "timings": {k: round(v, 4) for k, v in timer.seconds.items()},
+            "file": str(out_path),
+        }
+    )
+    return EmbedResult(image=emb.image, text=emb.text, status=status, info=info, path=out_path)
+
+
+def corrupt(
+    source: str | Path,
+    *,
+    out: str | Path,
+    rate: float,
+    mode: str = "shuffle",
+    seed: int | None = 0,
+    image_col: str = "image",
+    text_col: str = "caption",
+    truth_col: str = "true_row",
+    force: bool = False,
+    embeddings: str | Path | None = None,
+) -> CorruptResult:
+    """Inject known caption mismatches (the L2RM protocol) and record the truth.
+
+    A fraction ``rate`` of rows get the caption of another image; ``truth_col`` holds
+    the original row of the caption now at each row, so ``scan --truth-col`` can score
+    the audit.
+    """
+    from .data import read_table, write_table
+    from .noise import corrupt_frame
+
+    src = Path(source)
+    out_path = Path(out)
+    if out_path.resolve() == src.resolve():
+        raise ConfigError(f"--out {out_path} is the input manifest; pmpclean never overwrites its input.")
+    if out_path.exists() and not force:
+        raise DatasetError(f"{out_path} already exists; pass --force to replace it.")
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"rate must lie in [0, 1], got {rate}.")
+    frame = read_table(src)
+    for col in (image_col, text_col):
+        if col not in frame.columns:
+            raise DatasetError(
+                f"Column {col!r} not found in {src}; columns present: "
+                f"{', '.join(map(str, frame.columns))}."
+            )
+    if truth_col in frame.columns:
+        raise DatasetError(
+            f"{src} already has a {truth_col!r} column; pass --truth-col NAME to choose another name."
+        )
+    kwargs: dict[str, Any] = {}
+    if embeddings is not None:
+        from .embed import load_embeddings
+
+        kwargs["embeddings"] = load_embeddings(embeddings, len(frame))
+    noisy = corrupt_frame(
+        frame,
+        rate=rate,
+        mode=mode,
+        text_col=text_col,
+        image_col=image_col,
+        truth_col=truth_col,
+        seed=seed,
+        **kwargs,
+    )
+    write_table(noisy, out_path, force=force)
+    truth = noisy[truth_col].to_numpy()
+    info = {
+        "manifest": str(src),
+        "file": str(out_path),
+        "n_rows": int(len(noisy)),
+        "n_corrupted": int((truth != np.arange(len(noisy))).sum()),
+        "rate": rate,
+        "mode": mode,
+        "seed": seed,
+        "truth_col": truth_col,
+    }
+    return CorruptResult(frame=noisy, info=info, path=out_path)

@@ -1,0 +1,30 @@
+"""Shared test setup: CPU only, offline, a private embedding cache, fixed terminal width."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["COLUMNS"] = "120"
+os.environ.pop("PMPCLEAN_DEBUG", None)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never write to the user's real cache from a test."""
+    monkeypatch.setenv("PMPCLEAN_CACHE_DIR", str(tmp_path_factory.mktemp("pmpclean-cache")))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` beside the project; the test is skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
