@@ -72,6 +72,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but
 ImageCol = Annotated[str, typer.Option("--image-col", help="Column holding image paths (relative to the manifest's folder).")]
 TextCol = Annotated[str, typer.Option("--text-col", help="Column holding captions.")]
 IdCol = Annotated[Optional[str], typer.Option("--id-col", help="Optional column of unique row ids (checked for duplicates).")]
+RootOpt = Annotated[
+    Optional[Path],
+    typer.Option("--root", help="Folder that relative image paths resolve against \\[default: the manifest's folder]."),
+]
 LabelCol = Annotated[
     Optional[str], typer.Option("--label-col", help="Optional class-label column: also audits the labels.")
 ]
@@ -187,6 +191,7 @@ def scan(
     text_col: TextCol = "caption",
     id_col: IdCol = None,
     label_col: LabelCol = None,
+    root: RootOpt = None,
     truth_col: Annotated[
         Optional[str],
         typer.Option("--truth-col", help="Ground-truth column (original row of each caption, as 'pmpclean corrupt' writes): adds detection and rematch metrics."),
@@ -236,6 +241,7 @@ def scan(
                 "id_col": ("data__id_col", id_col),
                 "label_col": ("data__label_col", label_col),
                 "truth_col": ("data__truth_col", truth_col),
+                "root": ("data__root", str(root) if root else None),
                 "model": ("embed__model", model),
                 "pretrained": ("embed__pretrained", pretrained),
                 "embeddings": ("embed__embeddings", str(embeddings) if embeddings else None),
@@ -298,6 +304,7 @@ def rematch(
     image_col: ImageCol = "image",
     text_col: TextCol = "caption",
     label_col: LabelCol = None,
+    root: RootOpt = None,
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
     embeddings: EmbeddingsOpt = None,
@@ -324,6 +331,7 @@ def rematch(
                 "image_col": ("data__image_col", image_col),
                 "text_col": ("data__text_col", text_col),
                 "label_col": ("data__label_col", label_col),
+                "root": ("data__root", str(root) if root else None),
                 "model": ("embed__model", model),
                 "pretrained": ("embed__pretrained", pretrained),
                 "embeddings": ("embed__embeddings", str(embeddings) if embeddings else None),
@@ -363,6 +371,7 @@ def embed(
     image_col: ImageCol = "image",
     text_col: TextCol = "caption",
     id_col: IdCol = None,
+    root: RootOpt = None,
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
     device: DeviceOpt = "auto",
@@ -389,6 +398,7 @@ def embed(
             data__image_col=image_col,
             data__text_col=text_col,
             data__id_col=id_col,
+            data__root=str(root) if root else None,
             embed__model=model,
             embed__pretrained=pretrained,
             embed__device=device,

@@ -35,6 +35,7 @@ class DataConfig:
     id_col: str | None = None  # optional unique row id column (checked for duplicates)
     label_col: str | None = None  # optional class label column: enables the label audit
     truth_col: str | None = None  # optional ground truth (original row of each caption): enables metrics
+    root: str | None = None  # folder relative image paths resolve against (default: the manifest's)
 
 
 @dataclass(frozen=True)

@@ -209,6 +209,7 @@ def _read(source: str | Path | pd.DataFrame, cfg: ScanConfig) -> Any:
         id_col=d.id_col,
         label_col=d.label_col,
         check_files=cfg.embed.embeddings is None,
+        root=d.root,
     )
 
 
@@ -649,8 +650,12 @@ LABEL_COLUMNS = ("label_status", "label_score", "is_label_issue", "suggested_lab
 
 
 def _dropped_path(out: Path) -> Path:
-    """``cleaned.csv`` → ``cleaned.dropped.csv`` (same format as the cleaned manifest)."""
-    return out.with_name(f"{out.stem}.dropped{out.suffix}")
+    """``cleaned.csv`` → ``cleaned.dropped.csv``; ``a.csv.gz`` → ``a.dropped.csv.gz``."""
+    name = out.name
+    first = name.find(".", 1)
+    if first < 0:
+        return out.with_name(name + ".dropped")
+    return out.with_name(f"{name[:first]}.dropped{name[first:]}")
 
 
 def _load_audit(source: Path, audit_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]] | None:
@@ -706,12 +711,12 @@ def rematch(
         raise DatasetError(f"Manifest {src} does not exist.")
     out_path = Path(out)
     dropped_path = _dropped_path(out_path)
-    from .data import SUPPORTED_SUFFIXES, write_table
+    from .data import SUPPORTED_SUFFIXES, _table_format, write_table
 
-    if out_path.suffix.lower() not in SUPPORTED_SUFFIXES:
+    if _table_format(out_path)[0] is None:
         raise ConfigError(
             f"Cannot tell the format of --out {out_path}: use one of "
-            f"{', '.join(sorted(SUPPORTED_SUFFIXES))}."
+            f"{', '.join(sorted(SUPPORTED_SUFFIXES))} (CSV/TSV/JSON lines may add .gz)."
         )
     for p in (out_path, dropped_path):
         if p.resolve() == src.resolve():

@@ -1,0 +1,133 @@
+"""CLI smoke tests: exit codes, one-line errors, JSON output, help that teaches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from pmpclean.cli import app
+from pmpclean.synthetic import clip_like_pairs
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> tuple[Path, Path]:
+    data = clip_like_pairs(300, dim=64, noise_rate=0.2, n_clusters=20, semantic=1.2, noise=0.6, seed=0)
+    manifest = tmp_path / "data.csv"
+    data.to_frame().to_csv(manifest, index=False)
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, image=data.image_emb, text=data.text_emb)
+    return manifest, emb
+
+
+def test_help_lists_commands_and_defaults():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("scan", "rematch", "embed", "corrupt", "finetune"):
+        assert cmd in res.stdout
+    res = runner.invoke(app, ["scan", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for opt in ("--image-col", "--text-col", "--embeddings", "--pretrained", "--device", "--format", "--quiet"):
+        assert opt in res.stdout
+    assert "laion2b_s34b_b79k" in res.stdout and "ViT-B-32" in res.stdout
+
+
+def test_version():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.startswith("pmpclean ")
+
+
+def test_scan_json_output(dataset, tmp_path):
+    manifest, emb = dataset
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app,
+        ["scan", str(manifest), "--embeddings", str(emb), "--out", str(out), "--truth-col", "true_row", "--format", "json"],
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["n_rows"] == 300
+    assert summary["evaluation"]["detection"]["f1"] > 0.8
+    assert (out / "audit.parquet").is_file()
+
+
+def test_scan_human_summary_and_quiet(dataset, tmp_path):
+    manifest, emb = dataset
+    res = runner.invoke(app, ["scan", str(manifest), "--embeddings", str(emb), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "report.html" in res.output
+    res = runner.invoke(
+        app, ["scan", str(manifest), "--embeddings", str(emb), "--out", str(tmp_path / "q"), "--quiet"]
+    )
+    assert res.exit_code == 0
+    assert res.stdout == ""
+
+
+def test_missing_manifest_is_one_red_line_exit_1(tmp_path):
+    res = runner.invoke(app, ["scan", str(tmp_path / "nope.csv"), "--pretrained", "none", "--model", "pmpclean-tiny"])
+    assert res.exit_code == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "nope.csv" in lines[0]
+    assert "Traceback" not in res.output
+
+
+def test_unsupported_extension_and_missing_column(tmp_path, dataset):
+    manifest, emb = dataset
+    bad = tmp_path / "data.xlsx"
+    bad.write_text("x")
+    res = runner.invoke(app, ["scan", str(bad), "--embeddings", str(emb)])
+    assert res.exit_code == 1 and ".csv" in res.stderr
+    res = runner.invoke(app, ["scan", str(manifest), "--embeddings", str(emb), "--text-col", "text"])
+    assert res.exit_code == 1
+    assert "caption" in res.stderr and "--text-col" in res.stderr
+
+
+def test_usage_error_exit_2():
+    res = runner.invoke(app, ["scan"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["scan", "x.csv", "--threshold", "2"])
+    assert res.exit_code == 2
+
+
+def test_rematch_cli_writes_both_files_and_refuses_overwrite(dataset, tmp_path):
+    manifest, emb = dataset
+    out = tmp_path / "clean.csv"
+    args = ["rematch", str(manifest), "--embeddings", str(emb), "--out", str(out), "--audit-dir", str(tmp_path / "a")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cleaned = pd.read_csv(out)
+    dropped = pd.read_csv(tmp_path / "clean.dropped.csv")
+    assert len(cleaned) + len(dropped) == 300
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1 and "--force" in res.stderr
+    res = runner.invoke(app, args + ["--force", "--format", "json"])
+    assert res.exit_code == 0
+    assert json.loads(res.stdout)["n_rows"] == 300
+
+
+def test_corrupt_cli(dataset, tmp_path):
+    manifest, _ = dataset
+    clean = tmp_path / "clean.csv"
+    pd.read_csv(manifest).drop(columns=["true_row"]).to_csv(clean, index=False)
+    res = runner.invoke(app, ["corrupt", str(clean), "--rate", "0.25", "--out", str(tmp_path / "noisy.parquet"), "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    noisy = pd.read_parquet(tmp_path / "noisy.parquet")
+    assert (noisy["true_row"].to_numpy() != np.arange(300)).mean() == pytest.approx(0.25, abs=0.01)
+
+
+def test_finetune_says_it_arrives_later(tmp_path):
+    res = runner.invoke(app, ["finetune", "x.csv", "--out", str(tmp_path / "m")])
+    assert res.exit_code == 1
+    assert "later version" in res.stderr
+
+
+def test_debug_env_shows_traceback(tmp_path):
+    res = runner.invoke(app, ["scan", str(tmp_path / "nope.csv"), "--embeddings", "x.npz"], env={"PMPCLEAN_DEBUG": "1"})
+    assert res.exit_code == 1
+    assert res.exception is not None and type(res.exception).__name__ == "DatasetError"

@@ -1,0 +1,273 @@
+"""End-to-end scan and rematch through the library API, on synthetic embeddings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import pmpclean
+from pmpclean import ScanConfig
+from pmpclean.errors import ConfigError, DatasetError
+from pmpclean.pipeline import AUDIT_COLUMNS
+from pmpclean.synthetic import clip_like_pairs
+
+N = 400
+
+
+def _easy(n: int = N, **kw):
+    kw.setdefault("dim", 64)
+    kw.setdefault("noise_rate", 0.2)
+    kw.setdefault("n_clusters", 20)
+    kw.setdefault("semantic", 1.2)
+    kw.setdefault("noise", 0.6)
+    return clip_like_pairs(n, seed=0, **kw)
+
+
+def _write(tmp_path: Path, data, *, name: str = "data.csv") -> tuple[Path, Path]:
+    frame = data.to_frame()
+    frame["licence"] = "CC-BY 4.0"
+    manifest = tmp_path / name
+    frame.to_csv(manifest, index=False)
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, image=data.image_emb, text=data.text_emb)
+    return manifest, emb
+
+
+@pytest.fixture
+def dataset(tmp_path: Path):
+    data = _easy()
+    manifest, emb = _write(tmp_path, data)
+    return data, manifest, emb
+
+
+def _cfg(emb: Path, **changes) -> ScanConfig:
+    return ScanConfig().replace(embed__embeddings=str(emb), data__truth_col="true_row", **changes)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_scan_recovers_injected_mismatches_and_writes_contract(dataset, tmp_path):
+    data, manifest, emb = dataset
+    before = _sha(manifest)
+    res = pmpclean.scan(manifest, config=_cfg(emb), out_dir=tmp_path / "out")
+    audit = res.audit
+    assert len(audit) == N
+    assert list(audit.columns[:5]) == ["image", "caption", "true_row", "cluster", "licence"]
+    for col in AUDIT_COLUMNS:
+        assert col in audit.columns
+    assert audit["row"].tolist() == list(range(N))
+    assert (audit["licence"] == "CC-BY 4.0").all()
+    ms = audit["match_score"].to_numpy()
+    assert np.all((ms >= 0) & (ms <= 1))
+    pred = audit["is_mismatched"].to_numpy()
+    truth = data.is_mismatched
+    recall = (pred & truth).sum() / truth.sum()
+    precision = (pred & truth).sum() / max(pred.sum(), 1)
+    assert recall > 0.9 and precision > 0.9, (recall, precision)
+    # proposals point at real rows, and never at the row itself
+    prop = audit["proposed_row"].to_numpy()
+    assert np.all((prop == -1) | ((prop >= 0) & (prop < N)))
+    assert not np.any(prop == np.arange(N))
+    conf = audit["rematch_confidence"].to_numpy()
+    assert np.all((conf >= 0) & (conf <= 1))
+    assert np.all(conf[prop == -1] == 0)
+    assert set(audit["action"]) <= {"keep", "rematch", "drop", "review"}
+    # files of the output contract
+    out = tmp_path / "out"
+    for name in ("audit.parquet", "audit.csv", "summary.json", "config.yaml", "report.html"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_rows"] == N
+    assert sum(summary["action_counts"].values()) == N
+    assert sum(summary["status_counts"].values()) == N
+    assert 0.1 < summary["estimated_noise_rate"] < 0.3
+    assert summary["evaluation"]["detection"]["f1"] > 0.9
+    assert set(summary["timings"]) >= {"read", "embed", "score", "split", "rematch", "write"}
+    parquet = pd.read_parquet(out / "audit.parquet")
+    assert len(parquet) == N and list(parquet.columns) == list(audit.columns)
+    assert _sha(manifest) == before  # input untouched
+
+
+def test_rematch_proposals_are_mostly_the_true_caption(dataset, tmp_path):
+    data, manifest, emb = dataset
+    res = pmpclean.scan(manifest, config=_cfg(emb), out_dir=tmp_path / "out")
+    audit = res.audit
+    rem = audit["action"].to_numpy() == "rematch"
+    assert rem.sum() > 0.3 * data.is_mismatched.sum()
+    prop = audit["proposed_row"].to_numpy()[rem]
+    rows = np.flatnonzero(rem)
+    correct = data.image_group[data.true_row[prop]] == data.image_group[rows]
+    assert correct.mean() > 0.8, correct.mean()
+
+
+def test_bad_rows_are_kept_and_counted(tmp_path):
+    data = _easy()
+    frame = data.to_frame()
+    frame.loc[3, "caption"] = ""
+    image = data.image_emb.copy()
+    image[7] = np.nan
+    manifest = tmp_path / "data.csv"
+    frame.to_csv(manifest, index=False)
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, image=image, text=data.text_emb)
+    res = pmpclean.scan(manifest, config=_cfg(emb), out_dir=tmp_path / "out")
+    audit = res.audit
+    assert len(audit) == N
+    assert audit.loc[3, "status"] == "empty_caption"
+    assert audit.loc[7, "status"] == "missing_embedding"
+    for r in (3, 7):
+        assert np.isnan(audit.loc[r, "match_score"])
+        assert audit.loc[r, "action"] == "drop"
+        assert not audit.loc[r, "is_mismatched"]
+    assert res.summary["status_counts"]["empty_caption"] == 1
+    assert res.summary["status_counts"]["missing_embedding"] == 1
+    # no other row proposes the caption of a row that could not be scored
+    assert not np.isin(audit["proposed_row"], [3, 7]).any()
+
+
+def test_scan_is_deterministic_and_config_repeats_it(dataset, tmp_path):
+    _, manifest, emb = dataset
+    a = pmpclean.scan(manifest, config=_cfg(emb, seed=3), out_dir=tmp_path / "a")
+    cfg = pmpclean.load_config(tmp_path / "a" / "config.yaml")
+    assert cfg.seed == 3 and cfg.embed.embeddings == str(emb)
+    b = pmpclean.scan(manifest, config=cfg, out_dir=tmp_path / "b")
+    pd.testing.assert_frame_equal(a.audit, b.audit)
+
+
+def test_rematch_accounts_for_every_row(dataset, tmp_path):
+    data, manifest, emb = dataset
+    before = _sha(manifest)
+    out = tmp_path / "clean.csv"
+    res = pmpclean.rematch(manifest, out=out, config=_cfg(emb), audit_dir=tmp_path / "audit")
+    cleaned = pd.read_csv(out)
+    dropped = pd.read_csv(tmp_path / "clean.dropped.csv")
+    rows = sorted(cleaned["pmpclean_row"].tolist() + dropped["pmpclean_row"].tolist())
+    assert rows == list(range(N))
+    assert res.info["n_cleaned"] + res.info["n_dropped"] == N
+    assert set(dropped["pmpclean_action"]) <= {"drop", "review"}
+    # rematched rows carry the proposed caption
+    audit = pd.read_parquet(tmp_path / "audit" / "audit.parquet")
+    rem = cleaned[cleaned["pmpclean_action"] == "rematch"]
+    assert len(rem) > 0
+    expected = audit.set_index("row").loc[rem["pmpclean_row"], "proposed_caption"].tolist()
+    assert rem["caption"].tolist() == expected
+    assert _sha(manifest) == before
+
+
+def test_rematch_policies_and_refusals(dataset, tmp_path):
+    _, manifest, emb = dataset
+    cfg = _cfg(emb)
+    audit_dir = tmp_path / "audit"
+    out = tmp_path / "clean.parquet"
+    pmpclean.rematch(manifest, out=out, policy="drop", config=cfg, audit_dir=audit_dir)
+    kept = pd.read_parquet(out)
+    assert set(kept["pmpclean_action"]) == {"keep"}
+    with pytest.raises(DatasetError, match="already exists; pass --force"):
+        pmpclean.rematch(manifest, out=out, config=cfg, audit_dir=audit_dir)
+    res = pmpclean.rematch(manifest, out=out, policy="flag", config=cfg, audit_dir=audit_dir, force=True)
+    assert res.info["n_cleaned"] == N and res.info["n_dropped"] == 0
+    assert not res.info["scanned_now"]  # the audit was reused
+    flagged = pd.read_parquet(out)
+    assert "pmpclean_match_score" in flagged.columns
+    with pytest.raises(ConfigError, match="never overwrites its input"):
+        pmpclean.rematch(manifest, out=manifest, config=cfg, audit_dir=audit_dir, force=True)
+    with pytest.raises(ConfigError, match="Unknown policy"):
+        pmpclean.rematch(manifest, out=tmp_path / "x.csv", policy="fix", config=cfg)
+    with pytest.raises(ConfigError, match="Cannot tell the format"):
+        pmpclean.rematch(manifest, out=tmp_path / "x.xlsx", config=cfg)
+
+
+def test_rematch_rescans_a_changed_manifest(dataset, tmp_path):
+    _, manifest, emb = dataset
+    cfg = _cfg(emb)
+    audit_dir = tmp_path / "audit"
+    pmpclean.rematch(manifest, out=tmp_path / "a.csv", config=cfg, audit_dir=audit_dir)
+    frame = pd.read_csv(manifest)
+    frame.loc[0, "caption"] = "an edited caption"
+    frame.to_csv(manifest, index=False)
+    res = pmpclean.rematch(manifest, out=tmp_path / "b.csv", config=cfg, audit_dir=audit_dir)
+    assert res.info["scanned_now"]
+
+
+def test_many_captions_per_image_and_duplicates(tmp_path):
+    data = _easy(500, captions_per_image=5, duplicate_fraction=0.05)
+    manifest, emb = _write(tmp_path, data)
+    res = pmpclean.scan(manifest, config=_cfg(emb), out_dir=tmp_path / "out")
+    audit = res.audit
+    assert res.summary["n_images"] == 100
+    pred = audit["is_mismatched"].to_numpy()
+    # true pairs of an image with five captions are not flagged for being close to each other
+    clean = ~data.is_mismatched
+    assert pred[clean].mean() < 0.1
+    prop = audit["proposed_row"].to_numpy()
+    has = prop >= 0
+    # never propose a caption that the same image already carries in another row
+    same_image = data.image_group[prop[has]] == data.image_group[np.flatnonzero(has)]
+    assert not same_image.any()
+
+
+def test_width_mismatch_without_labels_is_a_clear_error(tmp_path):
+    frame = pd.DataFrame({"image": [f"i{i}" for i in range(10)], "caption": [f"c{i}" for i in range(10)]})
+    manifest = tmp_path / "d.csv"
+    frame.to_csv(manifest, index=False)
+    emb = tmp_path / "e.npz"
+    rng = np.random.default_rng(0)
+    np.savez(emb, image=rng.normal(size=(10, 8)), text=rng.normal(size=(10, 4)))
+    with pytest.raises(DatasetError, match="differ in width"):
+        pmpclean.scan(manifest, config=ScanConfig().replace(embed__embeddings=str(emb)), out_dir=tmp_path / "o")
+
+
+def test_audit_column_clash_and_bad_settings(dataset, tmp_path):
+    data, manifest, emb = dataset
+    frame = pd.read_csv(manifest)
+    frame["status"] = "x"
+    clash = tmp_path / "clash.csv"
+    frame.to_csv(clash, index=False)
+    with pytest.raises(DatasetError, match="already has column"):
+        pmpclean.scan(clash, config=_cfg(emb), out_dir=tmp_path / "o")
+    with pytest.raises(ConfigError, match="mass must lie in"):
+        pmpclean.scan(manifest, config=_cfg(emb, audit__mass=1.5), out_dir=tmp_path / "o")
+    with pytest.raises(ConfigError, match="Unknown cost"):
+        pmpclean.scan(manifest, config=_cfg(emb, audit__cost="cheap"), out_dir=tmp_path / "o")
+
+
+def test_truth_column_validated(dataset, tmp_path):
+    _, manifest, emb = dataset
+    frame = pd.read_csv(manifest)
+    frame.loc[5, "true_row"] = 10_000
+    bad = tmp_path / "bad.csv"
+    frame.to_csv(bad, index=False)
+    with pytest.raises(DatasetError, match="row 5"):
+        pmpclean.scan(bad, config=_cfg(emb), out_dir=tmp_path / "o")
+
+
+def test_unwritable_output_folder_is_a_clear_error(dataset, tmp_path):
+    _, manifest, emb = dataset
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DatasetError, match="Cannot write to output folder"):
+        pmpclean.scan(manifest, config=_cfg(emb), out_dir=blocker / "out")
+
+
+def test_corrupt_then_scan(tmp_path):
+    data = _easy(300, noise_rate=0.0)
+    frame = data.to_frame().drop(columns=["true_row"])
+    manifest = tmp_path / "clean.csv"
+    frame.to_csv(manifest, index=False)
+    res = pmpclean.corrupt(manifest, out=tmp_path / "noisy.csv", rate=0.3, seed=1)
+    noisy = pd.read_csv(tmp_path / "noisy.csv")
+    assert len(noisy) == 300
+    moved = noisy["true_row"].to_numpy() != np.arange(300)
+    assert abs(moved.mean() - 0.3) < 0.02
+    assert res.info["n_corrupted"] == int(moved.sum())
+    # the captions really moved: each row's caption is the original caption of true_row
+    assert noisy["caption"].tolist() == frame["caption"].to_numpy()[noisy["true_row"]].tolist()
+    with pytest.raises(DatasetError, match="already exists"):
+        pmpclean.corrupt(manifest, out=tmp_path / "noisy.csv", rate=0.3)
