@@ -348,7 +348,7 @@ class Output:
             console.print(counts)
 
         settings = _mapping(summary.get("settings"))
-        self._top_suspects(audit, top, settings.get("text_col"))
+        self._top_suspects(audit, top, (settings.get("data") or {}).get("text_col", settings.get("text_col")))
         self._evaluation(_mapping(summary.get("evaluation")))
         self._labels(_mapping(summary.get("labels")), audit, top)
 

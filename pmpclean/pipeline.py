@@ -551,6 +551,7 @@ def scan(
         with timer("write"):
             _write_scan(result, target, cfg)
     summary["timings"] = {k: round(v, 4) for k, v in timer.seconds.items()}
+    summary["stage_spans"] = [[name, round(a, 3), round(b, 3)] for name, a, b in timer.spans]
     if write:
         write_json(target / "summary.json", summary)
     return result

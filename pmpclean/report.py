@@ -489,8 +489,8 @@ class _Renderer:
         self.settings: Mapping[str, Any] = settings if isinstance(settings, Mapping) else {}
         labels = summary.get("labels")
         self.labels: Mapping[str, Any] = labels if isinstance(labels, Mapping) else {}
-        self.text_col = self._column(text_col, self.settings.get("text_col"), "caption")
-        self.image_col = self._column(image_col, self.settings.get("image_col"), "image")
+        self.text_col = self._column(text_col, (self.settings.get("data") or {}).get("text_col", self.settings.get("text_col")), "caption")
+        self.image_col = self._column(image_col, (self.settings.get("data") or {}).get("image_col", self.settings.get("image_col")), "image")
         self.label_col = self._column(
             label_col, self.labels.get("label_col"), self.settings.get("label_col")
         )
