@@ -214,7 +214,7 @@ def _read(source: str | Path | pd.DataFrame, cfg: ScanConfig) -> Any:
 
 
 def _embeddings(manifest: Any, cfg: ScanConfig, progress: Progress | None) -> tuple[Any, dict[str, Any]]:
-    from .embed import embed_manifest, load_embeddings
+    from .embedding import embed_manifest, load_embeddings
 
     e = cfg.embed
     if e.embeddings is not None:
@@ -911,7 +911,7 @@ def corrupt(
         )
     kwargs: dict[str, Any] = {}
     if embeddings is not None:
-        from .embed import load_embeddings
+        from .embedding import load_embeddings
 
         kwargs["embeddings"] = load_embeddings(embeddings, len(frame))
     noisy = corrupt_frame(
