@@ -1,0 +1,344 @@
+"""Per-pair match statistics: how well does each caption fit its own image?
+
+Raw CLIP cosines of true pairs sit in a narrow band whose position moves with the
+model and the data, and "hub" images or captions are close to everything, so a fixed
+cosine threshold fails. pmpclean therefore scores each pair *relative to its
+dataset neighbourhood*: the pair's cosine is compared with the cosines of the
+image's nearest alternative captions and of the caption's nearest alternative images
+(found with a k-NN search over the whole dataset, :func:`pmpclean.neighbors.knn_search`).
+This is the cross-domain similarity local scaling (CSLS) correction of hubness
+(Conneau et al., ICLR 2018), applied to the pair itself, and the dataset-scale
+counterpart of L2RM's per-pair loss against in-batch negatives (Han et al., CVPR 2024).
+
+Alternatives are chosen per *image group* and *caption text group*: the captions of
+the same image, and identical caption texts, are never alternatives, so an image
+with five captions is not penalised because its other four captions are close.
+
+The statistic returned here is raw (higher = more likely a true pair, unbounded);
+:func:`pmpclean.split.split_pairs` turns it into a calibrated ``match_score`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ["SCORE_METHODS", "PairScores", "pair_scores"]
+
+#: Documented methods of :func:`pair_scores`.
+SCORE_METHODS = ("csls", "margin", "infonce", "cosine")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class PairScores:
+    """Per-row pair statistics (all arrays have shape (n,); NaN for rows not scored).
+
+    Attributes
+    ----------
+    score : ndarray, float64
+        The statistic the mixture is fitted on; higher = more likely a true pair.
+        Unbounded; its scale depends on ``method``.
+    similarity : ndarray, float64
+        Raw cosine of the pair, in [-1, 1].
+    image_alt : ndarray, float64
+        Mean cosine of the image to its ``k`` nearest alternative captions.
+    text_alt : ndarray, float64
+        Mean cosine of the caption to its ``k`` nearest alternative images.
+    image_rank : ndarray, float64
+        How many of the image's ``k`` nearest alternative captions beat its own caption
+        (0 = own caption ranks first; at most ``k``).
+    text_rank : ndarray, float64
+        How many of the caption's ``k`` nearest alternative images beat its own image.
+    valid : ndarray, bool
+        Rows that were scored.
+    method : str
+    info : dict
+        ``k``, ``temperature`` (infonce), numbers of image and text groups.
+    """
+
+    score: np.ndarray
+    similarity: np.ndarray
+    image_alt: np.ndarray
+    text_alt: np.ndarray
+    image_rank: np.ndarray
+    text_rank: np.ndarray
+    valid: np.ndarray
+    method: str = "csls"
+    info: dict = field(default_factory=dict)
+
+
+def _as_emb(x: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ConfigError(f"{name} must be a 2-D array (n, d), got shape {arr.shape}.")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise ConfigError(f"{name} must hold numbers, got dtype {arr.dtype}.")
+    return arr.astype(np.float32, copy=False)
+
+
+def _normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalise rows; return the result and a mask of usable rows."""
+    finite = np.all(np.isfinite(x), axis=1)
+    x = np.where(finite[:, None], x, 0.0).astype(np.float32)
+    norms = np.linalg.norm(x, axis=1)
+    ok = finite & (norms > 1e-12)
+    x = x / np.where(ok, norms, 1.0)[:, None]
+    return np.ascontiguousarray(x, dtype=np.float32), ok
+
+
+def _codes(groups: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if groups is None:
+        return np.arange(n, dtype=np.int64)
+    g = np.asarray(groups)
+    if g.ndim != 1 or g.shape[0] != n:
+        raise ConfigError(f"{name} must have shape ({n},) (one id per row), got {g.shape}.")
+    _, codes = np.unique(g, return_inverse=True)
+    return codes.astype(np.int64).ravel()
+
+
+def _group_means(emb: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    sums = np.zeros((n_groups, emb.shape[1]), dtype=np.float64)
+    np.add.at(sums, codes, emb)
+    out, _ = _normalise(sums.astype(np.float32))
+    return out
+
+
+def _alternatives(
+    query: np.ndarray,
+    base: np.ndarray,
+    excluded: np.ndarray,
+    n_excluded: np.ndarray,
+    k: int,
+    seed: int | None,
+) -> np.ndarray:
+    """Top-k similarities of each query node to base nodes that are not excluded.
+
+    ``excluded`` is a sorted array of codes ``q * len(base) + b`` of forbidden
+    (query, base) pairs; ``n_excluded[q]`` counts them per query. Returns (nq, k)
+    float64 with NaN where fewer than k alternatives exist.
+    """
+    from .neighbors import knn_search
+
+    nq, nb = query.shape[0], base.shape[0]
+    out = np.full((nq, k), np.nan)
+    # Queries needing the same number of extra neighbours are searched together.
+    for extra in np.unique(n_excluded).tolist():
+        rows = np.flatnonzero(n_excluded == extra)
+        kk = min(nb, k + int(extra))
+        if kk < 1:
+            continue
+        sims, idx = knn_search(query[rows], base, kk, seed=seed)
+        code = rows[:, None].astype(np.int64) * nb + np.where(idx < 0, 0, idx)
+        pos = np.searchsorted(excluded, code)
+        pos = np.minimum(pos, max(excluded.size - 1, 0))
+        bad = (idx < 0) | (excluded[pos] == code if excluded.size else np.zeros_like(idx, bool))
+        keep = ~bad
+        # Keep the first k allowed neighbours of each query (already sorted by similarity).
+        rank = np.cumsum(keep, axis=1) - 1
+        take = keep & (rank < k)
+        r_idx, c_idx = np.nonzero(take)
+        out[rows[r_idx], rank[r_idx, c_idx]] = sims[r_idx, c_idx]
+    return out
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = np.nanmax(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    s = np.nansum(np.exp(x - m), axis=axis, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(np.log(s) + m, axis=axis)
+
+
+def pair_scores(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    *,
+    image_group: np.ndarray | None = None,
+    text_group: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    k: int = 3,
+    method: str = "csls",
+    temperature: float = 0.05,
+    seed: int | np.random.Generator | None = None,
+    progress: Progress | None = None,
+) -> PairScores:
+    """Score every (image, caption) row against its dataset neighbourhood.
+
+    Parameters
+    ----------
+    image_emb, text_emb : ndarray, shape (n, d)
+        Row-aligned embeddings (re-normalised here). Rows with NaN/inf or zero
+        vectors are not scored.
+    image_group : array-like, shape (n,), optional
+        Image id per row; rows of one image share it (several captions per image).
+        Default: every row is its own image.
+    text_group : array-like, shape (n,), optional
+        Caption-text id per row; identical caption texts share it. Default: every row
+        is its own text.
+    valid : ndarray of bool, shape (n,), optional
+        Rows that may be scored (e.g. status ok). Invalid rows are neither scored
+        nor used as alternatives.
+    k : int
+        Alternatives per side: the ``k`` nearest captions of other images, and the
+        ``k`` nearest images of other captions. Small neighbourhoods work best: 3
+        (default) is within 0.005 F1 of the best k in 1..10 on every benchmark in
+        ``benchmarks/results/detection.md``; 10 loses about 0.01 at 20% noise.
+    method : {"csls", "margin", "infonce", "cosine"}
+        ``"csls"`` (default): ``2 s - image_alt - text_alt``, the pair's cosine
+        against the mean cosine of the ``k`` nearest alternatives on both sides.
+        ``"margin"``: ``s - (best alternative caption + best alternative image) / 2``.
+        ``"infonce"``: symmetric InfoNCE log-likelihood of the pair against its ``k``
+        alternatives per side at ``temperature``. ``"cosine"``: the raw cosine.
+    temperature : float
+        Softmax temperature of ``"infonce"``, in cosine units.
+    seed : int, Generator or None
+        Passed to the approximate k-NN index (only used above 200k groups).
+    progress : callable, optional
+        ``progress(stage, done, total)``.
+
+    Returns
+    -------
+    PairScores
+        ``score`` is higher = more likely a true pair (unbounded), NaN for rows not
+        scored.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown method, non-positive ``k`` or ``temperature``, or arrays of
+        mismatched shapes.
+
+    Examples
+    --------
+    >>> from pmpclean.synthetic import clip_like_pairs
+    >>> d = clip_like_pairs(300, dim=64, noise_rate=0.2, seed=0)
+    >>> ps = pair_scores(d.image_emb, d.text_emb, image_group=d.image_group)
+    >>> bool(ps.score[d.is_mismatched].mean() < ps.score[~d.is_mismatched].mean())
+    True
+    """
+    if method not in SCORE_METHODS:
+        raise ConfigError(
+            f"Unknown method {method!r} for pair scores: "
+            f"expected one of {', '.join(SCORE_METHODS)}."
+        )
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer (alternatives per side), got {k!r}.")
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature must be a positive number, got {temperature!r}.")
+    img = _as_emb(image_emb, "image_emb")
+    txt = _as_emb(text_emb, "text_emb")
+    if img.shape != txt.shape:
+        raise ConfigError(
+            "image_emb and text_emb must have the same shape (n, d), "
+            f"got {img.shape} and {txt.shape}."
+        )
+    n = img.shape[0]
+    img, ok_i = _normalise(img)
+    txt, ok_t = _normalise(txt)
+    ok = ok_i & ok_t
+    if valid is not None:
+        v = np.asarray(valid)
+        if v.shape != (n,):
+            raise ConfigError(f"valid must have shape ({n},), got {v.shape}.")
+        ok &= v.astype(bool)
+    ig = _codes(image_group, n, "image_group")
+    tg = _codes(text_group, n, "text_group")
+    knn_seed = None if seed is None or isinstance(seed, np.random.Generator) else int(seed)
+
+    nan = np.full(n, np.nan)
+    out = PairScores(
+        score=nan.copy(),
+        similarity=nan.copy(),
+        image_alt=nan.copy(),
+        text_alt=nan.copy(),
+        image_rank=nan.copy(),
+        text_rank=nan.copy(),
+        valid=ok.copy(),
+        method=method,
+        info={"k": int(k), "temperature": float(temperature) if method == "infonce" else None},
+    )
+    rows = np.flatnonzero(ok)
+    if rows.size == 0:
+        warnings.warn("no valid rows to score; every score is NaN.", stacklevel=2)
+        return out
+    sim = np.einsum("nd,nd->n", img[rows], txt[rows]).astype(np.float64)
+    out.similarity[rows] = np.clip(sim, -1.0, 1.0)
+
+    # Nodes: one per image group and one per caption-text group among valid rows.
+    _, a = np.unique(ig[rows], return_inverse=True)
+    _, b = np.unique(tg[rows], return_inverse=True)
+    a, b = a.ravel(), b.ravel()
+    n_a, n_b = int(a.max()) + 1, int(b.max()) + 1
+    out.info.update(n_image_groups=n_a, n_text_groups=n_b)
+    if progress:
+        progress("scoring pairs", 0, 3)
+    img_nodes = _group_means(img[rows], a, n_a)
+    txt_nodes = _group_means(txt[rows], b, n_b)
+    # (image group, text group) pairs that occur in some row are never alternatives.
+    pairs = np.unique(a.astype(np.int64) * n_b + b)
+    pa, pb = pairs // n_b, pairs % n_b
+    excl_ab = pairs  # sorted codes image*n_b + text
+    excl_ba = np.sort(pb * n_a + pa)  # codes text*n_a + image
+    alt_i = _alternatives(
+        img_nodes, txt_nodes, excl_ab, np.bincount(pa, minlength=n_a), k, knn_seed
+    )
+    if progress:
+        progress("scoring pairs", 1, 3)
+    alt_t = _alternatives(
+        txt_nodes, img_nodes, excl_ba, np.bincount(pb, minlength=n_b), k, knn_seed
+    )
+    if progress:
+        progress("scoring pairs", 2, 3)
+    alt_i, alt_t = alt_i[a], alt_t[b]  # (m, k) per valid row
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (no alternatives)
+        mean_i = np.nanmean(alt_i, axis=1)
+        mean_t = np.nanmean(alt_t, axis=1)
+        best_i = np.nanmax(alt_i, axis=1)
+        best_t = np.nanmax(alt_t, axis=1)
+    out.image_alt[rows] = mean_i
+    out.text_alt[rows] = mean_t
+    out.image_rank[rows] = np.sum(alt_i > sim[:, None], axis=1)
+    out.text_rank[rows] = np.sum(alt_t > sim[:, None], axis=1)
+    no_alt = ~np.isfinite(mean_i) & ~np.isfinite(mean_t)
+    if no_alt.any():
+        warnings.warn(
+            f"{int(no_alt.sum())} scored rows have no alternative image or caption "
+            "(fewer than 2 distinct images or texts); their score falls back to the raw cosine.",
+            stacklevel=2,
+        )
+    # A side without alternatives borrows the other side's reference.
+    ref_i = np.where(np.isfinite(mean_i), mean_i, mean_t)
+    ref_t = np.where(np.isfinite(mean_t), mean_t, mean_i)
+
+    if method == "cosine":
+        score = sim.copy()
+    elif method == "csls":
+        score = 2.0 * sim - ref_i - ref_t
+    elif method == "margin":
+        bi = np.where(np.isfinite(best_i), best_i, best_t)
+        bt = np.where(np.isfinite(best_t), best_t, best_i)
+        score = sim - 0.5 * (bi + bt)
+    else:  # infonce
+        tau = float(temperature)
+        pos = sim / tau
+
+        def nce(alt: np.ndarray) -> np.ndarray:
+            logits = np.concatenate([pos[:, None], alt / tau], axis=1)
+            return pos - _logsumexp(logits, axis=1)
+
+        score = nce(alt_i) + nce(alt_t)
+    if no_alt.any():
+        score = np.where(no_alt, sim, score)
+    out.score[rows] = score
+    if progress:
+        progress("scoring pairs", 3, 3)
+    return out

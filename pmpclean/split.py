@@ -1,0 +1,331 @@
+"""Split scored pairs into clean and suspect with a two-component mixture.
+
+Following L2RM (Han et al., CVPR 2024), a two-component Gaussian mixture is fitted to
+the per-pair statistic of :func:`pmpclean.score.pair_scores`; the posterior of the
+high-mean ("clean") component is the calibrated ``match_score`` in [0, 1], and a pair
+is flagged when it falls below ``threshold`` (0.5: the mismatched component is more
+likely). Because the mixture is refitted on every dataset, the default threshold needs
+no tuning per dataset or model: only the *shape* of the score distribution matters,
+not where the cosine band sits.
+
+Two safeguards keep the posterior usable as a score:
+
+* it is made monotone in the statistic (a Gaussian mixture with unequal variances
+  would otherwise call extremely high or low scores by the wrong component);
+* when the statistic does not look like two populations -- BIC prefers a single
+  Gaussian, or the two fitted components are not separated (Ashman's D below
+  ``min_separation``) -- the data look clean and nothing is flagged rather than
+  cutting a clean distribution in two (a plain mixture fitted to clean data flags a
+  tail of it, up to 99 % of the rows in ``benchmarks/results/detection.md``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._utils import check_random_state
+from .errors import ConfigError
+
+__all__ = ["Split", "split_pairs", "fit_two_gaussians"]
+
+_LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+@dataclass
+class Split:
+    """Result of :func:`split_pairs` (arrays of shape (n,)).
+
+    Attributes
+    ----------
+    match_score : ndarray, float64
+        [0, 1], higher = more likely a true pair: the posterior of the clean mixture
+        component (monotone in the input score). NaN where the input is NaN.
+    is_mismatched : ndarray, bool
+        ``match_score < threshold``; False for NaN rows.
+    threshold : float
+        Threshold on ``match_score``.
+    noise_rate : float
+        Estimated fraction of mismatched pairs among scored rows: the mean posterior of
+        the mismatched component (0 when the data look clean).
+    mixture : dict
+        ``space`` (what the mixture was fitted on), ``weights``, ``means``, ``stds``
+        (clean component first), ``separation`` (Ashman's D), ``delta_bic`` (BIC of
+        one Gaussian minus BIC of the mixture), ``bimodal`` (bool: both tests passed),
+        ``reason`` (why the split was or was not trusted, for a user-facing warning),
+        ``score_at_threshold`` (the input-score value where ``match_score`` crosses the
+        threshold; NaN when nothing is flagged), ``n_fitted``.
+    """
+
+    match_score: np.ndarray
+    is_mismatched: np.ndarray
+    threshold: float
+    noise_rate: float
+    mixture: dict = field(default_factory=dict)
+
+
+def _loglik(x: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """(n, 2) log of w_j N(x | mu_j, sd_j)."""
+    z = (x[:, None] - mu[None, :]) / sd[None, :]
+    return np.log(w)[None, :] - 0.5 * z * z - np.log(sd)[None, :] - 0.5 * _LOG_2PI
+
+
+def _posterior(ll: np.ndarray) -> np.ndarray:
+    m = ll.max(axis=1, keepdims=True)
+    p = np.exp(ll - m)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _em(
+    x: np.ndarray,
+    w: np.ndarray,
+    mu: np.ndarray,
+    sd: np.ndarray,
+    floor: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    prev = -np.inf
+    ll_mean = -np.inf
+    for _ in range(max_iter):
+        ll = _loglik(x, w, mu, sd)
+        m = ll.max(axis=1)
+        ll_mean = float(np.mean(m + np.log(np.exp(ll - m[:, None]).sum(axis=1))))
+        if abs(ll_mean - prev) < tol:
+            break
+        prev = ll_mean
+        r = _posterior(ll)
+        nk = r.sum(axis=0) + 1e-12
+        w = np.clip(nk / x.size, 1e-6, 1.0)
+        w = w / w.sum()
+        mu = (r * x[:, None]).sum(axis=0) / nk
+        sd = np.sqrt((r * (x[:, None] - mu[None, :]) ** 2).sum(axis=0) / nk)
+        sd = np.maximum(sd, floor)
+    return w, mu, sd, ll_mean
+
+
+#: Initial fractions of the low component tried by :func:`fit_two_gaussians`.
+_INIT_SPLITS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95)
+
+
+def fit_two_gaussians(
+    x: np.ndarray,
+    *,
+    n_init: int = 2,
+    max_iter: int = 1000,
+    tol: float = 1e-9,
+    seed: int | np.random.Generator | None = 0,
+) -> dict:
+    """Maximum-likelihood two-component 1-D Gaussian mixture (EM with many starts).
+
+    EM from a single start often settles on a wide component that models a tail of
+    the main population instead of a small separate population (5 % of mismatched
+    pairs), so starts are tried systematically: the data are cut at the 2, 5, 10, ...,
+    95 % quantiles and each side gives one component's start; ``n_init`` random cuts
+    are added. Every start runs 30 EM steps, and the best one runs to convergence.
+
+    Parameters
+    ----------
+    x : ndarray, shape (m,)
+        Finite values.
+    n_init : int
+        Extra random starts on top of the quantile cuts.
+    max_iter, tol : int, float
+        EM stopping rule on the mean log-likelihood.
+    seed : int, Generator or None
+        Randomness of the extra starts.
+
+    Returns
+    -------
+    dict
+        ``weights``, ``means``, ``stds`` (ndarray of 2, ascending means) and
+        ``loglik`` (mean log-likelihood).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rng = check_random_state(seed)
+    spread = float(np.std(x))
+    floor = max(spread * 1e-3, 1e-12)
+    xs = np.sort(x)
+    cuts = list(_INIT_SPLITS) + rng.uniform(0.02, 0.98, size=max(0, n_init)).tolist()
+    best: tuple | None = None
+    for q in cuts:
+        c = int(np.clip(round(q * xs.size), 1, xs.size - 1))
+        lo, hi = xs[:c], xs[c:]
+        w = np.array([lo.size, hi.size], dtype=np.float64) / xs.size
+        mu = np.array([lo.mean(), hi.mean()])
+        sd = np.maximum(np.array([lo.std(), hi.std()]), floor)
+        cand = _em(x, w, mu, sd, floor, 30, tol)
+        if best is None or cand[3] > best[3] + 1e-12:
+            best = cand
+    assert best is not None
+    w, mu, sd, ll_mean = _em(x, *best[:3], floor, max_iter, tol)
+    order = np.argsort(mu)
+    return {"weights": w[order], "means": mu[order], "stds": sd[order], "loglik": ll_mean}
+
+
+def _monotone(score: np.ndarray, post: np.ndarray, pivot: float) -> np.ndarray:
+    """Make the clean posterior non-decreasing in the score.
+
+    Above ``pivot`` (the mismatched component's mean) take the running maximum
+    upward; below it the running minimum downward.
+    """
+    order = np.argsort(score, kind="stable")
+    s, p = score[order], post[order].copy()
+    cut = int(np.searchsorted(s, pivot))
+    if cut < s.size:
+        p[cut:] = np.maximum.accumulate(p[cut:])
+    if cut > 0:
+        p[:cut] = np.minimum.accumulate(p[:cut][::-1])[::-1]
+        if cut < s.size:
+            p[:cut] = np.minimum(p[:cut], p[cut])
+    out = np.empty_like(p)
+    out[order] = p
+    return out
+
+
+def split_pairs(
+    score: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    min_separation: float = 2.0,
+    seed: int | np.random.Generator | None = None,
+) -> Split:
+    """Fit a two-component mixture to pair scores and flag the low component.
+
+    Parameters
+    ----------
+    score : ndarray, shape (n,)
+        Higher = more likely a true pair (e.g. ``PairScores.score``); NaN rows are
+        ignored and stay NaN / not flagged.
+    threshold : float
+        In (0, 1): pairs with ``match_score < threshold`` are flagged. 0.5 flags a pair
+        when the mismatched component is the more likely one.
+    min_separation : float
+        Minimum Ashman's D, ``sqrt(2) |mu1 - mu0| / sqrt(sd0^2 + sd1^2)``, for the fit
+        to count as two populations (BIC must also prefer two components). Otherwise
+        the scores look like one (clean)
+        population: nothing is flagged, ``noise_rate`` is 0 and ``match_score`` is
+        ``threshold + (1 - threshold) * Phi(z)`` with z the score standardised by a
+        single Gaussian (still monotone, never below the threshold). Set 0 to rely
+        on the BIC test alone.
+    seed : int, Generator or None
+        Randomness of the EM restarts.
+
+    Returns
+    -------
+    Split
+
+    Raises
+    ------
+    ConfigError
+        When ``threshold`` is not in (0, 1) or ``min_separation`` is negative.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> s = np.r_[rng.normal(1.0, 0.1, 800), rng.normal(0.0, 0.1, 200)]
+    >>> sp = split_pairs(s, seed=0)
+    >>> int(sp.is_mismatched[800:].sum()), int(sp.is_mismatched[:800].sum())
+    (200, 0)
+    >>> round(sp.noise_rate, 2)
+    0.2
+    """
+    try:
+        thr = float(threshold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold must be a number in (0, 1), got {threshold!r}.") from None
+    if not (0.0 < thr < 1.0):
+        raise ConfigError(
+            "threshold must be in (0, 1) (a posterior probability of a true pair), "
+            f"got {threshold!r}."
+        )
+    if not (np.isfinite(min_separation) and min_separation >= 0):
+        raise ConfigError(f"min_separation must be >= 0, got {min_separation!r}.")
+    x_all = np.asarray(score, dtype=np.float64)
+    if x_all.ndim != 1:
+        raise ConfigError(f"score must be a 1-D array (n,), got shape {x_all.shape}.")
+    n = x_all.size
+    match = np.full(n, np.nan)
+    flagged = np.zeros(n, dtype=bool)
+    fin = np.isfinite(x_all)
+    x = x_all[fin]
+    mixture: dict = {
+        "space": "pair_score",
+        "weights": [],
+        "means": [],
+        "stds": [],
+        "separation": float("nan"),
+        "delta_bic": float("nan"),
+        "bimodal": False,
+        "reason": "too few scored rows or no spread",
+        "score_at_threshold": float("nan"),
+        "n_fitted": int(x.size),
+    }
+    if x.size < 3 or float(np.ptp(x)) <= 0.0:
+        if x.size:
+            warnings.warn(
+                f"only {x.size} scored rows or no spread in the scores: cannot fit a mixture; "
+                "no pair is flagged.",
+                stacklevel=2,
+            )
+        match[fin] = 1.0
+        return Split(match, flagged, thr, 0.0, mixture)
+
+    # Winsorise far outliers (half the 0.5-99.5 % range beyond it): a Gaussian
+    # likelihood would otherwise spend a whole component on a handful of extreme rows,
+    # while a real minority population (>= 0.5 % of rows) is never clipped.
+    q_lo, q_hi = np.quantile(x, [0.005, 0.995])
+    fence = 0.5 * (q_hi - q_lo)
+    if fence > 0:
+        x = np.clip(x, q_lo - fence, q_hi + fence)
+    fit = fit_two_gaussians(x, seed=seed)
+    w, mu, sd = fit["weights"], fit["means"], fit["stds"]
+    sep = float(np.sqrt(2.0) * abs(mu[1] - mu[0]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2))
+    # BIC of one Gaussian minus BIC of the mixture (3 more parameters); > 0 favours two.
+    sd1 = max(float(np.std(x)), 1e-12)
+    ll1 = float(np.mean(-0.5 * ((x - x.mean()) / sd1) ** 2 - np.log(sd1) - 0.5 * _LOG_2PI))
+    delta_bic = float(2.0 * x.size * (fit["loglik"] - ll1) - 3.0 * np.log(x.size))
+    bimodal = delta_bic > 0 and sep >= min_separation and min(w) * x.size >= 1.0
+    if delta_bic <= 0:
+        reason = "one population: BIC prefers a single Gaussian"
+    elif sep < min_separation:
+        reason = (
+            f"components overlap (Ashman's D = {sep:.2f} < {min_separation:g}): "
+            "no clear mismatched population, or mismatches as plausible as true pairs"
+        )
+    elif not bimodal:
+        reason = "the low component holds less than one row"
+    else:
+        reason = "two populations"
+    mixture.update(
+        # clean (high-mean) component first
+        weights=[float(w[1]), float(w[0])],
+        means=[float(mu[1]), float(mu[0])],
+        stds=[float(sd[1]), float(sd[0])],
+        separation=sep,
+        delta_bic=delta_bic,
+        bimodal=bool(bimodal),
+        reason=reason,
+    )
+    post_clean = _posterior(_loglik(x, w, mu, sd))[:, 1]
+    post_clean = _monotone(x, post_clean, float(mu[0]))
+    if not bimodal:
+        # One population: every pair is clean; keep a monotone score above the threshold.
+        from math import erf, sqrt
+
+        z = (x - x.mean()) / sd1
+        phi = 0.5 * (1.0 + np.vectorize(erf)(z / sqrt(2.0)))
+        match[fin] = thr + (1.0 - thr) * phi
+        return Split(match, flagged, thr, 0.0, mixture)
+    match[fin] = post_clean
+    flagged[fin] = post_clean < thr
+    below = x[post_clean < thr]
+    above = x[post_clean >= thr]
+    if below.size and above.size:
+        mixture["score_at_threshold"] = float(0.5 * (below.max() + above.min()))
+    elif below.size:
+        mixture["score_at_threshold"] = float(below.max())
+    noise_rate = float(np.mean(1.0 - post_clean))
+    return Split(match, flagged, thr, noise_rate, mixture)

@@ -1,0 +1,162 @@
+"""Pair scores: recovery of injected mismatches, grouping, invalid rows, ranges, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pmpclean.errors import ConfigError
+from pmpclean.evaluate import auroc
+from pmpclean.score import SCORE_METHODS, pair_scores
+from pmpclean.synthetic import clip_like_pairs
+
+
+@pytest.fixture(scope="module")
+def data():
+    return clip_like_pairs(800, dim=64, noise_rate=0.3, hub_fraction=0.03, semantic=1.0, seed=0)
+
+
+@pytest.mark.parametrize("method", SCORE_METHODS)
+def test_every_method_ranks_mismatches_low(data, method: str) -> None:
+    ps = pair_scores(data.image_emb, data.text_emb, image_group=data.image_group, method=method)
+    assert ps.score.shape == (800,) and ps.score.dtype == np.float64
+    assert np.all(np.isfinite(ps.score))
+    assert auroc(data.is_mismatched, -ps.score) > 0.98
+
+
+def test_relative_score_beats_raw_cosine_under_hubs() -> None:
+    d = clip_like_pairs(1500, dim=64, noise_rate=0.3, hub_fraction=0.1, hub_strength=1.0, seed=1)
+    csls = pair_scores(d.image_emb, d.text_emb, method="csls")
+    cos = pair_scores(d.image_emb, d.text_emb, method="cosine")
+    a_csls, a_cos = auroc(d.is_mismatched, -csls.score), auroc(d.is_mismatched, -cos.score)
+    assert a_csls > a_cos + 0.02
+    # mismatched rows at hub images are the ones raw cosine misses
+    hub_mis = d.is_hub & d.is_mismatched
+    assert hub_mis.sum() > 10
+    assert np.median(csls.image_rank[hub_mis]) >= 1
+
+
+def test_ranges_and_diagnostics(data) -> None:
+    ps = pair_scores(data.image_emb, data.text_emb, image_group=data.image_group, k=5)
+    assert np.all((ps.similarity >= -1) & (ps.similarity <= 1))
+    for rank in (ps.image_rank, ps.text_rank):
+        assert np.all((rank >= 0) & (rank <= 5)) and np.all(rank == np.round(rank))
+    # csls = 2 s - mean alternatives on both sides, exactly
+    np.testing.assert_allclose(ps.score, 2 * ps.similarity - ps.image_alt - ps.text_alt, atol=1e-6)
+    assert ps.info["k"] == 5 and ps.method == "csls"
+    # mismatched pairs are beaten by their alternatives more often
+    assert ps.image_rank[data.is_mismatched].mean() > ps.image_rank[~data.is_mismatched].mean() + 1
+
+
+def test_hand_computed_alternatives() -> None:
+    # 3 images, 3 captions in the plane; exact alternatives known.
+    img = np.array([[1, 0], [0, 1], [-1, 0]], dtype=np.float32)
+    ang = np.deg2rad([10.0, 80.0, 170.0])
+    txt = np.stack([np.cos(ang), np.sin(ang)], 1).astype(np.float32)
+    ps = pair_scores(img, txt, k=1, method="margin")
+    s = img @ txt.T
+    best_alt_img = [max(s[i, j] for j in range(3) if j != i) for i in range(3)]
+    best_alt_txt = [max(s[j, i] for j in range(3) if j != i) for i in range(3)]
+    np.testing.assert_allclose(ps.similarity, np.diag(s), atol=1e-6)
+    want = np.diag(s) - 0.5 * (np.array(best_alt_img) + np.array(best_alt_txt))
+    np.testing.assert_allclose(ps.score, want, atol=1e-6)
+
+
+def test_captions_of_the_same_image_are_not_alternatives() -> None:
+    # Image A has 5 near-identical captions; B, C, D are unrelated pairs.
+    rng = np.random.default_rng(0)
+    a, b, c, d = (v / np.linalg.norm(v) for v in rng.standard_normal((4, 16)))
+    cap = [a + 0.05 * rng.standard_normal(16) for _ in range(5)]
+    img = np.stack([a] * 5 + [b, c, d]).astype(np.float32)
+    txt = np.stack(cap + [b, c, d]).astype(np.float32)
+    groups = np.array([0, 0, 0, 0, 0, 1, 2, 3])
+    grouped = pair_scores(img, txt, image_group=groups, k=1)
+    ungrouped = pair_scores(img, txt, k=1)
+    # ungrouped, the sibling captions look like strong alternatives; grouped they do not
+    assert np.all(ungrouped.image_alt[:5] > 0.9)
+    assert np.all(grouped.image_rank[:5] == 0) and np.all(grouped.text_rank[:5] == 0)
+    assert np.all(grouped.score[:5] > ungrouped.score[:5] + 0.5)
+    assert np.all(grouped.image_alt[:5] < 0.9)
+
+
+def test_identical_texts_are_not_alternatives() -> None:
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((6, 16)).astype(np.float32)
+    img, txt = v.copy(), v.copy()
+    txt[1] = txt[0]  # image 1 carries the same caption text as image 0
+    img[1] = img[0] + 0.01
+    tg = np.array([0, 0, 1, 2, 3, 4])
+    with_tg = pair_scores(img, txt, text_group=tg, k=1)
+    without = pair_scores(img, txt, k=1)
+    # without text groups, row 0's caption finds image 1 (same text) as a near-perfect alternative
+    assert without.text_alt[0] > 0.99
+    assert with_tg.text_alt[0] < 0.9
+    assert with_tg.score[0] > without.score[0] + 0.5
+
+
+def test_invalid_and_nan_rows(data) -> None:
+    img, txt = data.image_emb.copy(), data.text_emb.copy()
+    img[3] = np.nan
+    txt[7] = 0.0
+    valid = np.ones(800, bool)
+    valid[11] = False
+    ps = pair_scores(img, txt, image_group=data.image_group, valid=valid)
+    bad = [3, 7, 11]
+    for arr in (ps.score, ps.similarity, ps.image_alt, ps.text_rank):
+        assert np.all(np.isnan(arr[bad]))
+        assert np.isfinite(np.delete(arr, bad)).all()
+    assert not ps.valid[bad].any() and ps.valid.sum() == 797
+    # invalid rows are not alternatives: same scores as with the rows removed
+    keep = np.setdiff1d(np.arange(800), bad)
+    ref = pair_scores(img[keep], txt[keep], image_group=data.image_group[keep])
+    np.testing.assert_allclose(ps.score[keep], ref.score, atol=1e-6)
+
+
+def test_all_invalid_warns_and_returns_nan() -> None:
+    x = np.full((4, 8), np.nan, dtype=np.float32)
+    with pytest.warns(UserWarning, match="no valid rows"):
+        ps = pair_scores(x, x)
+    assert np.isnan(ps.score).all() and not ps.valid.any()
+
+
+def test_single_image_falls_back_to_cosine() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    with pytest.warns(UserWarning, match="no alternative image or caption"):
+        ps = pair_scores(x, x + 0.1, image_group=[0, 0, 0], text_group=[0, 0, 0])
+    np.testing.assert_allclose(ps.score, ps.similarity)
+
+
+def test_deterministic(data) -> None:
+    a = pair_scores(data.image_emb, data.text_emb, method="infonce", seed=0)
+    b = pair_scores(data.image_emb, data.text_emb, method="infonce", seed=0)
+    np.testing.assert_array_equal(a.score, b.score)
+
+
+def test_progress_callback(data) -> None:
+    calls: list[tuple[str, int, int]] = []
+    pair_scores(data.image_emb, data.text_emb, progress=lambda s, d, t: calls.append((s, d, t)))
+    assert calls[0][1:] == (0, 3) and calls[-1][1:] == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "clip"}, "Unknown method 'clip' for pair scores: expected one of csls, margin"),
+        ({"k": 0}, "k must be a positive integer"),
+        ({"temperature": 0.0}, "temperature must be a positive number"),
+        ({"image_group": [0, 1]}, r"image_group must have shape \(4,\)"),
+        ({"valid": [True]}, r"valid must have shape \(4,\)"),
+    ],
+)
+def test_raise_errors(kwargs: dict, match: str) -> None:
+    x = np.eye(4, dtype=np.float32)
+    with pytest.raises(ConfigError, match=match):
+        pair_scores(x, x, **kwargs)
+
+
+def test_shape_errors() -> None:
+    with pytest.raises(ConfigError, match=r"same shape \(n, d\)"):
+        pair_scores(np.eye(4), np.eye(3))
+    with pytest.raises(ConfigError, match="must be a 2-D array"):
+        pair_scores(np.ones(4), np.ones(4))
