@@ -1,0 +1,1408 @@
+"""[4] Rematch suspected mismatched pairs with partial optimal transport.
+
+For the suspect rows (pairs flagged as mismatched) the captions are moved between
+images so that each suspect image receives the caption that fits it best, as in L2RM
+(CVPR 2024), with the changes that make it usable on a whole dataset:
+
+* **Candidate graph instead of a random batch.** Each suspect image is linked to its
+  ``k`` most similar candidate captions and each candidate caption to its ``k`` most
+  similar suspect images (faiss, :func:`pmpclean.neighbors.knn_search`). The true
+  caption of a mismatched image is somewhere in the dataset, almost never inside a
+  random batch of 128.
+* **Partial transport on that graph.** Uniform mass on the suspect images and on the
+  candidate captions; only a fraction ``mass`` of it is transported, the rest goes to
+  dummy points (cost 0; dummy-to-dummy forbidden, which makes the transported mass
+  exactly ``mass``). A suspect's original pairing, its duplicates and any caption
+  its image already has in another row are forbidden (no edge). The entropic problem
+  is solved by a log-domain Sinkhorn over the edges (O(E) per iteration, E <= 2 N k,
+  with epsilon-scaling), globally consistent over all suspects; ``solver="dense"``
+  solves the same problem on the full matrix with POT for small problems.
+* **Explicit abstention.** Each image's plan row is rounded to at most one caption
+  per row (a greedy partial matching in order of transported mass, so a caption is
+  never proposed twice), and ``rematch_confidence`` is the fraction of the row's
+  mass sent to its proposal. Below ``min_confidence`` there is no proposal.
+* **Many-to-many datasets.** Rows showing the same image are one image node with
+  capacity = its number of suspect rows; identical caption texts are one caption
+  node with capacity = its number of rows.
+
+The cost on an edge is ``1 - similarity`` (``cost="fixed"``), a learned edge-wise
+cost (``cost="learned"``, :class:`pmpclean.cost.EdgeCost`, fitted on clean key
+points planted among the suspects) or the paper's batch cost network
+(``cost="paper"``, rematching inside random batches as the paper does).
+
+References
+----------
+.. [1] Han, H., et al. (2024). "Learning to Rematch Mismatched Pairs for Robust
+   Cross-Modal Retrieval" (L2RM). CVPR.
+.. [2] Chapel, L., Alaya, M., Gasso, G. (2020). "Partial Optimal Transport with
+   Applications on Positive-Unlabeled Learning". NeurIPS.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._utils import check_random_state
+from .cost import (
+    DEFAULT_FEATURES,
+    EdgeCost,
+    PaperCost,
+    average_costs,
+    edge_features,
+    fit_edge_cost,
+    fit_paper_cost,
+)
+from .errors import ConfigError, RematchError
+
+__all__ = [
+    "COSTS",
+    "POOLS",
+    "REG_UNITS",
+    "SOLVERS",
+    "Rematch",
+    "rematch",
+    "partial_transport",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Documented values of ``rematch(cost=...)``.
+COSTS = ("learned", "fixed", "paper")
+#: Documented values of ``rematch(solver=...)``.
+SOLVERS = ("auto", "sparse", "dense", "batch")
+#: Documented values of ``rematch(pool=...)``.
+POOLS = ("suspects", "all")
+#: Documented values of ``rematch(reg_units=...)``.
+REG_UNITS = ("std", "cost")
+
+Progress = Callable[[str, int, int], None]
+
+# Key points planted to fit the learned cost: enough for its ~100 weights, and the fit
+# stays a few seconds whatever the number of suspects.
+_MAX_KEYS = 500
+# Edge features of the learned cost (pmpclean.cost.FEATURE_NAMES); see DEFAULT_FEATURES.
+_EDGE_FEATURES = DEFAULT_FEATURES
+# Fits averaged into the learned cost (see average_costs).
+_N_FITS = 3
+# ``reg`` (units "std") is relative to the spread of each suspect's nearest candidates;
+# a fixed list length keeps it independent of ``k``.
+_SCALE_K = 10
+
+
+@dataclass
+class Rematch:
+    """Rematch proposals, row-aligned with the input (n rows).
+
+    Attributes
+    ----------
+    proposed_row : ndarray, shape (n,), int64
+        Row whose caption is proposed for row i's image; ``-1`` when there is no
+        proposal (non-suspect rows, abstentions, confidence below the cut).
+    rematch_confidence : ndarray, shape (n,), float64
+        In [0, 1], higher = more mass of row i sent to the proposal: the fraction of
+        the row's marginal mass transported to ``proposed_row``. 0 when none.
+    candidate_row : ndarray, shape (n,), int64
+        The proposal before the ``min_confidence`` cut (``-1`` when the plan gives
+        the row no caption at all), so a different cut can be applied later.
+    candidate_confidence : ndarray, shape (n,), float64
+        Confidence of ``candidate_row``, in [0, 1]; 0 when none.
+    info : dict
+        Settings and diagnostics: ``n_suspects``, ``n_image_nodes``,
+        ``n_caption_nodes``, ``n_edges``, ``mass``, ``reg``, ``eps`` (regularisation
+        in cost units), ``cost`` (requested) and ``cost_used`` (after a fallback, see
+        ``cost_fallback``), ``cost_fit`` (the learned cost's fit diagnostics),
+        ``solver``, ``iterations``, ``converged``, ``marginal_error``,
+        ``n_candidates``, ``n_proposals``, ``timings`` (seconds per stage) and, when
+        nothing could be proposed, ``reason``.
+    """
+
+    proposed_row: np.ndarray
+    rematch_confidence: np.ndarray
+    candidate_row: np.ndarray
+    candidate_confidence: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.proposed_row.shape[0])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(
+            f"Unknown method {name}={value!r}: expected one of {', '.join(map(repr, choices))}."
+        )
+    return value
+
+
+def _check_settings(
+    *,
+    mass: float,
+    reg: float,
+    k: int,
+    block_size: int,
+    batch_size: int,
+    min_confidence: float,
+    key_fraction: float,
+    max_iter: int,
+    tol: float,
+) -> None:
+    if not (isinstance(mass, (int, float, np.floating)) and 0.0 < float(mass) <= 1.0):
+        raise ConfigError(
+            f"mass={mass!r} is outside (0, 1]: it is the fraction of the suspects' mass "
+            "that is transported (the rest is left unmatched); use e.g. mass=0.8."
+        )
+    if not (np.isfinite(reg) and reg > 0):
+        raise ConfigError(
+            f"reg={reg!r} must be a positive number (entropic regularisation); use e.g. reg=0.4."
+        )
+    if not (isinstance(k, (int, np.integer)) and k >= 1):
+        raise ConfigError(f"k={k!r} must be an integer >= 1 (candidates per suspect); use k=32.")
+    if not (isinstance(block_size, (int, np.integer)) and block_size >= 2):
+        raise ConfigError(
+            f"block_size={block_size!r} must be an integer >= 2 (largest dense problem)."
+        )
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 2):
+        raise ConfigError(
+            f"batch_size={batch_size!r} must be an integer >= 2 (paper's batch, default 128)."
+        )
+    if not (0.0 <= float(min_confidence) <= 1.0):
+        raise ConfigError(
+            f"min_confidence={min_confidence!r} is outside [0, 1]: it is a fraction of a "
+            "row's mass; use e.g. min_confidence=0.6."
+        )
+    if not (0.0 < float(key_fraction) <= 1.0):
+        raise ConfigError(
+            f"key_fraction={key_fraction!r} is outside (0, 1]: it is the number of planted "
+            "key points per suspect; use e.g. key_fraction=0.1."
+        )
+    if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
+        raise ConfigError(f"max_iter={max_iter!r} must be an integer >= 1.")
+    if not (np.isfinite(tol) and tol > 0):
+        raise ConfigError(f"tol={tol!r} must be a positive number (marginal error).")
+
+
+def _as_mask(x: np.ndarray | None, n: int, name: str) -> np.ndarray | None:
+    if x is None:
+        return None
+    arr = np.asarray(x)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise RematchError(
+                f"{name} is a boolean mask of shape {arr.shape}, expected ({n},) "
+                "(one entry per row); pass a mask over all rows or an array of row indices."
+            )
+        return arr.copy()
+    if arr.size == 0:
+        return np.zeros(n, dtype=bool)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise RematchError(
+            f"{name} must be a boolean mask of shape ({n},) or a 1-D array of row indices, "
+            f"got dtype {arr.dtype} and shape {arr.shape}."
+        )
+    if arr.min() < 0 or arr.max() >= n:
+        raise RematchError(
+            f"{name} holds row indices outside [0, {n}): min {arr.min()}, max {arr.max()}; "
+            "pass indices of existing rows."
+        )
+    mask = np.zeros(n, dtype=bool)
+    mask[arr] = True
+    return mask
+
+
+def _as_groups(x: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if x is None:
+        return np.arange(n, dtype=np.int64)
+    arr = np.asarray(x)
+    if arr.shape != (n,):
+        raise RematchError(
+            f"{name} has shape {arr.shape}, expected ({n},): one group id per row "
+            "(rows sharing an id show the same image / identical caption text)."
+        )
+    _, codes = np.unique(arr, return_inverse=True)
+    return codes.astype(np.int64).ravel()
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+@dataclass
+class _Nodes:
+    """Rows grouped into nodes (one per image group or per caption text)."""
+
+    rep: np.ndarray  # (N,) representative row of each node
+    code: np.ndarray  # (N,) group code of the node
+    cap: np.ndarray  # (N,) capacity = number of member rows
+    order: np.ndarray  # member rows, grouped by node
+    start: np.ndarray  # (N,) offset of each node's members in ``order``
+
+    @property
+    def size(self) -> int:
+        return int(self.rep.size)
+
+
+def _make_nodes(rows: np.ndarray, codes: np.ndarray) -> _Nodes:
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        e = np.zeros(0, dtype=np.int64)
+        return _Nodes(e, e, e, e, e)
+    uniq, inv = np.unique(codes[rows], return_inverse=True)
+    inv = inv.ravel()
+    order = np.argsort(inv, kind="stable")
+    cap = np.bincount(inv, minlength=uniq.size).astype(np.int64)
+    start = np.concatenate([[0], np.cumsum(cap)[:-1]]).astype(np.int64)
+    members = rows[order]
+    return _Nodes(members[start], uniq.astype(np.int64), cap, members, start)
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class _Lists:
+    """Top-k allowed neighbour lists (``-1`` / ``-inf`` padded)."""
+
+    sims: np.ndarray  # (nq, k) float32, descending
+    idx: np.ndarray  # (nq, k) int64
+
+
+_CHUNK = 1 << 16  # rows per chunk when filtering neighbour lists
+# Exact neighbour search costs O(n^2 d); above this many candidates the approximate
+# (IVF) index is used: candidates need a high recall, not exactness.
+_EXACT_MAX = 20_000
+
+
+def _search_allowed(
+    query: np.ndarray,
+    base: np.ndarray,
+    k: int,
+    k_search: int,
+    forbidden: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    seed: int,
+) -> _Lists:
+    """Top-``k`` neighbours of each query among ``base`` that are not ``forbidden``."""
+    from .neighbors import knn_search
+
+    sims, idx = knn_search(
+        query, base, min(k_search, max(base.shape[0], 1)), seed=seed, exact_max=_EXACT_MAX
+    )
+    ok = idx >= 0
+    for lo in range(0, idx.shape[0], _CHUNK):
+        blk = ok[lo : lo + _CHUNK]
+        qi = np.broadcast_to(np.arange(lo, lo + blk.shape[0])[:, None], blk.shape)
+        blk[blk] = ~forbidden(qi[blk], idx[lo : lo + _CHUNK][blk])
+    return _compact(sims, idx, ok, k)
+
+
+def _compact(sims: np.ndarray, idx: np.ndarray, keep: np.ndarray, k: int) -> _Lists:
+    """Keep the first ``k`` entries of each row where ``keep`` (order preserved)."""
+    n = idx.shape[0]
+    out_s = np.full((n, k), -np.inf, dtype=np.float32)
+    out_i = np.full((n, k), -1, dtype=np.int64)
+    kk = min(k, idx.shape[1])
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        kp = keep[lo:hi] & (np.cumsum(keep[lo:hi], axis=1) <= k)
+        order = np.argsort(~kp, axis=1, kind="stable")[:, :kk]
+        sel = np.take_along_axis(kp, order, axis=1)
+        out_s[lo:hi, :kk] = np.where(sel, np.take_along_axis(sims[lo:hi], order, axis=1), -np.inf)
+        out_i[lo:hi, :kk] = np.where(sel, np.take_along_axis(idx[lo:hi], order, axis=1), -1)
+    return _Lists(out_s, out_i)
+
+
+def _list_stats(lst: _Lists) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s = lst.sims.astype(np.float64)
+    best = s[:, 0] if s.shape[1] else np.full(s.shape[0], -np.inf)
+    second = s[:, 1] if s.shape[1] > 1 else np.full(s.shape[0], -np.inf)
+    fin = np.isfinite(s)
+    cnt = fin.sum(axis=1)
+    mean = np.where(cnt > 0, np.where(fin, s, 0.0).sum(axis=1) / np.maximum(cnt, 1), -np.inf)
+    return best, second, mean
+
+
+@dataclass
+class _Graph:
+    """Candidate edges (sorted by row, then column) with per-node statistics."""
+
+    rows: np.ndarray  # (E,) image node
+    cols: np.ndarray  # (E,) caption node
+    sim: np.ndarray  # (E,) float32
+    row_stats: tuple[np.ndarray, np.ndarray, np.ndarray]
+    col_stats: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.rows.size)
+
+    def features(self, scale: float, sl: slice = slice(None)) -> np.ndarray:
+        rb, rs, rm = self.row_stats
+        cb, cs, cm = self.col_stats
+        r, c = self.rows[sl], self.cols[sl]
+        return edge_features(self.sim[sl], rb[r], rs[r], rm[r], cb[c], cs[c], cm[c], scale=scale)
+
+    def cost(self, model: EdgeCost | None, scale: float, chunk: int = 1 << 22) -> np.ndarray:
+        """Edge costs (float32): ``1 - sim``, or the learned ``model``'s, chunk by chunk."""
+        if model is None:
+            return (1.0 - self.sim).astype(np.float32)
+        out = np.empty(self.n_edges, dtype=np.float32)
+        for lo in range(0, self.n_edges, chunk):
+            sl = slice(lo, lo + chunk)
+            out[sl] = model(self.sim[sl], self.features(scale, sl))
+        return out
+
+
+def _graph_from_lists(
+    fwd: _Lists,
+    rev: _Lists,
+    n_rows: int,
+    n_cols: int,
+    *,
+    row_mask: np.ndarray | None = None,
+    col_mask: np.ndarray | None = None,
+) -> _Graph:
+    """Union of the forward (image -> captions) and reverse (caption -> images) lists.
+
+    With ``row_mask`` / ``col_mask`` only edges touching a masked row or column are
+    kept (the key points' edges when fitting the learned cost).
+    """
+    itype = np.int32 if max(n_rows, n_cols) < 2**31 else np.int64
+    fr = np.repeat(np.arange(fwd.idx.shape[0], dtype=itype), fwd.idx.shape[1])
+    fc = fwd.idx.ravel().astype(itype)
+    rc = np.repeat(np.arange(rev.idx.shape[0], dtype=itype), rev.idx.shape[1])
+    rr = rev.idx.ravel().astype(itype)
+    keep_f = fc >= 0
+    keep_r = rr >= 0
+    if row_mask is not None or col_mask is not None:
+        rm = np.zeros(n_rows, dtype=bool) if row_mask is None else row_mask
+        cm = np.zeros(n_cols, dtype=bool) if col_mask is None else col_mask
+        keep_f &= rm[fr] | cm[np.maximum(fc, 0)]
+        keep_r &= cm[rc] | rm[np.maximum(rr, 0)]
+    rows = np.concatenate([fr[keep_f], rr[keep_r]])
+    del fr, rr
+    cols = np.concatenate([fc[keep_f], rc[keep_r]])
+    del fc, rc
+    sims = np.concatenate([fwd.sims.ravel()[keep_f], rev.sims.ravel()[keep_r]])
+    key = rows.astype(np.int64) * max(n_cols, 1) + cols
+    order = np.argsort(key)
+    key = key[order]
+    first = np.ones(key.size, dtype=bool)
+    first[1:] = key[1:] != key[:-1]  # an edge found from both sides appears twice
+    del key
+    order = order[first]
+    return _Graph(
+        rows[order],
+        cols[order],
+        sims[order].astype(np.float32),
+        _list_stats(fwd),
+        _list_stats(rev),
+    )
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+def _seg_lse(
+    v: np.ndarray, starts: np.ndarray, counts: np.ndarray, seg: np.ndarray, n_seg: int
+) -> np.ndarray:
+    """log-sum-exp of ``v`` over contiguous segments; ``-inf`` for empty segments.
+
+    ``starts``/``counts`` describe the non-empty segments (ids ``seg``) in order.
+    ``v`` is overwritten.
+    """
+    out = np.full(n_seg, -np.inf, dtype=np.float64)
+    if starts.size == 0:
+        return out
+    mx = np.maximum.reduceat(v, starts)
+    mx = np.where(np.isfinite(mx), mx, 0.0).astype(v.dtype)
+    v -= np.repeat(mx, counts)
+    np.exp(v, out=v)
+    s = np.add.reduceat(v, starts, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        out[seg] = np.log(s) + mx
+    return out
+
+
+def _segments(sorted_ids: np.ndarray, n_seg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    counts_all = np.bincount(sorted_ids, minlength=n_seg)
+    seg = np.flatnonzero(counts_all)
+    counts = counts_all[seg]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return starts, counts, seg
+
+
+def _lse_by_block(x: np.ndarray, block: np.ndarray, n_blocks: int) -> np.ndarray:
+    if n_blocks == 1:
+        out = np.full(1, -np.inf)
+        if x.size:
+            m = np.max(x)
+            if np.isfinite(m):
+                out[0] = m + np.log(np.sum(np.exp(x - m)))
+        return out
+    order = np.argsort(block, kind="stable")
+    starts, counts, seg = _segments(block[order], n_blocks)
+    return _seg_lse(x[order].astype(np.float64), starts, counts, seg, n_blocks)
+
+
+def partial_transport(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    cost: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    mass: float,
+    eps: float,
+    row_block: np.ndarray | None = None,
+    col_block: np.ndarray | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    eps_start: float | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Entropic partial optimal transport on a sparse bipartite graph.
+
+    Solves, for each block (default: one block),
+
+    ``min <P, C> + eps * sum P (log P - 1)`` over plans supported on the edges,
+    with ``P 1 <= a``, ``P^T 1 <= b`` and total mass ``mass * min(sum a, sum b)``,
+
+    as a balanced problem with one dummy row and one dummy column per block (edges
+    of cost 0 to every real node; dummy-to-dummy forbidden, so the transported mass
+    is exact), by log-domain Sinkhorn iterations over the edges with
+    epsilon-scaling. Each iteration costs O(E). On a complete graph this is the
+    problem POT solves with ``ot.sinkhorn(..., method="sinkhorn_log")`` on the
+    dummy-extended matrix; as ``eps -> 0`` it tends to
+    ``ot.partial.partial_wasserstein``.
+
+    Parameters
+    ----------
+    rows, cols : ndarray, shape (E,), int
+        Edge endpoints (row node, column node); sorted by ``rows``.
+    cost : ndarray, shape (E,)
+        Edge costs.
+    a : ndarray, shape (R,)
+        Row masses (> 0).
+    b : ndarray, shape (C,)
+        Column masses (> 0).
+    mass : float
+        Fraction in (0, 1] of ``min(sum a, sum b)`` (per block) to transport.
+    eps : float
+        Entropic regularisation, in cost units (> 0).
+    row_block, col_block : ndarray of int, optional
+        Block of each row / column node; edges must stay inside a block. Each block
+        transports its own ``mass`` fraction.
+    max_iter : int
+        Maximal number of Sinkhorn iterations at the final ``eps``.
+    tol : float
+        Stop when the L1 marginal error, relative to the total mass, is below it.
+    eps_start : float, optional
+        First ``eps`` of the scaling schedule (halved down to ``eps``); default: the
+        spread of the costs.
+
+    Returns
+    -------
+    log_plan : ndarray, shape (E,)
+        ``log P`` on each edge.
+    info : dict
+        ``iterations``, ``converged``, ``marginal_error`` (relative L1 violation of
+        the marginals at the last iteration), ``eps_schedule``.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    n_r, n_c = a.size, b.size
+    rows = np.asarray(rows)
+    cols = np.asarray(cols)
+    n_e = rows.size
+    if row_block is None:
+        row_block = np.zeros(n_r, dtype=np.int64)
+    if col_block is None:
+        col_block = np.zeros(n_c, dtype=np.int64)
+    n_blocks = int(max(row_block.max(initial=-1), col_block.max(initial=-1))) + 1
+    # edge arrays in float32 above ~8M edges: half the memory traffic, and the plan's
+    # mass per edge needs no more than 7 digits
+    dtype = np.float64 if n_e <= (1 << 23) else np.float32
+    itype = np.int32 if max(n_r, n_c, n_e) < 2**31 else np.int64
+
+    a_blk = np.bincount(row_block, weights=a, minlength=n_blocks)
+    b_blk = np.bincount(col_block, weights=b, minlength=n_blocks)
+    m_blk = float(mass) * np.minimum(a_blk, b_blk)
+    total = float(a.sum() + b_blk.sum() - m_blk.sum())
+    dc = a_blk - m_blk  # mass of each block's dummy column (untransported image mass)
+    dr = b_blk - m_blk  # mass of each block's dummy row (unused caption mass)
+    with np.errstate(divide="ignore"):
+        # a dummy holding (numerically) no mass is removed: log mass = -inf
+        log_dc = np.where(dc > 1e-12 * a_blk, np.log(np.maximum(dc, 1e-300)), -np.inf)
+        log_dr = np.where(dr > 1e-12 * b_blk, np.log(np.maximum(dr, 1e-300)), -np.inf)
+    log_a, log_b = np.log(a), np.log(b)
+
+    rows_e = rows.astype(itype, copy=False)
+    cols_e = cols.astype(itype, copy=False)
+    r_starts, r_counts, r_seg = _segments(rows_e, n_r)
+    c_perm = np.argsort(cols_e, kind="stable").astype(itype)
+    c_starts, c_counts, c_seg = _segments(cols_e[c_perm], n_c)
+    rows_c = rows_e[c_perm]
+    cost = np.asarray(cost).astype(dtype, copy=False)
+    cost_c = cost[c_perm]
+    del c_perm
+
+    f = np.zeros(n_r)
+    g = np.zeros(n_c)
+    fd = np.zeros(n_blocks)
+    gd = np.zeros(n_blocks)
+    spread = float(np.std(cost)) if n_e > 1 else 1.0
+    e0 = float(eps_start) if eps_start is not None else max(spread, float(eps))
+    schedule = [float(eps)]
+    while schedule[-1] * 2 < e0:
+        schedule.append(schedule[-1] * 2)
+    schedule.reverse()
+
+    it_total, err, converged = 0, np.inf, False
+    for level, e in enumerate(schedule):
+        final = level == len(schedule) - 1
+        k_r = cost * dtype(-1.0 / e)
+        k_c = cost_c * dtype(-1.0 / e)
+        n_it = max_iter if final else 50
+        thr = tol if final else 10 * tol
+        for _ in range(n_it):
+            # rows (and dummy rows): their marginals become exact
+            v = (g / e).astype(dtype)[cols_e]
+            v += k_r
+            lse_r = np.logaddexp(_seg_lse(v, r_starts, r_counts, r_seg, n_r), gd[row_block] / e)
+            lse_dr = _lse_by_block(g / e, col_block, n_blocks)
+            # marginal error of the current plan (before this update)
+            err = float(np.abs(np.exp(f / e + lse_r) - a).sum())
+            err += float(np.abs(np.exp(fd / e + lse_dr) - np.exp(log_dr)).sum())
+            f = e * (log_a - lse_r)
+            fd = e * (log_dr - lse_dr)
+            # columns (and dummy columns)
+            v = (f / e).astype(dtype)[rows_c]
+            v += k_c
+            lse_c = np.logaddexp(_seg_lse(v, c_starts, c_counts, c_seg, n_c), fd[col_block] / e)
+            g = e * (log_b - lse_c)
+            gd = e * (log_dc - _lse_by_block(f / e, row_block, n_blocks))
+            it_total += 1
+            if not np.isfinite(err):
+                break
+            if err / total < thr:
+                converged = final
+                break
+        del k_r, k_c, v
+    e = schedule[-1]
+    log_plan = np.empty(n_e, dtype=dtype)
+    fe, ge = (f / e).astype(dtype), (g / e).astype(dtype)
+    step = 1 << 22
+    for lo in range(0, n_e, step):
+        sl = slice(lo, lo + step)
+        log_plan[sl] = fe[rows_e[sl]] + ge[cols_e[sl]] - cost[sl] / dtype(e)
+    info = {
+        "iterations": it_total,
+        "converged": bool(converged),
+        "marginal_error": float(err / total) if total > 0 else 0.0,
+        "eps_schedule": schedule,
+    }
+    return log_plan, info
+
+
+def _pot_dense(
+    cost: np.ndarray,
+    allowed: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    mass: float,
+    eps: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, dict]:
+    """The same problem on a full matrix, solved by POT (reference / small problems)."""
+    import ot
+
+    n_r, n_c = cost.shape
+    m = float(mass) * min(a.sum(), b.sum())
+    big = 1e3 * (np.abs(cost[allowed]).max(initial=1.0) + 1.0)
+    M = np.zeros((n_r + 1, n_c + 1))
+    M[:n_r, :n_c] = np.where(allowed, cost, big)
+    M[n_r, n_c] = big
+    a_ext = np.concatenate([a, [b.sum() - m]])
+    b_ext = np.concatenate([b, [a.sum() - m]])
+    drop_r = a_ext[-1] <= 1e-12 * b.sum()
+    drop_c = b_ext[-1] <= 1e-12 * a.sum()
+    if drop_r:
+        M, a_ext = M[:-1], a_ext[:-1]
+    if drop_c:
+        M, b_ext = M[:, :-1], b_ext[:-1]
+    plan, log = ot.sinkhorn(
+        a_ext,
+        b_ext,
+        M,
+        eps,
+        method="sinkhorn_log",
+        numItermax=max_iter,
+        stopThr=tol * a_ext.sum(),
+        log=True,
+    )
+    plan = np.where(allowed, plan[:n_r, :n_c], 0.0)
+    niter = int(log.get("niter", max_iter))
+    return plan, {"iterations": niter, "converged": niter < max_iter}
+
+
+# --------------------------------------------------------------------------- rounding
+
+
+def _round_plan(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    q: np.ndarray,
+    img: _Nodes,
+    cap: _Nodes,
+    n: int,
+    q_min: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy partial matching of rows to caption rows in order of transported mass.
+
+    ``q`` is the mass on each edge in row units (1 = one row's whole mass); an edge's
+    confidence is ``min(1, q)``. Edges are taken in decreasing confidence while the
+    image node has a free row and the caption node a free member (a text held by
+    several rows can go to several images, one copy each). An edge is used at most
+    once: an image never receives the same caption text twice.
+    """
+    cand = np.full(n, -1, dtype=np.int64)
+    conf = np.zeros(n, dtype=np.float64)
+    sel = np.flatnonzero(q > q_min)
+    if sel.size == 0:
+        return cand, conf
+    r, c = rows[sel].astype(np.int64), cols[sel].astype(np.int64)
+    qq = np.minimum(q[sel].astype(np.float64), 1.0)
+    used_r = np.zeros(img.size, dtype=np.int64)
+    used_c = np.zeros(cap.size, dtype=np.int64)
+    # Edges that are the heaviest of both their row and their column are taken by the
+    # greedy whatever the order (nothing heavier touches either end): take them at once.
+    row_max = np.full(img.size, -1.0)
+    col_max = np.full(cap.size, -1.0)
+    np.maximum.at(row_max, r, qq)
+    np.maximum.at(col_max, c, qq)
+    mutual = np.flatnonzero((qq == row_max[r]) & (qq == col_max[c]))
+    mutual = mutual[np.unique(r[mutual], return_index=True)[1]]  # ties: one per row
+    mutual = mutual[np.unique(c[mutual], return_index=True)[1]]  # and one per column
+    mr, mc = r[mutual], c[mutual]
+    cand[img.order[img.start[mr]]] = cap.order[cap.start[mc]]
+    conf[img.order[img.start[mr]]] = qq[mutual]
+    used_r[mr] = 1
+    used_c[mc] = 1
+    taken = np.zeros(qq.size, dtype=bool)
+    taken[mutual] = True
+    # The rest, greedily in decreasing mass.
+    rest = np.flatnonzero(~taken & (used_r[r] < img.cap[r]) & (used_c[c] < cap.cap[c]))
+    rest = rest[np.argsort(-qq[rest], kind="stable")]
+    cap_r, cap_c = img.cap, cap.cap
+    start_r, start_c = img.start, cap.start
+    order_r, order_c = img.order, cap.order
+    remaining = int(cap_r.sum() - mutual.size)
+    for e in rest.tolist():
+        if remaining == 0:
+            break
+        ri, ci = r[e], c[e]
+        ur, uc = used_r[ri], used_c[ci]
+        if ur >= cap_r[ri] or uc >= cap_c[ci]:
+            continue
+        row = order_r[start_r[ri] + ur]
+        cand[row] = order_c[start_c[ci] + uc]
+        conf[row] = qq[e]
+        used_r[ri] = ur + 1
+        used_c[ci] = uc + 1
+        remaining -= 1
+    return cand, conf
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def _empty_result(n: int, info: dict) -> Rematch:
+    return Rematch(
+        np.full(n, -1, dtype=np.int64),
+        np.zeros(n, dtype=np.float64),
+        np.full(n, -1, dtype=np.int64),
+        np.zeros(n, dtype=np.float64),
+        info,
+    )
+
+
+def rematch(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    suspects: np.ndarray,
+    *,
+    image_group: np.ndarray | None = None,
+    text_group: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    clean: np.ndarray | None = None,
+    mass: float = 0.8,
+    reg: float = 0.4,
+    reg_units: str = "std",
+    cost: str = "learned",
+    solver: str = "auto",
+    pool: str = "suspects",
+    k: int = 32,
+    block_size: int = 4096,
+    batch_size: int = 128,
+    min_confidence: float = 0.6,
+    key_fraction: float = 0.1,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    seed: int | np.random.Generator | None = None,
+    progress: Progress | None = None,
+) -> Rematch:
+    """Propose, for each suspect row, the row whose caption fits its image.
+
+    Parameters
+    ----------
+    image_emb, text_emb : ndarray, shape (n, d)
+        Row-aligned L2-normalised embeddings (cosine = inner product). Rows with a
+        non-finite value are treated as invalid.
+    suspects : ndarray
+        Boolean mask (n,) or row indices of the suspected mismatched rows. Empty:
+        nothing to rematch, every row gets ``-1`` (``info["reason"]`` says so).
+    image_group : ndarray, shape (n,), optional
+        Rows showing the same image share a value (several captions per image).
+        Default: every row is its own image.
+    text_group : ndarray, shape (n,), optional
+        Rows whose caption texts are identical share a value. Default: all distinct.
+    valid : ndarray, shape (n,) bool, optional
+        Rows that can be used; default: rows with finite embeddings.
+    clean : ndarray, optional
+        Mask or indices of confidently clean rows, the source of the key points that
+        fit the learned cost (``cost="learned"`` or ``"paper"``). Default: every
+        valid non-suspect row. Suspect rows are never used as keys.
+    mass : float
+        Fraction in (0, 1] of the suspects' mass transported to real captions; the
+        rest is left unmatched (partial transport).
+    reg : float
+        Entropic regularisation. With ``reg_units="std"`` (default) it is in units of
+        the standard deviation of the similarities between each suspect image and its
+        10 nearest candidate captions, so one value suits embedding models with narrow
+        (CLIP) or wide similarity bands; with ``"cost"`` it is in cost units, as in
+        POT. ``info["eps"]`` records the value in cost units.
+    reg_units : {"std", "cost"}
+        Units of ``reg`` (see above).
+    cost : {"learned", "fixed", "paper"}
+        ``"fixed"``: ``1 - similarity``. ``"learned"``: edge-wise MLP correction of
+        it (:class:`pmpclean.cost.EdgeCost`, the mean of 3 fits) fitted on clean key
+        points planted among the suspects (``key_fraction`` of them, at most 500);
+        falls back to ``"fixed"`` when fewer than 16 clean rows can be planted (with a
+        warning) or when no fit beats the fixed cost on held-out keys
+        (``info["cost_fallback"]`` says why; ``info["cost_used"]``).
+        ``"paper"``: the L2RM cost network of width ``batch_size``, which only works
+        inside batches (implies ``solver="batch"``).
+    solver : {"auto", "sparse", "dense", "batch"}
+        ``"sparse"``: transport on the k-nearest-neighbour candidate graph (memory
+        O(n k)). ``"dense"``: on every (suspect, candidate) pair with POT; refused
+        above ``block_size`` image or caption nodes. ``"batch"``: the paper's
+        scheme, independent transport inside random batches of ``batch_size``
+        suspects. ``"auto"``: ``"batch"`` for ``cost="paper"``, else ``"sparse"``.
+    pool : {"suspects", "all"}
+        Candidate captions: those of the suspect rows (the shuffle protocol moves a
+        mismatched image's true caption to another suspect row), or every valid row.
+    k : int
+        Candidates per suspect image and suspect images per candidate caption.
+    block_size : int
+        Largest number of nodes per side for which a dense matrix is allowed.
+    batch_size : int
+        Batch size of ``solver="batch"`` (the paper uses 128).
+    min_confidence : float
+        In [0, 1]: proposals whose confidence is below it are withheld (abstention).
+    key_fraction : float
+        Key points planted per suspect image node when fitting a learned cost.
+    max_iter, tol : int, float
+        Sinkhorn iteration cap and relative L1 marginal error at which it stops.
+    seed : int, Generator or None
+        Key sampling, batch assignment, cost initialisation and faiss training.
+    progress : callable, optional
+        Called as ``progress(stage, done, total)``.
+
+    Returns
+    -------
+    Rematch
+
+    Raises
+    ------
+    ConfigError
+        A setting is out of range or unknown.
+    RematchError
+        The inputs cannot pose a rematch problem (shapes, masks, indices).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.eye(4, dtype=np.float32)
+    >>> txt = img[[1, 0, 2, 3]]          # rows 0 and 1 have swapped captions
+    >>> r = rematch(img, txt, np.array([0, 1]), cost="fixed", k=2)
+    >>> r.proposed_row.tolist()
+    [1, 0, -1, -1]
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    _check_choice("cost", cost, COSTS)
+    _check_choice("solver", solver, SOLVERS)
+    _check_choice("pool", pool, POOLS)
+    _check_choice("reg_units", reg_units, REG_UNITS)
+    _check_settings(
+        mass=mass,
+        reg=reg,
+        k=k,
+        block_size=block_size,
+        batch_size=batch_size,
+        min_confidence=min_confidence,
+        key_fraction=key_fraction,
+        max_iter=max_iter,
+        tol=tol,
+    )
+    if solver == "auto":
+        solver = "batch" if cost == "paper" else "sparse"
+    if cost == "paper" and solver != "batch":
+        raise ConfigError(
+            f"cost='paper' needs solver='batch' (its network input width is the batch size), "
+            f"got solver={solver!r}; use solver='batch' or cost='learned'."
+        )
+    if cost == "learned" and solver == "batch":
+        raise ConfigError(
+            "cost='learned' works on the candidate graph; solver='batch' supports "
+            "cost='fixed' or 'paper'. Use solver='sparse' (default) or 'dense'."
+        )
+    if cost == "paper" and pool != "suspects":
+        raise ConfigError(
+            "cost='paper' rematches inside batches of suspects and needs pool='suspects'."
+        )
+
+    img_e = np.asarray(image_emb)
+    txt_e = np.asarray(text_emb)
+    if img_e.ndim != 2 or txt_e.ndim != 2 or img_e.shape != txt_e.shape:
+        raise RematchError(
+            f"image_emb and text_emb must be row-aligned (n, d) arrays of one shape, got "
+            f"{img_e.shape} and {txt_e.shape}."
+        )
+    n = img_e.shape[0]
+    sus = _as_mask(suspects, n, "suspects")
+    assert sus is not None
+    finite = np.ones(n, dtype=bool)
+    for lo in range(0, n, _CHUNK):  # chunks: no (n, d) boolean temporary
+        sl = slice(lo, lo + _CHUNK)
+        finite[sl] = np.isfinite(img_e[sl]).all(axis=1) & np.isfinite(txt_e[sl]).all(axis=1)
+    val = _as_mask(valid, n, "valid")
+    val = finite if val is None else (val & finite)
+    ig = _as_groups(image_group, n, "image_group")
+    tg = _as_groups(text_group, n, "text_group")
+    rng = check_random_state(seed)
+    faiss_seed = int(rng.integers(0, 2**31 - 1))
+
+    n_invalid_sus = int((sus & ~val).sum())
+    sus &= val
+    info: dict = {
+        "n_rows": n,
+        "n_suspects": int(sus.sum()),
+        "n_invalid_suspects": n_invalid_sus,
+        "mass": float(mass),
+        "reg": float(reg),
+        "reg_units": reg_units,
+        "cost": cost,
+        "solver": solver,
+        "pool": pool,
+        "k": int(k),
+        "min_confidence": float(min_confidence),
+        "timings": timings,
+    }
+    if n_invalid_sus:
+        warnings.warn(
+            f"{n_invalid_sus} suspect rows have invalid embeddings and get no proposal.",
+            stacklevel=2,
+        )
+    if not sus.any():
+        info["reason"] = "no suspects: nothing to rematch"
+        return _empty_result(n, info)
+
+    pool_mask = sus.copy() if pool == "suspects" else val.copy()
+    img = _make_nodes(np.flatnonzero(sus), ig)
+    cap = _make_nodes(np.flatnonzero(pool_mask), tg)
+    info.update(n_image_nodes=img.size, n_caption_nodes=cap.size)
+
+    # Existing (image, caption text) pairs: forbidden as proposals (original pairing,
+    # its duplicates, and any caption the image already has in another row).
+    n_tg = int(tg.max()) + 1
+    existing = np.unique(ig * n_tg + tg)
+
+    def is_existing(img_code: np.ndarray, txt_code: np.ndarray) -> np.ndarray:
+        key = img_code * n_tg + txt_code
+        pos = np.minimum(np.searchsorted(existing, key), existing.size - 1)
+        return existing[pos] == key
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    if cost == "paper" or solver == "batch":
+        res = _rematch_batches(
+            img_e,
+            txt_e,
+            img,
+            cap,
+            ig,
+            tg,
+            val,
+            sus,
+            clean,
+            is_existing,
+            n,
+            info,
+            cost=cost,
+            mass=mass,
+            reg=reg,
+            reg_units=reg_units,
+            batch_size=batch_size,
+            max_iter=max_iter,
+            tol=tol,
+            rng=rng,
+            report=report,
+            timings=timings,
+        )
+    else:
+        res = _rematch_graph(
+            img_e,
+            txt_e,
+            img,
+            cap,
+            ig,
+            tg,
+            val,
+            sus,
+            clean,
+            is_existing,
+            n,
+            info,
+            cost=cost,
+            mass=mass,
+            reg=reg,
+            reg_units=reg_units,
+            solver=solver,
+            k=k,
+            block_size=block_size,
+            key_fraction=key_fraction,
+            max_iter=max_iter,
+            tol=tol,
+            rng=rng,
+            faiss_seed=faiss_seed,
+            report=report,
+            timings=timings,
+        )
+    if res is None:  # no edge: nothing can be proposed; reason already in info
+        return _empty_result(n, info)
+    rows, cols, q = res
+    t = time.perf_counter()
+    report("rematch: proposals", 0, 1)
+    cand, conf = _round_plan(rows, cols, q, img, cap, n, q_min=1e-3)
+    conf = np.clip(conf, 0.0, 1.0)
+    take = (cand >= 0) & (conf >= min_confidence)
+    proposed = np.where(take, cand, -1)
+    confidence = np.where(take, conf, 0.0)
+    timings["proposals"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    info["n_candidates"] = int((cand >= 0).sum())
+    info["n_proposals"] = int(take.sum())
+    report("rematch: proposals", 1, 1)
+    return Rematch(proposed, confidence, cand, conf, info)
+
+
+def _unit_masses(img: _Nodes, cap: _Nodes) -> tuple[np.ndarray, np.ndarray, float]:
+    """Node masses in row units scaled so that the suspect side sums to 1."""
+    unit = float(img.cap.sum())
+    return img.cap / unit, cap.cap / unit, unit
+
+
+def _rematch_graph(
+    img_e,
+    txt_e,
+    img,
+    cap,
+    ig,
+    tg,
+    val,
+    sus,
+    clean,
+    is_existing,
+    n,
+    info,
+    *,
+    cost,
+    mass,
+    reg,
+    reg_units,
+    solver,
+    k,
+    block_size,
+    key_fraction,
+    max_iter,
+    tol,
+    rng,
+    faiss_seed,
+    report,
+    timings,
+):
+    t = time.perf_counter()
+    if solver == "dense" and max(img.size, cap.size) > block_size:
+        raise ConfigError(
+            f"solver='dense' builds a {img.size} x {cap.size} matrix, above "
+            f"block_size={block_size}; use solver='sparse' (default) or raise block_size."
+        )
+    # ---- key points (learned cost): clean pairs planted among the suspects
+    keys = np.zeros(0, dtype=np.int64)
+    if cost == "learned":
+        clean_mask = _as_mask(clean, n, "clean")
+        clean_mask = (val & ~sus) if clean_mask is None else (clean_mask & val & ~sus)
+        sus_groups = np.zeros(int(ig.max()) + 1, dtype=bool)
+        sus_groups[ig[sus]] = True
+        cand_keys = np.flatnonzero(clean_mask & ~sus_groups[ig])
+        # one key per image group and per caption text keeps every key's truth unique
+        _, first = np.unique(ig[cand_keys], return_index=True)
+        cand_keys = cand_keys[np.sort(first)]
+        _, first = np.unique(tg[cand_keys], return_index=True)
+        cand_keys = cand_keys[np.sort(first)]
+        n_keys = min(cand_keys.size, max(16, int(round(key_fraction * img.size))), _MAX_KEYS)
+        if n_keys < 16:
+            warnings.warn(
+                f"cost='learned' needs at least 16 clean rows to plant as key points, found "
+                f"{cand_keys.size}; using cost='fixed'. Pass more clean rows (clean=...).",
+                stacklevel=3,
+            )
+            cost = "fixed"
+            info["cost_fallback"] = "too few clean key points"
+        else:
+            keys = np.sort(rng.choice(cand_keys, size=n_keys, replace=False))
+    n_key = keys.size
+    # key caption nodes: the pool node holding the key's text, else a new node
+    key_cap = np.minimum(np.searchsorted(cap.code, tg[keys]), max(cap.size - 1, 0))
+    key_cap = np.where(cap.code[key_cap] == tg[keys], key_cap, -1) if cap.size else key_cap - 1
+    new_key = np.flatnonzero(key_cap < 0)
+    key_cap[new_key] = cap.size + np.arange(new_key.size)
+    n_r, n_c = img.size, cap.size
+    n_rk, n_ck = n_r + n_key, n_c + new_key.size
+    img_rows = np.concatenate([img.rep, keys])
+    cap_rows = np.concatenate([cap.rep, keys[new_key]])
+    q_img = np.ascontiguousarray(img_e[img_rows], dtype=np.float32)
+    b_txt = np.ascontiguousarray(txt_e[cap_rows], dtype=np.float32)
+    r_code = ig[img_rows]
+    c_code = tg[cap_rows]
+    key_of_row = np.full(n_rk, -1, dtype=np.int64)
+    key_of_row[n_r:] = key_cap
+
+    def forbidden_fwd(qi: np.ndarray, bi: np.ndarray) -> np.ndarray:
+        return is_existing(r_code[qi], c_code[bi]) & (key_of_row[qi] != bi)
+
+    def forbidden_rev(qi: np.ndarray, bi: np.ndarray) -> np.ndarray:
+        return is_existing(r_code[bi], c_code[qi]) & (key_of_row[bi] != qi)
+
+    # how many forbidden entries a list can hold: search that many more
+    row_forb = np.bincount(ig, minlength=int(ig.max()) + 1)  # rows per image group
+    txt_forb = np.bincount(tg, minlength=int(tg.max()) + 1)  # rows per caption text
+    extra_f = int(min(row_forb[r_code].max(initial=0), 4 * k + 64))
+    extra_r = int(min(txt_forb[c_code].max(initial=0), 4 * k + 64))
+    extra_key = (k // 4 + 1) if n_key else 0  # room for planted entries dropped later
+    report("rematch: neighbours", 0, 2)
+    fwd = _search_allowed(
+        q_img, b_txt, k + extra_key, k + extra_key + extra_f, forbidden_fwd, faiss_seed
+    )
+    report("rematch: neighbours", 1, 2)
+    rev = _search_allowed(
+        b_txt, q_img, k + extra_key, k + extra_key + extra_r, forbidden_rev, faiss_seed
+    )
+    report("rematch: neighbours", 2, 2)
+    del q_img, b_txt
+    timings["neighbours"] = time.perf_counter() - t
+
+    # inference lists: without key nodes
+    fwd_inf = _compact(
+        fwd.sims[:n_r], fwd.idx[:n_r], (fwd.idx[:n_r] >= 0) & (fwd.idx[:n_r] < n_c), k
+    )
+    rev_inf = _compact(
+        rev.sims[:n_c], rev.idx[:n_c], (rev.idx[:n_c] >= 0) & (rev.idx[:n_c] < n_r), k
+    )
+    top = fwd_inf.sims[:, :_SCALE_K]
+    fin = top[np.isfinite(top)].astype(np.float64)
+    scale = float(np.std(fin)) if fin.size > 1 else 0.0
+    if not np.isfinite(scale) or scale <= 1e-6:
+        scale = 1e-3
+    eps = float(reg) * scale if reg_units == "std" else float(reg)
+    info.update(scale=scale, eps=eps)
+
+    if solver == "dense":
+        rr, cc = np.meshgrid(np.arange(n_r), np.arange(n_c), indexing="ij")
+        rr, cc = rr.ravel(), cc.ravel()
+        ok = ~is_existing(ig[img.rep][rr], tg[cap.rep][cc])
+        rr, cc = rr[ok], cc[ok]
+        full_sim = img_e[img.rep].astype(np.float32) @ txt_e[cap.rep].astype(np.float32).T
+        graph = _Graph(rr, cc, full_sim[rr, cc], _list_stats(fwd_inf), _list_stats(rev_inf))
+        del full_sim
+    else:
+        graph = _graph_from_lists(fwd_inf, rev_inf, n_r, n_c)
+    info["n_edges"] = graph.n_edges
+    if graph.n_edges == 0:
+        info["reason"] = (
+            "no allowed candidate: every candidate caption is the suspect's own caption, a "
+            "duplicate of it, or one its image already has (e.g. a single suspect); "
+            "pool='all' also offers the captions of clean rows"
+        )
+        return None
+
+    # ---- cost
+    t = time.perf_counter()
+    report("rematch: cost", 0, 1)
+    model = None
+    if cost == "learned":
+        # the key points' edges, in the graph that includes them
+        col_seg = np.full(n_ck, -1, dtype=np.int64)
+        col_seg[key_cap] = np.arange(n_key)
+        train = _graph_from_lists(
+            fwd, rev, n_rk, n_ck, row_mask=np.arange(n_rk) >= n_r, col_mask=col_seg >= 0
+        )
+        tr_row = np.where(train.rows >= n_r, train.rows.astype(np.int64) - n_r, -1)
+        tr_col = col_seg[train.cols]
+        is_true = (train.rows >= n_r) & (key_of_row[train.rows] == train.cols)
+        feats = train.features(scale)
+        # an ensemble of fits (held-out split and initialisation differ) averages out
+        # the variance of a single fit on a few hundred keys
+        fits = [
+            fit_edge_cost(
+                feats,
+                train.sim,
+                tr_row,
+                tr_col,
+                is_true,
+                scale=scale,
+                temperature=eps,
+                use=_EDGE_FEATURES,
+                seed=child,
+            )
+            for child in rng.spawn(_N_FITS)
+        ]
+        del train, feats
+        kept = [m for m in fits if m.info.get("kept")]
+        info["cost_fit"] = {
+            "n_keys": int(n_key),
+            "features": list(_EDGE_FEATURES),
+            "n_fits": len(fits),
+            "n_kept": len(kept),
+            "holdout_loss_fixed": [m.info.get("holdout_loss_fixed") for m in fits],
+            "holdout_loss_learned": [m.info.get("holdout_loss_learned") for m in fits],
+        }
+        if kept:
+            model = average_costs(kept)
+        else:  # the fixed cost is already as good on the keys: nothing to warn about
+            reason = fits[0].info.get("reason", "fit not kept")
+            logger.info("cost='learned' kept the fixed cost: %s", reason)
+            info["cost_fallback"] = reason
+            cost = "fixed"
+    del fwd, rev, fwd_inf, rev_inf
+    edge_cost = graph.cost(model, scale)
+    info["cost_used"] = cost
+    timings["cost"] = time.perf_counter() - t
+    report("rematch: cost", 1, 1)
+
+    # ---- transport
+    t = time.perf_counter()
+    report("rematch: transport", 0, 1)
+    a, b, unit = _unit_masses(img, cap)
+    if solver == "dense":
+        full = np.zeros((n_r, n_c))
+        allowed = np.zeros((n_r, n_c), dtype=bool)
+        full[graph.rows, graph.cols] = edge_cost
+        allowed[graph.rows, graph.cols] = True
+        plan, sinfo = _pot_dense(
+            full, allowed, a, b, mass=mass, eps=eps, max_iter=max_iter, tol=tol
+        )
+        q = plan[graph.rows, graph.cols] * unit
+    else:
+        log_plan, sinfo = partial_transport(
+            graph.rows,
+            graph.cols,
+            edge_cost,
+            a,
+            b,
+            mass=mass,
+            eps=eps,
+            max_iter=max_iter,
+            tol=tol,
+        )
+        q = np.exp(log_plan) * np.float32(unit)
+        del log_plan
+    info.update(iterations=sinfo["iterations"], converged=sinfo["converged"])
+    if "marginal_error" in sinfo:
+        info["marginal_error"] = sinfo["marginal_error"]
+    if not sinfo["converged"]:
+        warnings.warn(
+            f"rematch transport did not converge in {max_iter} iterations "
+            f"(marginal error {sinfo.get('marginal_error', float('nan')):.2g}); proposals are "
+            "approximate. Raise max_iter or reg, or lower mass.",
+            stacklevel=3,
+        )
+    timings["transport"] = time.perf_counter() - t
+    report("rematch: transport", 1, 1)
+    return graph.rows, graph.cols, q
+
+
+def _rematch_batches(
+    img_e,
+    txt_e,
+    img,
+    cap,
+    ig,
+    tg,
+    val,
+    sus,
+    clean,
+    is_existing,
+    n,
+    info,
+    *,
+    cost,
+    mass,
+    reg,
+    reg_units,
+    batch_size,
+    max_iter,
+    tol,
+    rng,
+    report,
+    timings,
+):
+    """The paper's scheme: independent partial transport inside random batches."""
+    t = time.perf_counter()
+    n_r, n_c = img.size, cap.size
+    bsz = int(batch_size)
+    n_blocks = -(-n_r // bsz)
+    perm = rng.permutation(n_r)
+    row_block = np.empty(n_r, dtype=np.int64)
+    row_block[perm] = np.arange(n_r) // bsz
+    # a caption joins the batch of its first row's image, as the pair sits in one batch
+    # of the paper's loader; a caption of a non-suspect row (pool="all") a random batch
+    node_of_row = np.full(n, -1, dtype=np.int64)
+    node_of_row[img.order] = np.repeat(np.arange(n_r), img.cap)
+    owner = node_of_row[cap.rep]
+    col_block = np.where(
+        owner >= 0, row_block[np.maximum(owner, 0)], rng.integers(0, n_blocks, size=n_c)
+    )
+    rows_l, cols_l, sims_l, pos_l = [], [], [], []
+    for blk in range(n_blocks):
+        r = np.flatnonzero(row_block == blk)
+        c = np.flatnonzero(col_block == blk)
+        if r.size == 0 or c.size == 0:
+            continue
+        s = img_e[img.rep[r]].astype(np.float32) @ txt_e[cap.rep[c]].astype(np.float32).T
+        rr, cc = np.meshgrid(np.arange(r.size), np.arange(c.size), indexing="ij")
+        rows_l.append(r[rr.ravel()])
+        cols_l.append(c[cc.ravel()])
+        sims_l.append(s.ravel())
+        pos_l.append((blk, r, c, s))
+    rows = np.concatenate(rows_l) if rows_l else np.zeros(0, dtype=np.int64)
+    cols = np.concatenate(cols_l) if cols_l else np.zeros(0, dtype=np.int64)
+    sim = np.concatenate(sims_l) if sims_l else np.zeros(0, dtype=np.float32)
+    edge_cost = 1.0 - sim.astype(np.float64)
+    if cost == "paper":
+        net = _fit_paper(img_e, txt_e, sus, val, clean, n, pos_l, bsz, rng, info)
+        parts = []
+        for _blk, r, c, s in pos_l:
+            if c.size > bsz:
+                raise RematchError(
+                    f"a batch holds {c.size} captions, more than batch_size={bsz}: the paper's "
+                    "network cannot take it; use cost='fixed' or a larger batch_size."
+                )
+            padded = np.zeros((r.size, bsz), dtype=np.float32)
+            padded[:, : c.size] = s
+            parts.append(net(padded)[:, : c.size].ravel())
+        if parts:
+            edge_cost = np.concatenate(parts).astype(np.float64)
+    info["cost_used"] = cost
+    ok = ~is_existing(ig[img.rep][rows], tg[cap.rep][cols])
+    rows, cols, sim, edge_cost = rows[ok], cols[ok], sim[ok], edge_cost[ok]
+    order = np.lexsort((cols, rows))
+    rows, cols, sim, edge_cost = rows[order], cols[order], sim[order], edge_cost[order]
+    info.update(n_blocks=int(n_blocks), n_edges=int(rows.size))
+    tops = [np.sort(s_, axis=1)[:, ::-1][:, :_SCALE_K].ravel() for _, _, _, s_ in pos_l]
+    top = np.concatenate(tops) if tops else np.zeros(0)
+    scale = float(np.std(top)) if top.size > 1 else 1e-3
+    scale = scale if scale > 1e-6 else 1e-3
+    eps = float(reg) * scale if reg_units == "std" else float(reg)
+    info.update(scale=scale, eps=eps)
+    timings["cost"] = time.perf_counter() - t
+    if rows.size == 0:
+        info["reason"] = (
+            "no allowed candidate inside any batch: every caption in a suspect's batch is its "
+            "own caption, a duplicate of it, or one its image already has"
+        )
+        return None
+    t = time.perf_counter()
+    report("rematch: transport", 0, 1)
+    a, b, unit = _unit_masses(img, cap)
+    log_plan, sinfo = partial_transport(
+        rows,
+        cols,
+        edge_cost,
+        a,
+        b,
+        mass=mass,
+        eps=eps,
+        row_block=row_block,
+        col_block=col_block,
+        max_iter=max_iter,
+        tol=tol,
+    )
+    # per-batch mass: confidences are relative to a row's own mass
+    q = np.exp(log_plan) * unit
+    info.update(
+        iterations=sinfo["iterations"],
+        converged=sinfo["converged"],
+        marginal_error=sinfo["marginal_error"],
+    )
+    timings["transport"] = time.perf_counter() - t
+    report("rematch: transport", 1, 1)
+    return rows, cols, q
+
+
+def _fit_paper(img_e, txt_e, sus, val, clean, n, blocks, bsz, rng, info) -> PaperCost:
+    """Train the paper's network as its code does: one step per batch.
+
+    Each step takes a clean batch of ``bsz`` captions, a queue of ``bsz`` suspect
+    images in which 1..bsz/10 slots are replaced by clean images of that batch (the
+    key points), and lowers the cost of the keys' true pairings.
+    """
+    clean_mask = _as_mask(clean, n, "clean")
+    clean_mask = (val & ~sus) if clean_mask is None else (clean_mask & val & ~sus)
+    clean_rows = np.flatnonzero(clean_mask)
+    sus_rows = np.flatnonzero(sus)
+    if clean_rows.size < bsz:
+        net = PaperCost(
+            -np.eye(bsz, dtype=np.float32),
+            np.ones(bsz, dtype=np.float32),
+            {"steps": 0, "reason": f"fewer than batch_size={bsz} clean rows"},
+        )
+        info["cost_fit"] = dict(net.info)
+        return net
+    sims_t, sup_t = [], []
+    for _ in blocks:
+        batch = rng.choice(clean_rows, size=bsz, replace=False)
+        n_key = int(rng.integers(1, max(1, bsz // 10) + 1))
+        sel = rng.choice(bsz, size=n_key, replace=False)
+        queue = rng.choice(sus_rows, size=bsz, replace=sus_rows.size < bsz)
+        imgs = img_e[queue].astype(np.float32)
+        slots = rng.choice(bsz, size=n_key, replace=False)
+        imgs[slots] = img_e[batch[sel]]
+        sims_t.append(imgs @ txt_e[batch].astype(np.float32).T)
+        sup = np.zeros((bsz, bsz), dtype=bool)
+        sup[slots, sel] = True
+        sup_t.append(sup)
+    net = fit_paper_cost(np.stack(sims_t), np.stack(sup_t))
+    info["cost_fit"] = dict(net.info)
+    return net

@@ -1,0 +1,510 @@
+"""Rematching with partial optimal transport: invariants, POT agreement, recovery, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pmpclean.errors import ConfigError, RematchError
+from pmpclean.rematch import partial_transport, rematch
+from pmpclean.synthetic import clip_like_pairs
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _dense_edges(cost: np.ndarray, allowed: np.ndarray):
+    r, c = np.nonzero(allowed)
+    return r, c, cost[r, c]
+
+
+def _to_matrix(r, c, vals, shape):
+    out = np.zeros(shape)
+    out[r, c] = vals
+    return out
+
+
+def _easy_pairs(n: int = 300, rate: float = 0.3, seed: int = 0, **kw):
+    """CLIP-like pairs with a wide similarity band (true pairs clearly closest)."""
+    return clip_like_pairs(
+        n, dim=64, noise_rate=rate, semantic=2.0, noise=0.6, hub_fraction=0.0, seed=seed, **kw
+    )
+
+
+def _correct(data, rows: np.ndarray, proposed: np.ndarray) -> np.ndarray:
+    return data.image_group[data.true_row[proposed]] == data.image_group[rows]
+
+
+# --------------------------------------------------------------------------- solver
+
+
+@pytest.mark.parametrize("mass", [0.3, 0.7, 1.0])
+def test_plan_invariants_on_a_sparse_graph(mass: float) -> None:
+    rng = np.random.default_rng(0)
+    n_r, n_c = 40, 50
+    allowed = rng.random((n_r, n_c)) < 0.3
+    allowed[np.arange(n_r), np.arange(n_r)] = True  # a perfect matching exists
+    cost = rng.random((n_r, n_c))
+    r, c, e = _dense_edges(cost, allowed)
+    a, b = np.full(n_r, 1 / n_r), np.full(n_c, 1 / n_r)
+    log_plan, info = partial_transport(r, c, e, a, b, mass=mass, eps=0.05, tol=1e-7)
+    plan = _to_matrix(r, c, np.exp(log_plan), (n_r, n_c))
+    assert info["converged"]
+    assert (plan >= 0).all()
+    assert (plan.sum(1) <= a + 1e-6).all()
+    assert (plan.sum(0) <= b + 1e-6).all()
+    assert plan.sum() == pytest.approx(mass * min(a.sum(), b.sum()), rel=1e-5)
+    assert (plan[~allowed] == 0).all()  # masked (non-edge) entries carry nothing
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_r=st.integers(1, 12),
+    n_c=st.integers(1, 12),
+    mass=st.floats(0.05, 1.0),
+    seed=st.integers(0, 10_000),
+)
+def test_plan_invariants_hypothesis(n_r: int, n_c: int, mass: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    cost = rng.random((n_r, n_c))
+    allowed = np.ones((n_r, n_c), dtype=bool)
+    r, c, e = _dense_edges(cost, allowed)
+    a = rng.uniform(0.5, 1.5, n_r)
+    b = rng.uniform(0.5, 1.5, n_c)
+    log_plan, info = partial_transport(r, c, e, a, b, mass=mass, eps=0.1, tol=1e-8, max_iter=5000)
+    plan = _to_matrix(r, c, np.exp(log_plan), (n_r, n_c))
+    assert (plan >= 0).all()
+    assert (plan.sum(1) <= a * (1 + 1e-5)).all()
+    assert (plan.sum(0) <= b * (1 + 1e-5)).all()
+    assert plan.sum() == pytest.approx(mass * min(a.sum(), b.sum()), rel=1e-4)
+
+
+def test_plan_equals_pot_sinkhorn_on_the_dummy_extended_problem() -> None:
+    import ot
+
+    rng = np.random.default_rng(1)
+    n_r, n_c, mass, eps = 15, 18, 0.6, 0.1
+    cost = rng.random((n_r, n_c))
+    allowed = rng.random((n_r, n_c)) < 0.8
+    a, b = np.full(n_r, 1 / n_r), np.full(n_c, 1 / n_r)
+    r, c, e = _dense_edges(cost, allowed)
+    log_plan, info = partial_transport(r, c, e, a, b, mass=mass, eps=eps, tol=1e-10, max_iter=5000)
+    assert info["converged"]
+    mine = _to_matrix(r, c, np.exp(log_plan), (n_r, n_c))
+    m = mass * min(a.sum(), b.sum())
+    big = 1e4
+    M = np.full((n_r + 1, n_c + 1), 0.0)
+    M[:n_r, :n_c] = np.where(allowed, cost, big)
+    M[n_r, n_c] = big
+    a_ext = np.r_[a, b.sum() - m]
+    b_ext = np.r_[b, a.sum() - m]
+    ref = ot.sinkhorn(a_ext, b_ext, M, eps, method="sinkhorn_log", numItermax=5000, stopThr=1e-11)[
+        :n_r, :n_c
+    ]
+    np.testing.assert_allclose(mine, ref, atol=1e-8)
+
+
+def test_small_reg_converges_to_pot_exact_partial_wasserstein() -> None:
+    import ot
+
+    rng = np.random.default_rng(2)
+    n, mass = 20, 0.5
+    cost = rng.random((n, n))
+    a = b = np.full(n, 1 / n)
+    exact = ot.partial.partial_wasserstein(a, b, cost, m=mass)
+    r, c, e = _dense_edges(cost, np.ones((n, n), dtype=bool))
+    log_plan, info = partial_transport(r, c, e, a, b, mass=mass, eps=5e-3, tol=1e-6, max_iter=5000)
+    plan = _to_matrix(r, c, np.exp(log_plan), (n, n))
+    assert info["converged"]
+    assert (plan * cost).sum() == pytest.approx((exact * cost).sum(), rel=0.1)
+    # the same rows are matched, to the same columns
+    np.testing.assert_array_equal(plan.sum(1) > 0.5 / n, exact.sum(1) > 0.5 / n)
+    rows = exact.sum(1) > 0.5 / n
+    np.testing.assert_array_equal(plan[rows].argmax(1), exact[rows].argmax(1))
+
+
+def test_agrees_with_pot_entropic_partial_for_small_reg() -> None:
+    import ot
+
+    rng = np.random.default_rng(3)
+    n, mass = 25, 0.6
+    cost = rng.random((n, n))
+    a = b = np.full(n, 1 / n)
+    pot = ot.partial.entropic_partial_wasserstein_logscale(
+        a, b, cost, reg=5e-3, m=mass, numItermax=1000, stopThr=1e-9
+    )
+    r, c, e = _dense_edges(cost, np.ones((n, n), dtype=bool))
+    log_plan, _ = partial_transport(r, c, e, a, b, mass=mass, eps=5e-3, tol=1e-6, max_iter=5000)
+    plan = _to_matrix(r, c, np.exp(log_plan), (n, n))
+    assert plan.sum() == pytest.approx(pot.sum(), rel=1e-3)
+    # POT's solver has no entropy on the untransported mass, so the plans differ
+    # slightly at finite reg; where both commit most of a row, they pick the same column
+    sure = (pot.max(1) > 0.5 / n) & (plan.max(1) > 0.5 / n)
+    assert sure.sum() >= 0.5 * mass * n
+    np.testing.assert_array_equal(plan[sure].argmax(1), pot[sure].argmax(1))
+
+
+def test_blocks_transport_their_own_mass() -> None:
+    rng = np.random.default_rng(4)
+    # two blocks of 5 rows / 5 columns, edges only inside blocks
+    blk = np.repeat([0, 1], 5)
+    allowed = blk[:, None] == blk[None, :]
+    cost = rng.random((10, 10))
+    r, c, e = _dense_edges(cost, allowed)
+    a = b = np.full(10, 0.1)
+    log_plan, _ = partial_transport(
+        r, c, e, a, b, mass=0.4, eps=0.05, row_block=blk, col_block=blk, tol=1e-9
+    )
+    plan = _to_matrix(r, c, np.exp(log_plan), (10, 10))
+    assert plan[:5].sum() == pytest.approx(0.4 * 0.5, rel=1e-5)
+    assert plan[5:].sum() == pytest.approx(0.4 * 0.5, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- rematch
+
+
+def test_swapped_pairs_are_recovered_and_others_untouched() -> None:
+    img = np.eye(6, dtype=np.float32)
+    txt = img[[1, 0, 2, 4, 3, 5]]  # rows 0<->1 and 3<->4 swapped
+    r = rematch(img, txt, np.array([0, 1, 3, 4]), cost="fixed", k=3, min_confidence=0.5)
+    assert r.proposed_row.tolist() == [1, 0, -1, 4, 3, -1]
+    assert (r.rematch_confidence[[0, 1, 3, 4]] > 0.5).all()
+    assert (r.rematch_confidence[[2, 5]] == 0).all()
+
+
+@pytest.mark.parametrize("cost", ["fixed", "learned"])
+def test_injected_mismatches_are_recovered(cost: str) -> None:
+    # hard enough that the fixed cost is not already perfect on the keys (else the
+    # learned cost keeps the fixed one, see test_learned_cost_keeps_a_perfect_fixed_cost)
+    data = clip_like_pairs(400, dim=64, noise_rate=0.3, semantic=1.0, noise=0.8, seed=0)
+    sus = data.is_mismatched
+    r = rematch(
+        data.image_emb,
+        data.text_emb,
+        sus,
+        image_group=data.image_group,
+        text_group=data.text_group,
+        cost=cost,
+        seed=0,
+    )
+    rows = np.flatnonzero(r.proposed_row >= 0)
+    assert set(rows.tolist()) <= set(np.flatnonzero(sus).tolist())
+    precision = _correct(data, rows, r.proposed_row[rows]).mean()
+    coverage = rows.size / sus.sum()
+    assert precision >= 0.95
+    assert coverage >= 0.6
+    assert r.info["cost_used"] == cost
+
+
+def test_every_row_gets_an_output_with_the_documented_conventions() -> None:
+    data = _easy_pairs(200, rate=0.4, seed=1)
+    sus = data.is_mismatched
+    r = rematch(data.image_emb, data.text_emb, sus, cost="fixed", min_confidence=0.6, seed=0)
+    n = len(data)
+    for arr in (r.proposed_row, r.rematch_confidence, r.candidate_row, r.candidate_confidence):
+        assert arr.shape == (n,)
+    assert r.proposed_row.dtype == np.int64
+    assert (r.proposed_row[~sus] == -1).all() and (r.rematch_confidence[~sus] == 0).all()
+    has = r.proposed_row >= 0
+    assert (r.rematch_confidence[has] >= 0.6).all() and (r.rematch_confidence[has] <= 1).all()
+    assert (r.rematch_confidence[~has] == 0).all()
+    # abstentions keep their candidate for a later, different cut
+    withheld = (r.candidate_row >= 0) & ~has
+    assert (r.candidate_confidence[withheld] < 0.6).all()
+    np.testing.assert_array_equal(r.proposed_row[has], r.candidate_row[has])
+    # a caption is proposed at most once, never to its own row
+    assert np.unique(r.candidate_row[r.candidate_row >= 0]).size == (r.candidate_row >= 0).sum()
+    assert (r.candidate_row != np.arange(n))[r.candidate_row >= 0].all()
+
+
+def test_low_mass_means_no_proposal() -> None:
+    data = _easy_pairs(300, rate=0.4, seed=2)
+    low = rematch(
+        data.image_emb,
+        data.text_emb,
+        data.is_mismatched,
+        cost="fixed",
+        mass=0.2,
+        min_confidence=0.5,
+        seed=0,
+    )
+    high = rematch(
+        data.image_emb,
+        data.text_emb,
+        data.is_mismatched,
+        cost="fixed",
+        mass=0.9,
+        min_confidence=0.5,
+        seed=0,
+    )
+    n_sus = data.is_mismatched.sum()
+    assert (low.proposed_row >= 0).sum() <= 0.25 * n_sus
+    assert (high.proposed_row >= 0).sum() > 2 * (low.proposed_row >= 0).sum()
+
+
+def test_deterministic_under_a_seed() -> None:
+    data = _easy_pairs(300, rate=0.3, seed=3)
+    kw = {"image_group": data.image_group, "text_group": data.text_group, "cost": "learned"}
+    r1 = rematch(data.image_emb, data.text_emb, data.is_mismatched, seed=5, **kw)
+    r2 = rematch(data.image_emb, data.text_emb, data.is_mismatched, seed=5, **kw)
+    np.testing.assert_array_equal(r1.proposed_row, r2.proposed_row)
+    np.testing.assert_array_equal(r1.rematch_confidence, r2.rematch_confidence)
+
+
+def test_indices_and_mask_give_the_same_result() -> None:
+    data = _easy_pairs(150, rate=0.3, seed=4)
+    m = rematch(data.image_emb, data.text_emb, data.is_mismatched, cost="fixed", seed=0)
+    i = rematch(
+        data.image_emb, data.text_emb, np.flatnonzero(data.is_mismatched), cost="fixed", seed=0
+    )
+    np.testing.assert_array_equal(m.proposed_row, i.proposed_row)
+
+
+def test_sparse_solver_matches_dense_pot_on_the_full_graph() -> None:
+    data = _easy_pairs(240, rate=0.4, seed=5)
+    sus = data.is_mismatched
+    kw = {"cost": "fixed", "mass": 0.8, "reg": 0.2, "min_confidence": 0.0, "tol": 1e-7, "seed": 0}
+    dense = rematch(data.image_emb, data.text_emb, sus, solver="dense", **kw)
+    full = rematch(data.image_emb, data.text_emb, sus, solver="sparse", k=int(sus.sum()), **kw)
+    np.testing.assert_array_equal(dense.candidate_row, full.candidate_row)
+    np.testing.assert_allclose(dense.candidate_confidence, full.candidate_confidence, atol=1e-3)
+    knn = rematch(data.image_emb, data.text_emb, sus, solver="sparse", k=16, **kw)
+    assert (knn.candidate_row == dense.candidate_row).mean() >= 0.97
+
+
+def test_many_to_many_and_duplicates_never_give_nonsense() -> None:
+    data = clip_like_pairs(
+        360,
+        dim=64,
+        noise_rate=0.4,
+        captions_per_image=3,
+        duplicate_fraction=0.15,
+        semantic=2.0,
+        noise=0.6,
+        seed=6,
+    )
+    ig, tg = data.image_group, data.text_group
+    r = rematch(
+        data.image_emb,
+        data.text_emb,
+        data.is_mismatched,
+        image_group=ig,
+        text_group=tg,
+        cost="fixed",
+        min_confidence=0.0,
+        seed=0,
+    )
+    rows = np.flatnonzero(r.candidate_row >= 0)
+    prop = r.candidate_row[rows]
+    assert rows.size > 0
+    existing = set(zip(ig.tolist(), tg.tolist(), strict=True))
+    proposed = set(zip(ig[rows].tolist(), tg[prop].tolist(), strict=True))
+    # never the original pairing, a duplicate of it, or a caption the image already has
+    assert not proposed & existing
+    # one image never receives the same caption text twice
+    got = list(zip(ig[rows].tolist(), tg[prop].tolist(), strict=True))
+    assert len(got) == len(set(got))
+    # each caption row is proposed at most once
+    assert np.unique(prop).size == prop.size
+    correct = _correct(
+        data,
+        rows[r.candidate_confidence[rows] >= 0.5],
+        r.candidate_row[rows][r.candidate_confidence[rows] >= 0.5],
+    )
+    assert correct.mean() >= 0.9
+
+
+def test_identical_captions_are_one_candidate_with_room_for_each_copy() -> None:
+    # images 0 and 1 both fit caption "A" (held twice, rows 2 and 3); the captions at
+    # rows 0 and 1 fit images 2 and 3
+    e = np.eye(4, dtype=np.float32)
+    a_cap = (e[0] + e[1]) / np.sqrt(2)
+    img = e
+    txt = np.stack([e[2], e[3], a_cap, a_cap])
+    tg = np.array([0, 1, 2, 2])  # rows 2 and 3 hold the same text
+    r = rematch(
+        img, txt, np.arange(4), text_group=tg, cost="fixed", k=4, reg=0.05, min_confidence=0.3
+    )
+    assert sorted(r.proposed_row[[0, 1]].tolist()) == [2, 3]  # each copy proposed once
+    assert sorted(r.proposed_row[[2, 3]].tolist()) == [0, 1]
+
+
+def test_empty_suspect_set_returns_no_proposal() -> None:
+    data = _easy_pairs(50, rate=0.2, seed=7)
+    r = rematch(data.image_emb, data.text_emb, np.zeros(50, dtype=bool))
+    assert (r.proposed_row == -1).all() and (r.rematch_confidence == 0).all()
+    assert r.info["reason"] == "no suspects: nothing to rematch"
+    r = rematch(data.image_emb, data.text_emb, np.array([], dtype=np.int64))
+    assert (r.proposed_row == -1).all()
+
+
+def test_one_suspect_cannot_be_rematched_and_info_says_why() -> None:
+    data = _easy_pairs(50, rate=0.2, seed=8)
+    r = rematch(data.image_emb, data.text_emb, np.array([3]), cost="fixed")
+    assert (r.proposed_row == -1).all()
+    assert r.info["reason"].startswith("no allowed candidate")
+    assert "pool='all'" in r.info["reason"]
+
+
+def test_pool_all_offers_clean_captions() -> None:
+    img = np.eye(4, dtype=np.float32)
+    txt = img[[0, 1, 2, 2]].copy()  # row 3 holds a copy of caption 2; image 3 has no caption
+    txt[3] = img[0] * 0.2 + img[2]
+    txt[2] = img[3]  # row 2 holds image 3's caption (clean rows 0, 1)
+    r = rematch(
+        img / 1.0,
+        txt / np.linalg.norm(txt, axis=1, keepdims=True),
+        np.array([2]),
+        pool="all",
+        cost="fixed",
+        k=3,
+        min_confidence=0.0,
+    )
+    assert r.candidate_row[2] in (0, 1, 3)
+    suspects_only = rematch(img, txt, np.array([2]), pool="suspects", cost="fixed")
+    assert suspects_only.proposed_row[2] == -1
+
+
+def test_invalid_rows_are_never_used() -> None:
+    data = _easy_pairs(200, rate=0.4, seed=9)
+    img = data.image_emb.copy()
+    bad = np.flatnonzero(data.is_mismatched)[:5]
+    img[bad[:3]] = np.nan
+    valid = np.ones(len(data), dtype=bool)
+    valid[bad[3:]] = False
+    with pytest.warns(UserWarning, match="5 suspect rows have invalid embeddings"):
+        r = rematch(
+            img, data.text_emb, data.is_mismatched, valid=valid, cost="fixed", min_confidence=0.0
+        )
+    assert (r.candidate_row[bad] == -1).all()
+    assert not np.isin(r.candidate_row, bad).any()
+    assert r.info["n_suspects"] == data.is_mismatched.sum() - 5
+
+
+def test_paper_cost_rematches_inside_batches() -> None:
+    data = _easy_pairs(400, rate=0.3, seed=10)
+    sus = data.is_mismatched
+    r = rematch(
+        data.image_emb,
+        data.text_emb,
+        sus,
+        cost="paper",
+        batch_size=16,
+        mass=0.8,
+        min_confidence=0.0,
+        seed=0,
+    )
+    assert r.info["solver"] == "batch" and r.info["n_blocks"] == -(-sus.sum() // 16)
+    assert r.info["cost_fit"]["steps"] == r.info["n_blocks"]
+    # with one batch holding every suspect the true captions are all reachable
+    one = rematch(
+        data.image_emb,
+        data.text_emb,
+        sus,
+        cost="paper",
+        batch_size=int(sus.sum()),
+        mass=0.8,
+        seed=0,
+    )
+    rows = np.flatnonzero(one.proposed_row >= 0)
+    assert rows.size >= 0.6 * sus.sum()
+    assert _correct(data, rows, one.proposed_row[rows]).mean() >= 0.95
+    # small random batches rarely contain the true caption: far fewer correct proposals
+    rows_b = np.flatnonzero(r.candidate_row >= 0)
+    assert _correct(data, rows_b, r.candidate_row[rows_b]).sum() < 0.5 * rows.size
+
+
+def test_learned_cost_falls_back_to_fixed_without_clean_rows() -> None:
+    data = _easy_pairs(100, rate=0.3, seed=11)
+    with pytest.warns(UserWarning, match="cost='learned' needs at least 16 clean rows"):
+        r = rematch(
+            data.image_emb,
+            data.text_emb,
+            data.is_mismatched,
+            clean=np.zeros(100, dtype=bool),
+            cost="learned",
+        )
+    assert r.info["cost_used"] == "fixed"
+
+
+def test_learned_cost_keeps_a_perfect_fixed_cost() -> None:
+    data = _easy_pairs(400, rate=0.3, seed=0)
+    # at a small reg the keys' true captions are already certain under 1 - sim
+    r = rematch(data.image_emb, data.text_emb, data.is_mismatched, cost="learned", reg=0.05, seed=0)
+    assert r.info["cost_used"] == "fixed"
+    assert r.info["cost_fallback"] == "no step improved the held-out loss of the fixed cost"
+
+
+def test_learned_cost_reports_its_fit() -> None:
+    data = clip_like_pairs(400, dim=64, noise_rate=0.3, semantic=1.0, noise=0.8, seed=12)
+    r = rematch(data.image_emb, data.text_emb, data.is_mismatched, cost="learned", seed=0)
+    fit = r.info["cost_fit"]
+    assert fit["n_keys"] >= 16
+    assert fit["n_fits"] == 3 and 1 <= fit["n_kept"] <= 3
+    assert fit["features"] == ["sim", "row_csls", "col_csls"]
+    for fixed, learned in zip(fit["holdout_loss_fixed"], fit["holdout_loss_learned"], strict=True):
+        assert learned <= fixed
+
+
+def test_progress_is_reported() -> None:
+    data = _easy_pairs(100, rate=0.3, seed=13)
+    seen: list[tuple[str, int, int]] = []
+    rematch(
+        data.image_emb,
+        data.text_emb,
+        data.is_mismatched,
+        cost="fixed",
+        progress=lambda s, d, t: seen.append((s, d, t)),
+    )
+    stages = {s for s, _, _ in seen}
+    assert {"rematch: neighbours", "rematch: transport", "rematch: proposals"} <= stages
+    assert all(0 <= d <= t for _, d, t in seen)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mass": 0.0}, r"mass=0.0 is outside \(0, 1\]"),
+        ({"mass": 1.5}, r"mass=1.5 is outside \(0, 1\].*use e.g. mass=0.8"),
+        ({"reg": 0.0}, r"reg=0.0 must be a positive number"),
+        ({"k": 0}, r"k=0 must be an integer >= 1"),
+        ({"min_confidence": 1.2}, r"min_confidence=1.2 is outside \[0, 1\]"),
+        ({"cost": "magic"}, r"Unknown method cost='magic': expected one of 'learned'"),
+        ({"solver": "gpu"}, r"Unknown method solver='gpu'"),
+        ({"pool": "clean"}, r"Unknown method pool='clean'"),
+        ({"reg_units": "nats"}, r"Unknown method reg_units='nats'"),
+        ({"cost": "paper", "solver": "sparse"}, r"cost='paper' needs solver='batch'"),
+        ({"cost": "learned", "solver": "batch"}, r"solver='batch' supports cost='fixed'"),
+        ({"cost": "paper", "pool": "all"}, r"cost='paper' .* needs pool='suspects'"),
+        (
+            {"solver": "dense", "block_size": 4},
+            r"solver='dense' builds a \d+ x \d+ matrix, above "
+            r"block_size=4; use solver='sparse'",
+        ),
+    ],
+)
+def test_bad_settings_raise_config_errors(kwargs: dict, match: str) -> None:
+    data = _easy_pairs(60, rate=0.3, seed=14)
+    with pytest.raises(ConfigError, match=match):
+        rematch(data.image_emb, data.text_emb, data.is_mismatched, **kwargs)
+
+
+def test_bad_inputs_raise_rematch_errors() -> None:
+    data = _easy_pairs(20, rate=0.3, seed=15)
+    img, txt = data.image_emb, data.text_emb
+    with pytest.raises(RematchError, match=r"must be row-aligned \(n, d\) arrays of one shape"):
+        rematch(img, txt[:10], np.array([0, 1]))
+    with pytest.raises(
+        RematchError,
+        match=r"suspects is a boolean mask of shape \(5,\), "
+        r"expected \(20,\)",
+    ):
+        rematch(img, txt, np.zeros(5, dtype=bool))
+    with pytest.raises(RematchError, match=r"suspects holds row indices outside \[0, 20\)"):
+        rematch(img, txt, np.array([3, 25]))
+    with pytest.raises(RematchError, match=r"image_group has shape \(3,\), expected \(20,\)"):
+        rematch(img, txt, np.array([0, 1]), image_group=np.zeros(3))
