@@ -374,6 +374,10 @@ class Output:
         """Render the result of ``corrupt``: rows corrupted and the file written."""
         self._info_summary("pmpclean corrupt", info)
 
+    def finetune_summary(self, info: Mapping[str, Any]) -> None:
+        """Render the result of ``finetune``: recall before/after and the files written."""
+        self._info_summary("pmpclean finetune", info)
+
     # ----------------------------------------------------------------- helpers
 
     @staticmethod

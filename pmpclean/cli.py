@@ -459,17 +459,101 @@ def corrupt(
 # ---------------------------------------------------------------- finetune
 
 
+class Method(str, enum.Enum):
+    l2rm = "l2rm"
+    contrastive = "contrastive"
+
+
 @app.command()
 def finetune(
-    manifest: Manifest,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint and metrics.json.")],
+    dataset: Annotated[
+        Path,
+        typer.Argument(
+            help="A manifest (e.g. the cleaned one from 'pmpclean rematch'), or a scan folder / audit.parquet: its split then seeds the first epoch.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder: open_clip checkpoint, model_config.json, metrics.json.")],
+    model: ModelOpt = "ViT-B-32",
+    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    image_col: ImageCol = "image",
+    text_col: TextCol = "caption",
+    truth_col: Annotated[
+        Optional[str], typer.Option("--truth-col", help="Ground-truth column (original row of each caption): adds per-epoch split precision/recall to metrics.json.")
+    ] = None,
+    method: Annotated[Method, typer.Option("--method", help="l2rm: contrastive on clean pairs + partial-OT soft targets for suspects; contrastive: plain InfoNCE on every pair.")] = Method.l2rm,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training pairs.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Pairs per micro-batch (in-batch negatives and transport plan).")] = 128,
+    accum_steps: Annotated[int, typer.Option("--accum-steps", min=1, help="Micro-batches per optimizer step (gradient accumulation).")] = 1,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate \\[default: 1e-5 from pretrained weights, 1e-3 from random init].")] = None,
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine, linear or constant decay after the warmup.")] = "cosine",
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", min=0, help="Linear warmup in optimizer steps \\[default: 5% of all steps].")] = None,
+    lock_image: Annotated[bool, typer.Option("--lock-image", help="Freeze the image tower.")] = False,
+    lock_text: Annotated[bool, typer.Option("--lock-text", help="Freeze the text tower.")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="auto, fp32, amp or amp_bf16 (mixed precision needs CUDA).")] = "auto",
+    device: DeviceOpt = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes.")] = 0,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.9, help="Fraction of images held out for validation recall.")] = 0.1,
+    val_dataset: Annotated[Optional[Path], typer.Option("--val-dataset", help="Separate manifest to validate on.")] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help="Stop after this many epochs without better validation recall.")] = None,
+    split_every: Annotated[int, typer.Option("--split-every", min=0, help="Refresh the clean/suspect split every N epochs (0: never).")] = 1,
+    ot_mass: Annotated[float, typer.Option("--ot-mass", min=0.0, max=1.0, help="Fraction of a batch's suspect mass the plan transports.")] = 0.5,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
+    seed: SeedOpt = 0,
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune the open_clip model on an audited dataset (arrives in a later version)."""
+    """Fine-tune the open_clip model on an audited dataset, robustly to mismatched pairs.
+
+    Writes a checkpoint that both 'pmpclean scan --pretrained MODEL_DIR/open_clip_pytorch_model.bin'
+    and open_clip.create_model_and_transforms load, and metrics.json with image-to-text and
+    text-to-image R@1/5/10 on the held-out split before and after.
+    """
+    from ._utils import seed_everything
+    from .finetune import FinetuneConfig
+    from .finetune import finetune as run_finetune
+
     output = _output(fmt, quiet)
-    output.error("'pmpclean finetune' arrives in a later version of pmpclean; scan and rematch work now.")
-    raise typer.Exit(1)
+    with _run(output):
+        cfg = FinetuneConfig(
+            model=model,
+            pretrained=pretrained,
+            image_col=image_col,
+            text_col=text_col,
+            truth_col=truth_col,
+            method=method.value,
+            epochs=epochs,
+            batch_size=batch_size,
+            accum_steps=accum_steps,
+            lr=lr,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            lock_image=lock_image,
+            lock_text=lock_text,
+            precision=precision,
+            device=device,
+            workers=workers,
+            seed=seed,
+            val_fraction=val_fraction,
+            val_dataset=str(val_dataset) if val_dataset else None,
+            patience=patience,
+            split_every=split_every,
+            ot_mass=ot_mass,
+            resume=resume,
+            overwrite=overwrite,
+        )
+        seed_everything(seed)
+        _warn_remote_images(output)
+        with output.progress() as progress:
+            result = run_finetune(dataset, out_dir=out, config=cfg, progress=progress)
+        info: dict[str, Any] = {"model_dir": str(result.out_dir), "checkpoint": str(result.checkpoint)}
+        for when in ("before", "after"):
+            rec = result.metrics.get(when)
+            if isinstance(rec, dict):
+                info[f"recall_{when}"] = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+        info["files"] = result.files
+        output.finetune_summary(info)
 
 
 def main(argv: list[str] | None = None) -> None:

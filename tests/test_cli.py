@@ -121,10 +121,13 @@ def test_corrupt_cli(dataset, tmp_path):
     assert (noisy["true_row"].to_numpy() != np.arange(300)).mean() == pytest.approx(0.25, abs=0.01)
 
 
-def test_finetune_says_it_arrives_later(tmp_path):
-    res = runner.invoke(app, ["finetune", "x.csv", "--out", str(tmp_path / "m")])
+def test_finetune_bad_input_is_one_line(tmp_path):
+    res = runner.invoke(app, ["finetune", str(tmp_path / "x.csv"), "--out", str(tmp_path / "m"), "--pretrained", "none", "--model", "pmpclean-tiny"])
     assert res.exit_code == 1
-    assert "later version" in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "x.csv" in lines[0], res.stderr
+    res = runner.invoke(app, ["finetune", "x.csv", "--out", "m", "--epochs", "0"])
+    assert res.exit_code == 2
 
 
 def test_debug_env_shows_traceback(tmp_path):

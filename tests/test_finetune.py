@@ -1,0 +1,451 @@
+"""Tests for pmpclean.finetune: the training loop, its outputs, resumption and errors.
+
+Everything runs offline on CPU with the shipped ``pmpclean-tiny`` architecture from
+random weights, on 24 small drawings written into ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pmpclean.errors import ConfigError, DatasetError, PmpcleanError
+from pmpclean.finetune import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    RESUME_NAME,
+    FinetuneConfig,
+    finetune,
+    partial_ot_plan,
+    retrieval_recall,
+)
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.filterwarnings("ignore:model .pmpclean-tiny. has RANDOM weights")
+F = pytest.importorskip("pmpclean.finetune")
+
+TINY = "pmpclean-tiny"
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 130, 30),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20)}
+SHAPES = ("circle", "square")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models train faster on one thread than on two contending ones (shared CPUs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _draw(path: Path, color: str, bg: str, shape: str) -> None:
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (32, 32), BACKGROUNDS[bg])
+    d = ImageDraw.Draw(im)
+    box = (6, 6, 26, 26)
+    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLORS[color])
+    im.save(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 drawings (6 colours x 2 backgrounds x 2 shapes), one caption each, 4 swapped."""
+    root = tmp_path_factory.mktemp("ft-data")
+    (root / "img").mkdir()
+    rows = []
+    for c in COLORS:
+        for b in BACKGROUNDS:
+            for s in SHAPES:
+                name = f"img/{c}_{b}_{s}.png"
+                _draw(root / name, c, b, s)
+                rows.append({"image": name, "caption": f"a {c} {s} on {b}"})
+    frame = pd.DataFrame(rows)
+    true_row = np.arange(len(frame))
+    swap = np.array([0, 7, 13, 22])  # a cycle of 4 swapped captions, known answer
+    true_row[swap] = np.roll(swap, -1)
+    frame["caption"] = frame["caption"].to_numpy()[true_row]
+    frame["true_row"] = true_row
+    frame.to_csv(root / "captions.csv", index=False)
+    return root / "captions.csv"
+
+
+def _fast(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "model": TINY,
+        "pretrained": "none",
+        "epochs": 3,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "val_fraction": 0.25,
+        "device": "cpu",
+        "seed": 0,
+    }
+    base.update(kw)
+    return base
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_loss_decreases_and_outputs_are_written(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = finetune(
+        dataset, out_dir=out, **_fast(epochs=4, method="contrastive", val_fraction=0.0)
+    )
+    losses = [h["loss"] for h in result.metrics["history"]]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] - 0.05
+    for name in (CHECKPOINT_NAME, "open_clip_config.json", "model_config.json", METRICS_NAME):
+        assert (out / name).is_file()
+    assert not (out / RESUME_NAME).exists()  # removed after a successful run
+    on_disk = json.loads((out / METRICS_NAME).read_text())
+    assert on_disk["completed"] is True
+    assert on_disk["validation"] is None and on_disk["before"] is None
+
+
+def test_l2rm_flags_suspects_and_reports_recall(dataset: Path, tmp_path: Path) -> None:
+    result = finetune(
+        dataset,
+        out_dir=tmp_path / "m",
+        **_fast(epochs=3, split_warmup_epochs=1, truth_col="true_row", ot_mass=0.9),
+    )
+    m = result.metrics
+    hist = m["history"]
+    assert hist[0]["split"]["source"].startswith("all pairs")
+    assert hist[0]["suspect_pairs"] == 0
+    assert hist[1]["split"]["source"] == "loss mixture"
+    assert hist[1]["suspect_pairs"] == hist[1]["split"]["n_suspects"] > 0
+    assert 0 <= hist[1]["suspects_with_target"] <= hist[1]["suspect_pairs"]
+    assert set(hist[1]["split"]["quality"]) == {"precision", "recall", "accuracy", "auroc"}
+    for key in ("before", "after"):
+        for side in ("image_to_text", "text_to_image"):
+            assert set(m[key][side]) == {"R@1", "R@5", "R@10"}
+            assert all(0.0 <= v <= 100.0 for v in m[key][side].values())
+    assert m["validation"]["n_images"] == 6  # 25% of 24 images
+    assert m["after"]["rsum"] >= m["before"]["rsum"]  # the saved model is the best epoch
+
+
+def test_audit_split_is_used_first(dataset: Path, tmp_path: Path) -> None:
+    """A scan output (image_path + is_mismatched) gives the first split directly."""
+    frame = pd.read_csv(dataset)
+    frame["image_path"] = [str(dataset.parent / p) for p in frame["image"]]
+    frame["is_mismatched"] = frame["true_row"].to_numpy() != np.arange(len(frame))
+    scan_dir = tmp_path / "scan"
+    scan_dir.mkdir()
+    frame.to_csv(scan_dir / "audit.csv", index=False)
+    result = finetune(scan_dir, out_dir=tmp_path / "m", **_fast(epochs=2, val_fraction=0.0))
+    first = result.metrics["history"][0]
+    assert first["split"]["source"] == "audit (is_mismatched)"
+    assert first["suspect_pairs"] == 4
+    assert result.metrics["dataset"]["audit_split"] is True
+    assert result.metrics["resolved"]["split_warmup_epochs"] == 0
+
+
+def test_early_stopping_on_validation_recall(dataset: Path, tmp_path: Path) -> None:
+    """A learning rate too small to change the ranking: no epoch beats the start."""
+    with pytest.warns(UserWarning, match="No epoch improved validation recall"):
+        result = finetune(dataset, out_dir=tmp_path / "m", **_fast(epochs=5, patience=2, lr=1e-12))
+    m = result.metrics
+    assert m["stopped_early"] is True
+    assert m["epochs_run"] == 2 and len(m["history"]) == 2
+    assert m["best_epoch"] is None
+    assert m["after"]["rsum"] == m["before"]["rsum"]
+
+
+def test_lock_text_trains_the_image_tower_only(dataset: Path, tmp_path: Path) -> None:
+    from pmpclean.embedding import load_model
+
+    result = finetune(
+        dataset, out_dir=tmp_path / "m", **_fast(epochs=1, val_fraction=0.0, lock_text=True)
+    )
+    start = load_model(TINY, "none", device="cpu").model.state_dict()
+    saved = _state(result.checkpoint)
+    text_keys = [k for k in saved if k.startswith(("transformer.", "token_embedding", "ln_final"))]
+    text_keys += ["positional_embedding", "text_projection"]
+    image_keys = [k for k in saved if k.startswith("visual.")]
+    assert text_keys and image_keys
+    assert all(torch.equal(start[k], saved[k]) for k in text_keys)
+    assert any(not torch.equal(start[k], saved[k]) for k in image_keys)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_unreadable_images_are_skipped_and_streaming_matches_the_cache(
+    dataset: Path, tmp_path: Path, cache: bool
+) -> None:
+    frame = pd.read_csv(dataset)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    frame.loc[len(frame)] = {
+        "image": str(broken),
+        "caption": "a broken file",
+        "true_row": len(frame),
+    }
+    frame["image"] = [
+        p if Path(p).is_absolute() else str(dataset.parent / p) for p in frame["image"]
+    ]
+    manifest = tmp_path / "with_broken.csv"
+    frame.to_csv(manifest, index=False)
+    opts = _fast(epochs=1, val_fraction=0.0, method="contrastive", cache_images=cache)
+    with pytest.warns(UserWarning, match=r"1 training image\(s\) could not be decoded"):
+        result = finetune(manifest, out_dir=tmp_path / "m", **opts)
+    assert result.metrics["dataset"]["n_train_pairs"] == 24
+    reference = finetune(dataset, out_dir=tmp_path / "ref", **{**opts, "cache_images": True})
+    a, b = _state(result.checkpoint), _state(reference.checkpoint)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trips_through_open_clip(dataset: Path, tmp_path: Path) -> None:
+    import open_clip
+
+    from pmpclean.embedding import load_model
+
+    out = tmp_path / "model"
+    result = finetune(dataset, out_dir=out, **_fast(epochs=1, val_fraction=0.0))
+    saved = _state(result.checkpoint)
+
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        TINY, pretrained=str(result.checkpoint)
+    )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    as_dir, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    for key, value in as_dir.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert json.loads((out / "model_config.json").read_text()) == open_clip.get_model_config(TINY)
+
+    loaded = load_model(TINY, str(result.checkpoint), device="cpu")  # what `scan --pretrained` does
+    tokens = loaded.tokenizer(["a red circle on white"])
+    with torch.no_grad():
+        a = loaded.model.encode_text(tokens)
+        b = model.eval().encode_text(tokens)
+    assert torch.allclose(a, b)
+    # the saved weights differ from the random start
+    start = load_model(TINY, "none", device="cpu").model.state_dict()
+    assert any(not torch.equal(start[k], saved[k]) for k in saved)
+
+
+@pytest.mark.filterwarnings("ignore:No epoch improved validation recall")
+def test_resume_continues_from_the_saved_step(dataset: Path, tmp_path: Path) -> None:
+    opts = _fast(epochs=3, batch_size=6, checkpoint_every=2, split_warmup_epochs=1)
+    full = finetune(dataset, out_dir=tmp_path / "full", **opts)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_step_5(stage: str, done: int, total: int) -> None:
+        if stage.startswith("training") and done == 5:
+            raise Interrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        finetune(dataset, out_dir=out, progress=stop_at_step_5, **opts)
+    assert (out / RESUME_NAME).is_file()
+    assert not (out / METRICS_NAME).exists()
+    with pytest.raises(ConfigError, match="already holds a fine-tuning run"):
+        finetune(dataset, out_dir=out, **opts)
+
+    steps: list[int] = []
+
+    def record(stage: str, done: int, total: int) -> None:
+        if stage.startswith("training"):
+            steps.append(done)
+
+    resumed = finetune(dataset, out_dir=out, progress=record, resume=True, **opts)
+    assert steps[0] == 5  # step 4 was saved; the resumed run does step 5 next
+    assert steps[-1] == full.metrics["resolved"]["total_steps"]
+    a, b = _state(full.checkpoint), _state(resumed.checkpoint)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    la = [h["loss"] for h in full.metrics["history"]]
+    lb = [h["loss"] for h in resumed.metrics["history"]]
+    assert np.allclose(la, lb, atol=1e-5)
+    assert resumed.metrics["before"] == full.metrics["before"]
+    with pytest.raises(ConfigError, match="already finished"):
+        finetune(dataset, out_dir=out, resume=True, **opts)
+
+
+def test_resume_refuses_changed_settings(dataset: Path, tmp_path: Path) -> None:
+    opts = _fast(epochs=2, val_fraction=0.0)
+    out = tmp_path / "m"
+    finetune(dataset, out_dir=out, keep_resume=True, **opts)
+    # keep_resume keeps the last state; it records the settings of that run
+    assert (out / RESUME_NAME).is_file()
+    (out / METRICS_NAME).unlink()
+    with pytest.raises(ConfigError, match=r"settings differ .*lr: 0\.002 -> 0\.01"):
+        finetune(dataset, out_dir=out, resume=True, **{**opts, "lr": 1e-2})
+
+
+# --------------------------------------------------------------------------- bad options
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"method": "coteach"}, "Unknown method 'coteach': expected one of l2rm, contrastive"),
+        ({"schedule": "step"}, "Unknown schedule 'step'"),
+        ({"precision": "fp8"}, "Unknown precision 'fp8'"),
+        ({"batch_size": 1}, "batch_size must be an integer >= 2"),
+        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"accum_steps": 0}, "accum_steps must be an integer >= 1"),
+        ({"lock_image": True, "lock_text": True}, "lock_image and lock_text are both set"),
+        ({"val_fraction": 0.9}, r"val_fraction must be in \[0, 0.5\]"),
+        ({"val_fraction": 0.0, "patience": 2}, "patience .* needs a validation split"),
+        ({"ot_mass": 0.0}, r"ot_mass must be in \(0, 1\]"),
+        ({"split_threshold": 1.0}, r"split_threshold must be in \(0, 1\)"),
+        ({"resume": True, "overwrite": True}, "resume and overwrite are both set"),
+        ({"precision": "amp"}, "needs a CUDA device"),
+        ({"device": "tpu"}, "Unknown device 'tpu'"),
+        ({"warmup": 10}, "Unknown finetune setting.* warmup; known settings: .*warmup_steps"),
+    ],
+)
+def test_bad_options_fail_clearly(
+    dataset: Path, tmp_path: Path, options: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        finetune(dataset, out_dir=tmp_path / "m", **{**_fast(), **options})
+    assert not (tmp_path / "m").exists()  # nothing written before the checks pass
+
+
+def test_bad_inputs_fail_clearly(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        finetune(tmp_path / "nope.csv", out_dir=tmp_path / "m", **_fast())
+    with pytest.raises(DatasetError, match="folder without audit.parquet or audit.csv"):
+        finetune(tmp_path, out_dir=tmp_path / "m", **_fast())
+    with pytest.raises(DatasetError, match="truth column 'truth' not found"):
+        finetune(dataset, out_dir=tmp_path / "m", **_fast(truth_col="truth"))
+    with pytest.raises(ConfigError, match="holds out 1 of 24 images"):
+        finetune(dataset, out_dir=tmp_path / "m", **_fast(val_fraction=0.05))
+    with pytest.raises(PmpcleanError, match="unknown model 'ViT-Q-99'"):
+        finetune(dataset, out_dir=tmp_path / "m", **_fast(model="ViT-Q-99"))
+    with pytest.raises(TypeError, match="config must be a FinetuneConfig"):
+        finetune(dataset, out_dir=tmp_path / "m", config={"epochs": 1})  # type: ignore[arg-type]
+
+
+def test_config_replace_rejects_unknown_names() -> None:
+    cfg = FinetuneConfig().replace(epochs=3)
+    assert cfg.epochs == 3
+    with pytest.raises(ConfigError, match="Unknown finetune setting.* epoch;"):
+        cfg.replace(epoch=3)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_partial_ot_plan_invariants() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, m = 7, 5
+    cost = torch.rand(n, m, generator=gen) * 2
+    forbid = torch.zeros(n, m, dtype=torch.bool)
+    forbid[0] = True  # a row with nothing allowed
+    forbid[1, 2] = True
+    for mass in (0.3, 0.7, 1.0):
+        plan = partial_ot_plan(cost, mass=mass, reg=0.05, forbid=forbid)
+        assert plan.shape == (n, m) and plan.dtype == torch.float32
+        assert bool((plan >= 0).all())
+        assert float(plan[0].sum()) == 0.0 and float(plan[1, 2]) == 0.0
+        assert bool((plan.sum(1) <= 1 / n + 1e-5).all())
+        assert bool((plan.sum(0) <= 1 / m + 1e-5).all())
+        expected = mass * min((n - 1) / n, 1.0)
+        assert math.isclose(float(plan.sum()), expected, rel_tol=1e-3, abs_tol=1e-4)
+
+
+def test_partial_ot_plan_recovers_a_known_matching() -> None:
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    cost = torch.ones(5, 5)
+    cost[torch.arange(5), perm] = 0.0
+    cost[4, perm[4]] = 1.0  # row 4 has no good partner: it should be left out
+    plan = partial_ot_plan(cost, mass=0.8, reg=0.02)
+    assert torch.equal(plan[:4].argmax(1), perm[:4])
+    assert float(plan[4].sum()) < 0.01 * (1 / 5)
+    with pytest.raises(ValueError, match="mass must be in"):
+        partial_ot_plan(cost, mass=1.5, reg=0.1)
+
+
+def test_retrieval_recall_known_answers() -> None:
+    base = np.eye(8)[:5]  # 5 orthonormal images: a caption matches its own image only
+    groups = np.array([0, 0, 1, 2, 3, 4])  # image 0 has two captions
+    img = base[groups]
+    perfect = retrieval_recall(img, img, groups)
+    assert perfect["image_to_text"]["R@1"] == 100.0 and perfect["text_to_image"]["R@1"] == 100.0
+    assert perfect["n_images"] == 5 and perfect["n_captions"] == 6
+    assert perfect["rsum"] == 600.0
+    # swap the captions of images 3 and 4 (rows 4 and 5). Image 3's own caption now has
+    # similarity 0, tied with the captions of images 0-2 (ties count against the query)
+    # and beaten by row 5: rank 5, so a hit at R@10 only. Caption row 4 ranks its image
+    # behind image 4 and tied with images 0-2: rank 4, a hit at R@5.
+    txt = img.copy()
+    txt[[4, 5]] = txt[[5, 4]]
+    r = retrieval_recall(img, txt, groups)
+    assert r["image_to_text"] == pytest.approx({"R@1": 60.0, "R@5": 60.0, "R@10": 100.0})
+    assert r["text_to_image"] == pytest.approx({"R@1": 100 * 4 / 6, "R@5": 100.0, "R@10": 100.0})
+    with pytest.raises(ValueError, match="row-aligned"):
+        retrieval_recall(img, txt[:3], groups)
+
+
+def test_loss_mixture_finds_injected_mismatches() -> None:
+    rng = np.random.default_rng(1)
+    n, d = 200, 32
+    x = rng.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = x + 0.1 * rng.standard_normal((n, d))
+    bad = rng.choice(n, 40, replace=False)
+    y[bad] = y[np.roll(bad, 1)]  # 40 swapped captions
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    enc = F._Encoded(image=x.astype(np.float32), text=y.astype(np.float32), logit_scale=20.0)
+    loss = F._per_pair_loss(enc, np.arange(n), np.arange(n), seed=0)
+    prob, info = F._gmm_clean_probability(loss, seed=0)
+    flagged = np.flatnonzero(prob < 0.5)
+    assert set(flagged) == set(bad)
+    assert info["means"][info["clean_component"]] == min(info["means"])
+
+
+def test_batch_loss_clean_rows_are_symmetric_infonce_and_empty_plans_add_nothing() -> None:
+    gen = torch.Generator().manual_seed(0)
+    b, d = 6, 8
+    img = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
+    scale = torch.tensor(10.0)
+    groups = torch.arange(b)
+    cfg = FinetuneConfig()
+    loss, stats = F._batch_loss(
+        img, txt, scale, torch.ones(b, dtype=torch.bool), groups, groups, cfg
+    )
+    logits = scale * img @ txt.T
+    ce = torch.nn.functional.cross_entropy
+    expected = 0.5 * (ce(logits, torch.arange(b)) + ce(logits.T, torch.arange(b)))
+    assert torch.allclose(loss, expected)
+    assert stats["noisy_rows"] == 0
+
+    # two suspects showing the same image: every transport is forbidden -> no target, no loss
+    clean = torch.tensor([True, True, True, True, False, False])
+    same_img = torch.tensor([0, 1, 2, 3, 4, 4])
+    loss2, stats2 = F._batch_loss(img, txt, scale, clean, same_img, groups, cfg)
+    assert stats2["noisy_rows"] == 2 and stats2["noisy_targets"] == 0 and stats2["noisy_loss"] == 0
+    # with distinct images the suspects do get soft targets
+    loss3, stats3 = F._batch_loss(img, txt, scale, clean, groups, groups, cfg.replace(ot_mass=1.0))
+    assert stats3["noisy_targets"] == 2 and stats3["noisy_loss"] > 0
+    assert float(loss3) > float(loss2)
