@@ -10,7 +10,7 @@ results file):
     rows (isolates rematching from detection) or the rows flagged by
     ``pmpclean.score`` + ``pmpclean.split`` (``--suspects detected``). Methods:
 
-    - ``learned`` / ``fixed``: :func:`pmpclean.rematch.rematch` with its defaults and
+    - ``learned`` / ``fixed``: :func:`pmpclean.rematching.rematch` with its defaults and
       ``cost="learned"`` / ``"fixed"`` (sparse kNN graph, global partial OT);
     - ``learned-pool-all``: ``cost="learned", pool="all"`` (clean rows' captions are
       candidates too);
@@ -192,7 +192,7 @@ def baseline_hungarian(d: dict, rows: np.ndarray):
 
 
 def run_method(name: str, d: dict, sus: np.ndarray, seed: int = 0):
-    from pmpclean.rematch import rematch
+    from pmpclean.rematching import rematch
 
     rows = np.flatnonzero(sus)
     kw = {
@@ -310,7 +310,7 @@ def section_curves(args) -> dict:
 
 
 def section_agreement(args) -> dict:
-    from pmpclean.rematch import rematch
+    from pmpclean.rematching import rematch
 
     out = []
     plan = [
@@ -382,7 +382,7 @@ def section_agreement(args) -> dict:
 
 def _scaling_child(n: int, dim: int, cost: str, k: int) -> dict:
     """Runs in a fresh process: generate n suspects, reset the peak RSS, rematch."""
-    from pmpclean.rematch import rematch
+    from pmpclean.rematching import rematch
     from pmpclean.synthetic import clip_like_pairs
 
     # noise 0.8: n suspects among n / 0.8 rows, the clean rest supplies the learned
@@ -470,7 +470,7 @@ def section_scaling(args) -> dict:
 
 
 def section_sweep(args) -> dict:
-    from pmpclean.rematch import rematch
+    from pmpclean.rematching import rematch
 
     out = []
     for ds in args.datasets:
@@ -552,7 +552,7 @@ def section_sweep(args) -> dict:
 
 def section_ablation(args) -> dict:
     """Learned-cost feature sets (and the fixed cost) over seeds: coverage at p >= 0.9."""
-    import pmpclean.rematch as R
+    import pmpclean.rematching as R
     from pmpclean.cost import FEATURE_NAMES
 
     sets = {

@@ -8,7 +8,7 @@ Public API::
     pmpclean.corrupt(manifest, out="noisy.csv", rate=0.2)  -> CorruptResult
 
 Submodules not imported here because they pull heavy dependencies on first use:
-``pmpclean.embedding`` (torch, open_clip), ``pmpclean.rematch`` (POT),
+``pmpclean.embedding`` (torch, open_clip), ``pmpclean.rematching`` (POT),
 ``pmpclean.neighbors`` (faiss), ``pmpclean.labels`` (torch), ``pmpclean.finetune``.
 """
 

@@ -430,7 +430,7 @@ def scan(
         )
 
     if pair_audit:
-        from .rematch import rematch as _rematch
+        from .rematching import rematch as _rematch
         from .score import pair_scores
         from .split import split_pairs
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pmpclean.errors import ConfigError, RematchError
-from pmpclean.rematch import partial_transport, rematch
+from pmpclean.rematching import partial_transport, rematch
 from pmpclean.synthetic import clip_like_pairs
 
 # --------------------------------------------------------------------------- helpers
