@@ -204,7 +204,7 @@ def scan(
     workers: WorkersOpt = 2,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
-    k: Annotated[int, typer.Option("--k", min=1, help="Nearest alternatives per side each pair is compared against.")] = 10,
+    k: Annotated[int, typer.Option("--k", min=1, help="Nearest alternatives per side each pair is compared against.")] = 3,
     threshold: Annotated[
         float, typer.Option("--threshold", min=0.0, max=1.0, help="match_score below this flags a pair (calibrated: 0.5 needs no tuning).")
     ] = 0.5,

@@ -451,6 +451,9 @@ def scan(
             sp = split_pairs(pair_score, threshold=cfg.audit.threshold, seed=cfg.seed)
         match_score = np.asarray(sp.match_score, dtype=np.float64)
         is_mismatched = np.asarray(sp.is_mismatched, dtype=bool) & valid
+        mix = sp.mixture or {}
+        if mix.get("bimodal") is False and mix.get("reason"):
+            warn_list.append(f"No pair was flagged: {mix['reason']}")
         split_info = {
             "threshold": float(sp.threshold),
             "estimated_noise_rate": float(sp.noise_rate),
@@ -619,9 +622,21 @@ def _write_scan(result: ScanResult, target: Path, cfg: ScanConfig) -> None:
     result.files = {k: str(v) for k, v in files.items()}
     result.summary["out_dir"] = str(target.resolve())
     result.summary["files"] = dict(result.files)
+    report_audit = audit
+    if cfg.embed.embeddings is not None and cfg.data.image_col in audit.columns:
+        # no file was opened during the scan, but thumbnails of local images still help
+        base = Path(cfg.data.root) if cfg.data.root else (
+            Path(result.summary["manifest"]).parent if result.summary.get("manifest") else None
+        )
+        if base is not None:
+            report_audit = audit.copy()
+            report_audit["image_path"] = [
+                str(base / p) if isinstance(p, str) and p and "://" not in p and not Path(p).is_absolute() else p
+                for p in audit["image_path"]
+            ]
     write_report(
         files["report"],
-        audit,
+        report_audit,
         result.summary,
         gallery_size=cfg.gallery_size,
         image_col=cfg.data.image_col,
