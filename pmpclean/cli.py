@@ -493,7 +493,7 @@ def finetune(
     precision: Annotated[str, typer.Option("--precision", help="auto, fp32, amp or amp_bf16 (mixed precision needs CUDA).")] = "auto",
     device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes.")] = 0,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.9, help="Fraction of images held out for validation recall.")] = 0.1,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.5, help="Fraction of images held out for validation recall.")] = 0.1,
     val_dataset: Annotated[Optional[Path], typer.Option("--val-dataset", help="Separate manifest to validate on.")] = None,
     patience: Annotated[Optional[int], typer.Option("--patience", min=1, help="Stop after this many epochs without better validation recall.")] = None,
     split_every: Annotated[int, typer.Option("--split-every", min=0, help="Refresh the clean/suspect split every N epochs (0: never).")] = 1,

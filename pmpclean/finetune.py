@@ -172,7 +172,8 @@ class FinetuneConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     workers: int = 0  # image-decoding worker processes (0: decode in the main process)
     cache_images: bool | None = None  # keep preprocessed images in RAM (None: if < 1 GiB)
-    seed: int = 0  # seeds the validation split, data order, mixture fits and init
+    seed: int = 0  # seeds the validation split, data order and mixture fits (random init
+    #   always uses pmpclean.embedding.RANDOM_SEED)
     # -- validation ----------------------------------------------------------------------
     val_fraction: float = 0.1  # fraction of images held out for validation (0: none)
     val_dataset: str | None = None  # separate manifest to validate on (val_fraction unused)
@@ -576,7 +577,9 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
         )
     if "is_mismatched" in frame.columns and "image_path" in frame.columns:
         audit = True
-        image_col = "image_path"  # a scan's resolved absolute paths
+        image_col = "image_path"  # a scan's resolved paths (or ids, with precomputed embeddings)
+        if isinstance(dataset, (str, Path)):
+            root = _scanned_manifest_folder(Path(source).parent) or root
     manifest = read_manifest(frame, image_col=image_col, text_col=cfg.text_col, root=root)
     data = _from_manifest(manifest, cfg, source=source, with_truth=with_truth)
     if audit:
@@ -585,6 +588,18 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
             [str(v).strip().lower() in ("true", "1", "1.0") for v in flags], dtype=bool
         )
     return data
+
+
+def _scanned_manifest_folder(scan_dir: Path) -> Path | None:
+    """Folder of the manifest a scan audited (from its summary.json), if recorded."""
+    summary = scan_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        manifest = json.loads(summary.read_text(encoding="utf-8")).get("manifest")
+    except (OSError, ValueError):
+        return None
+    return Path(manifest).parent if manifest else None
 
 
 def _from_manifest(

@@ -145,14 +145,37 @@ def test_l2rm_flags_suspects_and_reports_recall(dataset: Path, tmp_path: Path) -
     assert m["after"]["rsum"] >= m["before"]["rsum"]  # the saved model is the best epoch
 
 
+def test_adaptive_split_warmup_waits_until_the_model_beats_chance(
+    dataset: Path, tmp_path: Path
+) -> None:
+    opts = _fast(epochs=6, batch_size=6, val_fraction=0.0)
+    m = finetune(dataset, out_dir=tmp_path / "a", **opts).metrics
+    assert m["resolved"]["split_warmup_epochs"] == "adaptive"
+    hist, start = m["history"], m["split_start_epoch"]
+    assert start is not None and start >= 2
+    below = [h["loss"] <= 0.95 * h["chance_loss"] for h in hist]
+    assert below.index(True) == start - 2  # the first epoch 5% below chance opens the split
+    assert all(h["split"]["source"].startswith("all pairs") for h in hist[: start - 1])
+    assert hist[start - 1]["split"]["source"] == "loss mixture"
+    # a model that learns nothing never gets split: it is plain contrastive training
+    frozen = finetune(
+        dataset, out_dir=tmp_path / "b", **_fast(epochs=3, lr=1e-12, val_fraction=0.0)
+    )
+    assert frozen.metrics["split_start_epoch"] is None
+    assert all(h["suspect_pairs"] == 0 for h in frozen.metrics["history"])
+
+
 def test_audit_split_is_used_first(dataset: Path, tmp_path: Path) -> None:
     """A scan output (image_path + is_mismatched) gives the first split directly."""
     frame = pd.read_csv(dataset)
-    frame["image_path"] = [str(dataset.parent / p) for p in frame["image"]]
+    # with precomputed embeddings a scan keeps image_path as given (relative to the
+    # manifest); summary.json names the manifest, so the paths still resolve
+    frame["image_path"] = frame["image"]
     frame["is_mismatched"] = frame["true_row"].to_numpy() != np.arange(len(frame))
     scan_dir = tmp_path / "scan"
     scan_dir.mkdir()
     frame.to_csv(scan_dir / "audit.csv", index=False)
+    (scan_dir / "summary.json").write_text(json.dumps({"manifest": str(dataset)}))
     result = finetune(scan_dir, out_dir=tmp_path / "m", **_fast(epochs=2, val_fraction=0.0))
     first = result.metrics["history"][0]
     assert first["split"]["source"] == "audit (is_mismatched)"
@@ -449,3 +472,26 @@ def test_batch_loss_clean_rows_are_symmetric_infonce_and_empty_plans_add_nothing
     loss3, stats3 = F._batch_loss(img, txt, scale, clean, groups, groups, cfg.replace(ot_mass=1.0))
     assert stats3["noisy_targets"] == 2 and stats3["noisy_loss"] > 0
     assert float(loss3) > float(loss2)
+
+
+@pytest.mark.filterwarnings("ignore:No epoch improved validation recall")
+def test_demo_model_script_runs_end_to_end_on_a_small_setting(tmp_path: Path) -> None:
+    import importlib.util
+
+    import open_clip
+
+    from pmpclean.embedding import register_model_configs
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_demo_model.py"
+    spec = importlib.util.spec_from_file_location("train_demo_model", path)
+    demo = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(demo)  # type: ignore[union-attr]
+    out = tmp_path / "demo_model"
+    argv = ["--out", str(out), "--data", str(tmp_path / "train"), "--n-images", "30"]
+    metrics = demo.main([*argv, "--epochs", "1", "--no-check"])
+    assert metrics["completed"] is True and metrics["validation"]["n_images"] == 3
+    register_model_configs()
+    model, _, _ = open_clip.create_model_and_transforms(
+        "pmpclean-small", pretrained=str(out / CHECKPOINT_NAME)
+    )
+    assert model.visual.image_size == (32, 32)
