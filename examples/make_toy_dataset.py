@@ -20,10 +20,13 @@ Files written to ``--out``:
     The noisy manifest, one row per (image, caption): ``image`` (relative path),
     ``caption``, ``image_id``, ``caption_id`` (unique per row, usable as
     ``--id-col``), and the image's own attributes ``shape``, ``color``,
-    ``background``, ``size`` (``shape`` doubles as a class label for the label audit).
+    ``background``, ``size``, and ``label``: the shape as a coarse class label in
+    which a fraction ``label_noise`` of the images carry another shape (both rows of
+    the image), for the label audit (``--label-col label``).
 ``truth.csv``
     ``row``, ``true_row`` (the row the caption now at ``row`` originally belonged
-    to) and ``is_mismatched`` (``true_row != row``).
+    to), ``is_mismatched`` (``true_row != row``), ``true_label`` (the image's shape)
+    and ``is_label_noisy``.
 ``embeddings.npz``
     Arrays ``image`` and ``text``, both ``(n_rows, d)`` float32, L2-normalised and
     row-aligned with ``captions.csv`` (rows of the same image share the image vector).
@@ -290,6 +293,7 @@ def make_toy_dataset(
     mismatch_rate: float = 0.2,
     seed: int | np.random.Generator | None = 0,
     dim: int = DEFAULT_DIM,
+    label_noise: float = 0.15,
 ) -> dict[str, Any]:
     """Write a toy dataset with known mismatches to ``out_dir`` (see the module docstring).
 
@@ -309,6 +313,9 @@ def make_toy_dataset(
         Controls attributes, captions, the shuffle and the embedding noise.
     dim : int, default 32
         Embedding dimension of the stand-in encoder.
+    label_noise : float, default 0.15
+        Fraction of images whose ``label`` is flipped to another shape, in [0, 1).
+        Drawn from its own stream of ``seed``, so it changes nothing else.
 
     Returns
     -------
@@ -324,6 +331,12 @@ def make_toy_dataset(
         )
     if not 0.0 <= mismatch_rate < 1.0:
         raise ValueError(f"mismatch_rate must be in [0, 1), got {mismatch_rate}")
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+    if isinstance(seed, np.random.Generator):
+        label_rng = seed.spawn(1)[0]
+    else:
+        label_rng = np.random.default_rng(None if seed is None else [int(seed), 1])
     rng = check_random_state(seed)
     out = Path(out_dir)
     images_dir = out / "images"
@@ -377,12 +390,27 @@ def make_toy_dataset(
     for r in range(n_rows):
         rows[r]["caption"] = original[true_row[r]]
 
+    # coarse class label: the shape, flipped to another shape for some images
+    n_flip = round(label_noise * n_images)
+    flipped = np.zeros(n_images, dtype=bool)
+    flipped[label_rng.choice(n_images, size=n_flip, replace=False)] = True
+    image_label = []
+    for i, attrs in enumerate(image_attrs):
+        others = [s for s in SHAPES if s != attrs["shape"]]
+        image_label.append(
+            others[label_rng.integers(len(others))] if flipped[i] else attrs["shape"]
+        )
+    for r in range(n_rows):
+        rows[r]["label"] = image_label[image_of_row[r]]
+
     frame = pd.DataFrame(rows)
     truth = pd.DataFrame(
         {
             "row": np.arange(n_rows),
             "true_row": true_row,
             "is_mismatched": true_row != np.arange(n_rows),
+            "true_label": [image_attrs[i]["shape"] for i in image_of_row],
+            "is_label_noisy": flipped[image_of_row],
         }
     )
 
@@ -407,6 +435,7 @@ def make_toy_dataset(
         "n_images": n_images,
         "n_rows": n_rows,
         "n_mismatched": int((true_row != np.arange(n_rows)).sum()),
+        "n_label_noisy": int(flipped[image_of_row].sum()),
         "dim": dim,
     }
 
@@ -420,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--mismatch-rate", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dim", type=int, default=DEFAULT_DIM)
+    parser.add_argument("--label-noise", type=float, default=0.15)
     args = parser.parse_args(argv)
     info = make_toy_dataset(
         args.out,
@@ -428,10 +458,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mismatch_rate=args.mismatch_rate,
         seed=args.seed,
         dim=args.dim,
+        label_noise=args.label_noise,
     )
     print(
         f"wrote {info['n_rows']} rows ({info['n_images']} images, "
-        f"{info['n_mismatched']} mismatched captions) to {info['out_dir']}"
+        f"{info['n_mismatched']} mismatched captions, {info['n_label_noisy']} rows with a "
+        f"flipped label) to {info['out_dir']}"
     )
     print(f"  manifest:   {info['captions']}")
     print(f"  truth:      {info['truth']}")

@@ -73,7 +73,7 @@ class LabelConfig:
     """Label audit (active when DataConfig.label_col is set)."""
 
     method: str = "uot"  # uot (partial OT to class prototypes)
-    epochs: int | None = None  # training epochs of the modality heads (None: default)
+    epochs: int | None = None  # full-batch training steps of the modality heads (None: default)
 
 
 @dataclass(frozen=True)

@@ -702,13 +702,27 @@ def _partial_transport(
 # --------------------------------------------------------------------------- audit
 
 
-def _folds(y: np.ndarray, n_folds: int, rng: np.random.Generator) -> np.ndarray:
-    """Stratified fold id per row."""
-    fold = np.empty(len(y), dtype=np.int64)
-    for c in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == c))
-        fold[rows] = (np.arange(len(rows)) + rng.integers(n_folds)) % n_folds
-    return fold
+def _folds(
+    y: np.ndarray, n_folds: int, rng: np.random.Generator, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Fold id per row, stratified by label; rows of one group share a fold.
+
+    Groups (e.g. the captions of one image) must not straddle folds: a head trained on
+    one row of an image would otherwise see the image and its given label, noisy or
+    not, when it predicts the image's other rows.
+    """
+    if groups is None:
+        groups = np.arange(len(y))
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    # a group's stratum is the label of its first row
+    first = np.full(len(uniq), len(y), dtype=np.int64)
+    np.minimum.at(first, inverse, np.arange(len(y)))
+    group_label = y[first]
+    group_fold = np.empty(len(uniq), dtype=np.int64)
+    for c in np.unique(group_label):
+        members = rng.permutation(np.flatnonzero(group_label == c))
+        group_fold[members] = (np.arange(len(members)) + rng.integers(n_folds)) % n_folds
+    return group_fold[inverse]
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -722,6 +736,7 @@ def audit_labels(
     labels: Sequence[Any] | np.ndarray,
     *,
     valid: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
     classes: Sequence[Any] | None = None,
     method: str = "uot",
     rounds: int = 4,
@@ -754,6 +769,10 @@ def audit_labels(
     valid : ndarray of bool, shape (n,), optional
         Rows that may be scored (e.g. pair-audit status ``ok``); others are
         ``"not_scored"``. Rows with non-finite features are never scored.
+    groups : ndarray of int, shape (n,), optional
+        Rows that share a group (e.g. several captions of one image) are kept in the
+        same cross-fitting fold, so that no row's evidence comes from a head that was
+        trained on its own image. Default: every row its own group.
     classes : sequence, optional
         The allowed classes, in index order. Labels outside it get status
         ``"unknown_label"``. Default: the sorted distinct given labels.
@@ -891,7 +910,11 @@ def audit_labels(
     mt, st = _standardize(xt, ok)
     zv, zt = (xv - mv) / sv, (xt - mt) / st
     zv_ok, zt_ok = zv[ok], zt[ok]
-    fold = _folds(yo, n_folds_eff, rng)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (n,):
+            raise ConfigError(f"groups must have shape ({n},), got {groups.shape}.")
+    fold = _folds(yo, n_folds_eff, rng, None if groups is None else groups[ok])
     onehot = np.zeros((n_ok, k))
     onehot[np.arange(n_ok), yo] = 1.0
 

@@ -515,7 +515,7 @@ def scan(
     labels_summary = None
     if cfg.data.label_col:
         with timer("labels"):
-            labels_summary = _label_audit(audit, manifest, img, txt, cfg, progress)
+            labels_summary = _label_audit(audit, manifest, img, txt, image_group, cfg, progress)
 
     evaluation = None
     if truth is not None and pair_audit:
@@ -570,6 +570,7 @@ def _label_audit(
     manifest: Any,
     img: np.ndarray,
     txt: np.ndarray,
+    image_group: np.ndarray,
     cfg: ScanConfig,
     progress: Progress | None,
 ) -> dict[str, Any]:
@@ -584,9 +585,10 @@ def _label_audit(
         txt,
         manifest.frame[label_col].to_numpy(),
         valid=valid,
+        groups=image_group,
         seed=cfg.seed,
         progress=progress,
-        **_opt(method=cfg.labels.method, epochs=cfg.labels.epochs),
+        **_opt(method=cfg.labels.method, steps=cfg.labels.epochs),
     )
     audit["label_status"] = la.label_status
     audit["label_score"] = la.label_score
@@ -689,6 +691,57 @@ def _load_audit(source: Path, audit_dir: Path) -> tuple[pd.DataFrame, dict[str, 
     return pd.read_parquet(audit_path), summary
 
 
+def _rebase_image_paths(
+    frame: pd.DataFrame,
+    image_col: str,
+    *,
+    base: Path,
+    out_dir: Path,
+    only_existing: bool,
+) -> int:
+    """Rewrite relative image paths of ``frame`` (in place) to resolve from ``out_dir``.
+
+    A relative path in a manifest resolves against the manifest's folder (or ``--root``,
+    here ``base``); a cleaned manifest written elsewhere must point at the same files.
+    Each relative path becomes relative to ``out_dir`` (absolute when no relative path
+    exists, e.g. another drive). URLs, ``file://`` URIs, absolute and ``~`` paths, and
+    empty cells are left alone; with ``only_existing`` (the scan read precomputed
+    embeddings, so the column may hold plain identifiers) only cells naming an
+    existing file are rewritten. Returns the number of cells changed.
+    """
+    import os
+
+    from .data import _URL_RE
+
+    if image_col not in frame.columns or len(frame) == 0:
+        return 0
+    base_abs = os.path.abspath(base)
+    out_abs = os.path.abspath(out_dir)
+    if os.path.normcase(base_abs) == os.path.normcase(out_abs):
+        return 0
+    values = frame[image_col].tolist()
+    changed = 0
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            continue
+        text = value.strip()
+        if not text or _URL_RE.match(text) or text.startswith("~") or os.path.isabs(text):
+            continue
+        target = os.path.normpath(os.path.join(base_abs, text))
+        if only_existing and not os.path.exists(target):
+            continue
+        try:
+            new = os.path.relpath(target, out_abs)
+        except ValueError:  # no relative path between them (another drive)
+            new = target
+        if new != value:
+            values[i] = new
+            changed += 1
+    if changed:
+        frame[image_col] = pd.Series(values, index=frame.index, dtype=object)
+    return changed
+
+
 def rematch(
     source: str | Path,
     *,
@@ -709,6 +762,10 @@ def rematch(
     and ``<out stem>.dropped<ext>`` beside it. Both keep the input columns and add
     ``pmpclean_row`` (0-based input row) and ``pmpclean_action``.
 
+    Relative image paths are rewritten to resolve from the folder of ``out`` (they
+    resolved from the manifest's folder, or ``root``), so the cleaned manifest can be
+    read from where it is written; absolute paths and URLs are kept as they are.
+
     Policies
     --------
     ``rematch``
@@ -727,6 +784,8 @@ def rematch(
         raise DatasetError(f"Manifest {src} does not exist.")
     out_path = Path(out)
     dropped_path = _dropped_path(out_path)
+    import os
+
     from .data import SUPPORTED_SUFFIXES, _table_format, write_table
 
     if _table_format(out_path)[0] is None:
@@ -806,6 +865,21 @@ def rematch(
         audit["status"].to_numpy(dtype=object),
         np.where(action == "review", "borderline match_score, no confident proposal", "mismatched"),
     )
+    # Relative image paths resolved from the manifest's folder (or --root): make them
+    # resolve from the folder the cleaned manifest is written to.
+    data_settings = settings.get("data", {})
+    image_col = data_settings.get("image_col", cfg.data.image_col)
+    root = data_settings.get("root", cfg.data.root)
+    path_base = (
+        Path(os.path.abspath(os.path.expanduser(str(root)))) if root else src.resolve().parent
+    )
+    n_rebased = _rebase_image_paths(
+        base,
+        image_col,
+        base=path_base,
+        out_dir=out_path.expanduser().absolute().parent,
+        only_existing=bool(settings.get("embed", {}).get("embeddings", cfg.embed.embeddings)),
+    )
     cleaned = base[keep].reset_index(drop=True)
     dropped = base[~keep].copy()
     dropped["pmpclean_reason"] = reason[~keep]
@@ -820,6 +894,7 @@ def rematch(
         "n_dropped": int(len(dropped)),
         "n_rematched": int(((action == "rematch") & keep).sum()) if policy == "rematch" else 0,
         "n_labels_fixed": n_labels_fixed,
+        "n_image_paths_rebased": n_rebased,
         "action_counts": {a: int((action == a).sum()) for a in ACTIONS},
         "scanned_now": scanned,
         "audit_dir": str(a_dir),
