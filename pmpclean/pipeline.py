@@ -856,9 +856,12 @@ def rematch(
                 "--fix-labels needs a label audit: scan with --label-col COLUMN first."
             )
         issue = audit["is_label_issue"].to_numpy(dtype=bool)
-        labels_out = base[label_col].astype(object).to_numpy().copy()
+        given = base[label_col].astype(object).to_numpy()
+        labels_out = given.copy()
         labels_out[issue] = audit["suggested_label"].astype(object).to_numpy()[issue]
         base[label_col] = labels_out
+        # the replaced value stays in the output, so that the fix can be reviewed or undone
+        base["pmpclean_given_label"] = np.where(issue, given, None)
         n_labels_fixed = int(issue.sum())
     reason = np.where(
         audit["status"].to_numpy(dtype=object) != "ok",

@@ -363,3 +363,54 @@ def test_groups_shape_checked():
     img, txt, y = clustered(n_per_class=5)
     with pytest.raises(ConfigError, match=r"groups must have shape \(20,\)"):
         audit_labels(img, txt, y, groups=np.zeros(3), **TINY)
+
+
+def test_rematch_fix_labels_applies_suggestions(tmp_path):
+    # scan with a label column, then `rematch --fix-labels`: flagged rows get the
+    # suggested label, the given one is kept beside it, every row is accounted for
+    import pandas as pd
+
+    from pmpclean import ScanConfig, rematch
+
+    img, txt, y = clustered()
+    noisy, flipped = flip_labels(y, rate=0.15, kind="symmetric", seed=3)
+    names = np.array(["cat", "dog", "eel", "fox"], dtype=object)
+    n = len(y)
+    frame = pd.DataFrame(
+        {"image": [f"i{i}.jpg" for i in range(n)], "caption": [f"c{i}" for i in range(n)]}
+    )
+    frame["animal"] = names[noisy]
+    src = tmp_path / "data.csv"
+    frame.to_csv(src, index=False)
+    # a shared space for the pair audit: the same vector on both sides, padded
+    emb = np.hstack([img, txt]).astype(np.float32)
+    np.savez(tmp_path / "emb.npz", image=emb, text=emb)
+    cfg = ScanConfig().replace(
+        data__label_col="animal", embed__embeddings=str(tmp_path / "emb.npz"), labels__epochs=100
+    )
+    res = rematch(src, out=tmp_path / "clean.csv", fix_labels=True, config=cfg)
+    clean = pd.read_csv(tmp_path / "clean.csv")
+    dropped = pd.read_csv(tmp_path / "clean.dropped.csv")
+    assert sorted(clean["pmpclean_row"].tolist() + dropped["pmpclean_row"].tolist()) == list(
+        range(n)
+    )
+    clean = clean.set_index("pmpclean_row").sort_index()
+    fixed = clean["pmpclean_given_label"].notna().to_numpy()
+    rows = clean.index.to_numpy()
+    n_fixed = fixed.sum() + dropped["pmpclean_given_label"].notna().sum()
+    assert n_fixed == res.info["n_labels_fixed"] and fixed.sum() > 0
+    # the given label is kept where replaced, and the flips were what got fixed
+    assert (clean["pmpclean_given_label"][fixed] == names[noisy][rows][fixed]).all()
+    assert flipped[rows][fixed].mean() >= 0.8
+    acc_before = (names[noisy][rows] == names[y][rows]).mean()
+    assert (clean["animal"].to_numpy() == names[y][rows]).mean() > acc_before
+    # the input is untouched
+    assert pd.read_csv(src)["animal"].tolist() == names[noisy].tolist()
+    with pytest.raises(ConfigError, match="--fix-labels needs a label audit"):
+        rematch(
+            src,
+            out=tmp_path / "clean2.csv",
+            fix_labels=True,
+            config=cfg.replace(data__label_col=None),
+            rescan=True,
+        )
