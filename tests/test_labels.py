@@ -414,3 +414,11 @@ def test_rematch_fix_labels_applies_suggestions(tmp_path):
             config=cfg.replace(data__label_col=None),
             rescan=True,
         )
+
+
+def test_relation_ot_option_runs_and_is_validated():
+    img, txt, y = clustered(n_per_class=10)
+    a = audit_labels(img, txt, y, relation_method="ot", seed=0, **TINY)
+    assert a.label_score.shape == (40,) and np.isfinite(a.label_score).all()
+    with pytest.raises(ConfigError, match="Unknown relation_method 'wasserstein'"):
+        audit_labels(img, txt, y, relation_method="wasserstein", **TINY)
