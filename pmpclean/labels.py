@@ -747,6 +747,12 @@ def _partial_transport(
 # --------------------------------------------------------------------------- audit
 
 
+def _on_standardized(module: Any, classes: list[Any], d_img: int, d_txt: int) -> LabelHeads:
+    """Heads over features that are already standardised (identity scaling)."""
+    scaling = (np.zeros(d_img), np.ones(d_img), np.zeros(d_txt), np.ones(d_txt))
+    return LabelHeads(module, scaling, classes)
+
+
 def _folds(
     y: np.ndarray, n_folds: int, rng: np.random.Generator, groups: np.ndarray | None = None
 ) -> np.ndarray:
@@ -993,16 +999,7 @@ def audit_labels(
                 steps=cfg.round_steps if warm else None,
             )
             fold_modules[f] = mod
-            heads = LabelHeads(
-                mod,
-                (
-                    np.zeros(zv.shape[1]),
-                    np.ones(zv.shape[1]),
-                    np.zeros(zt.shape[1]),
-                    np.ones(zt.shape[1]),
-                ),
-                cls,
-            )
+            heads = _on_standardized(mod, cls, zv.shape[1], zt.shape[1])
             lv[te], lt[te] = heads.predict_log_proba(zv_ok[te], zt_ok[te])
             tick(stage)
         return lv, lt
@@ -1063,16 +1060,7 @@ def audit_labels(
     if len(others):
         final_targets = post if method == "uot" else onehot
         mod = _train_module(zv_ok, zt_ok, final_targets, np.ones(n_ok), cfg, rng, dev)
-        heads = LabelHeads(
-            mod,
-            (
-                np.zeros(zv.shape[1]),
-                np.ones(zv.shape[1]),
-                np.zeros(zt.shape[1]),
-                np.ones(zt.shape[1]),
-            ),
-            cls,
-        )
+        heads = _on_standardized(mod, cls, zv.shape[1], zt.shape[1])
         pv, pt = heads.predict_log_proba(zv[others], zt[others])
         # same model as the EM's temperature fit: softmax(t_v log p_v + t_t log p_t + log b)
         ev = temps[0] * pv + temps[1] * pt + np.log(np.maximum(b, 1e-300))[None, :]
