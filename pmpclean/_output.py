@@ -10,12 +10,10 @@ callback that :meth:`Output.progress` hands out.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json as _json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +33,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ._utils import to_jsonable
 from .errors import ConfigError
 
 __all__ = ["Output", "FORMATS", "to_jsonable"]
@@ -42,41 +41,6 @@ __all__ = ["Output", "FORMATS", "to_jsonable"]
 FORMATS = ("human", "json")
 
 ProgressCallback = Callable[[str, int, int], None]
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert ``obj`` to plain JSON types: numpy scalars/arrays, paths, dates, NaN -> null."""
-    if obj is None or isinstance(obj, (str, bool)):
-        return obj
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return [to_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (Path, os.PathLike)):
-        return os.fspath(obj)
-    if isinstance(obj, (_dt.datetime, _dt.date, pd.Timestamp)):
-        return obj.isoformat()
-    if obj is pd.NA or obj is pd.NaT:
-        return None
-    if isinstance(obj, pd.Series):
-        return to_jsonable(obj.to_list())
-    if isinstance(obj, pd.DataFrame):
-        return to_jsonable(obj.to_dict("records"))
-    if hasattr(obj, "item") and callable(obj.item):  # 0-d arrays, torch scalars
-        try:
-            return to_jsonable(obj.item())
-        except (TypeError, ValueError):
-            pass
-    return str(obj)
 
 
 class _RateColumn(ProgressColumn):
@@ -348,7 +312,9 @@ class Output:
             console.print(counts)
 
         settings = _mapping(summary.get("settings"))
-        self._top_suspects(audit, top, (settings.get("data") or {}).get("text_col", settings.get("text_col")))
+        self._top_suspects(
+            audit, top, (settings.get("data") or {}).get("text_col", settings.get("text_col"))
+        )
         self._evaluation(_mapping(summary.get("evaluation")))
         self._labels(_mapping(summary.get("labels")), audit, top)
 

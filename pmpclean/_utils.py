@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
+import math
 import os
 import random
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,6 +19,7 @@ import numpy as np
 from .errors import ConfigError
 
 __all__ = [
+    "to_jsonable",
     "atomic_path",
     "atomic_open",
     "check_random_state",
@@ -126,3 +130,40 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
     with atomic_path(path) as tmp:
         with open(tmp, mode, **kwargs) as fh:
             yield fh
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert ``obj`` to plain JSON types: numpy scalars/arrays, paths, dates, NaN -> null."""
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return [to_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (Path, os.PathLike)):
+        return os.fspath(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):  # pandas Timestamp included
+        return obj.isoformat()
+    pd = sys.modules.get("pandas")  # only pandas objects need pandas, and they bring it
+    if pd is not None:
+        if obj is pd.NA or obj is pd.NaT:
+            return None
+        if isinstance(obj, pd.Series):
+            return to_jsonable(obj.to_list())
+        if isinstance(obj, pd.DataFrame):
+            return to_jsonable(obj.to_dict("records"))
+    if hasattr(obj, "item") and callable(obj.item):  # 0-d arrays, torch scalars
+        try:
+            return to_jsonable(obj.item())
+        except (TypeError, ValueError):
+            pass
+    return str(obj)

@@ -66,7 +66,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pandas as pd
 
-from ._utils import atomic_path
+from ._utils import atomic_path, to_jsonable
 from .errors import DatasetError
 
 __all__ = [
@@ -827,30 +827,10 @@ def image_fingerprint(path: str) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _jsonable(value: Any) -> Any:
-    if _is_missing(value):
-        return None
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, float) and math.isinf(value):
-        return None
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
 def _json_records(frame: pd.DataFrame) -> Iterable[dict[str, Any]]:
     columns = [str(c) for c in frame.columns]
     for row in frame.itertuples(index=False, name=None):
-        yield {c: _jsonable(v) for c, v in zip(columns, row, strict=True)}
+        yield {c: to_jsonable(v) for c, v in zip(columns, row, strict=True)}
 
 
 def write_table(frame: pd.DataFrame, path: str | Path, *, force: bool = False) -> Path:
