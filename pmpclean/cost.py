@@ -8,11 +8,12 @@ proposed. Every cost here is a cost per edge, **lower = more likely a true pair*
 * :class:`EdgeCost` is the learned cost pmpclean uses by default. A small MLP maps
   per-edge features (:func:`edge_features`; by default the similarity and how it
   compares with the mean of the row's and of the column's nearest candidates, a
-  hubness correction) to a correction of ``1 - s``. It does not depend on any batch
-  size, so one model serves a block of 128 or a graph of a million suspects. It is
-  fitted by :func:`fit_edge_cost` on *key points*: confident clean pairs planted
-  among the suspects, whose true caption is known; :func:`average_costs` averages
-  several fits.
+  hubness correction) to a correction of ``slope * (1 - s)``. It is monotone: a pair
+  that is more similar, absolutely or relative to the alternatives, never costs more.
+  It does not depend on any batch size, so one model serves a block of 128 or a
+  graph of a million suspects. It is fitted by :func:`fit_edge_cost` on *key
+  points*: confident clean pairs planted among the suspects, whose true caption is
+  known; :func:`average_costs` averages several fits.
 * :class:`PaperCost` re-implements the L2RM cost network
   (``FeedForward_Network`` in the authors' code): a ``Linear(B, B)`` + ReLU applied to
   each row of a ``B x B`` within-batch similarity matrix, initialised to
@@ -131,10 +132,15 @@ def _feature_columns(use: tuple[str, ...]) -> list[int]:
 
 @dataclass
 class EdgeCost:
-    """A fitted edge-wise cost: ``cost = (1 - sim) + scale * mlp(features[:, use])``.
+    """A fitted edge-wise cost: ``cost = slope * (1 - sim) + scale * mlp(features[:, use])``.
 
-    The MLP (``tanh`` hidden layer) starts with a zero output layer, so an unfitted
-    model is exactly the fixed cost ``1 - sim``.
+    The MLP has one ``tanh`` hidden layer. :func:`fit_edge_cost` keeps ``w1 >= 0``,
+    ``w2 <= 0`` and ``slope > 0``, so the fitted cost never increases when the
+    similarity or any feature increases: a pair that is more similar, absolutely or
+    relative to the alternatives, never costs more. This keeps the cost sane far from
+    the key points it was fitted on (pairs outside every candidate list get a cost at
+    least as high as their similarity says). A model with a zero output layer and
+    ``slope=1`` is exactly the fixed cost ``1 - sim``.
 
     Attributes
     ----------
@@ -149,6 +155,8 @@ class EdgeCost:
     info : dict
         Fit diagnostics: key points used, held-out loss of the fixed and the fitted
         cost, steps, whether the fit was kept.
+    slope : float
+        Weight of ``1 - sim`` (> 0; a global sharpening or flattening of the fixed cost).
     """
 
     w1: np.ndarray
@@ -158,6 +166,7 @@ class EdgeCost:
     scale: float
     use: tuple[str, ...] = DEFAULT_FEATURES
     info: dict = field(default_factory=dict)
+    slope: float = 1.0
 
     def correction(self, features: np.ndarray, *, chunk: int = 1 << 20) -> np.ndarray:
         """MLP output in units of ``scale``, shape (E,), float32.
@@ -176,16 +185,16 @@ class EdgeCost:
 
     def __call__(self, sim: np.ndarray, features: np.ndarray) -> np.ndarray:
         """Cost per edge, shape (E,), lower = more likely a true pair."""
-        return (1.0 - np.asarray(sim, dtype=np.float32)) + np.float32(self.scale) * self.correction(
-            features
-        )
+        base = np.float32(self.slope) * (1.0 - np.asarray(sim, dtype=np.float32))
+        return base + np.float32(self.scale) * self.correction(features)
 
 
 def average_costs(models: list[EdgeCost]) -> EdgeCost:
     """One :class:`EdgeCost` equal to the mean of several (an ensemble, as a wider MLP).
 
     ``mean_i(tanh(z W1_i + b1_i) w2_i + b2_i)`` is the MLP with the hidden units of
-    all models side by side and the output weights divided by their number.
+    all models side by side and the output weights divided by their number; the
+    slopes are averaged. The mean of monotone costs is monotone.
     """
     if not models:
         raise ValueError("average_costs needs at least one model")
@@ -200,6 +209,7 @@ def average_costs(models: list[EdgeCost]) -> EdgeCost:
         models[0].scale,
         models[0].use,
         {"n_models": m},
+        float(np.mean([md.slope for md in models])),
     )
 
 
@@ -237,12 +247,12 @@ def fit_edge_cost(
     temperature: float,
     use: tuple[str, ...] = DEFAULT_FEATURES,
     hidden: int = 16,
-    steps: int = 300,
-    lr: float = 0.03,
+    steps: int = 200,
+    lr: float = 0.05,
     weight_decay: float = 1e-3,
     holdout: float = 0.25,
     patience: int = 30,
-    max_per_segment: int = 64,
+    max_per_segment: int = 32,
     seed: int | np.random.Generator | None = None,
 ) -> EdgeCost:
     """Fit an :class:`EdgeCost` on key points with a known true edge.
@@ -253,7 +263,9 @@ def fit_edge_cost(
     edge under ``softmax(-cost / temperature)`` within its row and within its
     column, i.e. a one-row / one-column relaxation of entropic transport at
     regularisation ``temperature``: the fitted cost is calibrated for transport at
-    that regularisation. Segments are split into fit and held-out keys; the step
+    that regularisation. The weights are parametrised so that the cost is monotone
+    (``w1 = softplus(.) >= 0``, ``w2 = -softplus(.) <= 0``, ``slope = exp(.)``), on
+    standardised features. Segments are split into fit and held-out keys; the step
     with the lowest held-out loss is kept, and the fit is discarded (the model stays
     equal to ``1 - sim``, ``info["kept"] = False``) when no step improves on the
     fixed cost on the held-out keys. Segments whose true edge is not among the
@@ -297,9 +309,12 @@ def fit_edge_cost(
     cols = _feature_columns(tuple(use))
     f = np.asarray(features, dtype=np.float64)[:, cols]
     n_feat = f.shape[1]
-    w1 = rng.normal(0.0, 1.0 / np.sqrt(n_feat), size=(n_feat, hidden))
+    # Monotone parametrisation: w1 = softplus(u) >= 0, w2 = -softplus(v) <= 0 and
+    # slope = exp(rho) > 0, so the cost never rises with the similarity or a feature.
+    u = rng.normal(0.0, 0.5, size=(n_feat, hidden))
+    b1_init = rng.normal(0.0, 1.0, size=hidden)
     model = EdgeCost(
-        w1.astype(np.float32),
+        _softplus(u).astype(np.float32),
         np.zeros(hidden, np.float32),
         np.zeros(hidden, np.float32),
         0.0,
@@ -341,7 +356,12 @@ def fit_edge_cost(
         is_hold[rng.choice(n_seg, size=max(1, n_seg // 4), replace=False)] = True
     counts = np.bincount(seg, minlength=n_seg)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    z = f[edge_of].astype(np.float32)
+    # standardised features (a positive rescaling: monotonicity is unchanged); folded
+    # back into w1 and b1 at the end
+    mu = f[edge_of].mean(axis=0)
+    sd = f[edge_of].std(axis=0)
+    sd = np.where(sd > 1e-8, sd, 1.0)
+    z = ((f[edge_of] - mu) / sd).astype(np.float32)
     base = (1.0 - s_all[edge_of]) / temperature
     factor = float(scale) / float(temperature)
     true_pos = np.flatnonzero(is_true[edge_of])  # one per segment, in segment order
@@ -349,19 +369,27 @@ def fit_edge_cost(
     n_fit = int((~is_hold).sum())
     n_hold = int(is_hold.sum())
 
-    params = [w1, np.zeros(hidden), np.zeros(hidden), np.zeros(1)]
+    # raw parameters: u (n_feat, h), b1 (h), v (h), b2 (1), rho (1)
+    params = [u, b1_init, np.full(hidden, -2.0), np.zeros(1), np.zeros(1)]
 
-    def forward(p: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # float32 einsum: no BLAS threads for these thin products, half the memory traffic
-        h = np.tanh(np.einsum("ef,fh->eh", z, p[0].astype(np.float32)) + p[1].astype(np.float32))
-        x = -(base + factor * (h @ p[2] + p[3][0]))
+    def weights(p: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+        return _softplus(p[0]), -_softplus(p[2]), float(np.exp(p[4][0]))
+
+    def nll_of(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mx = np.maximum.reduceat(x, starts)
         ex = np.exp(x - np.repeat(mx, counts))
         se = np.add.reduceat(ex, starts)
-        nll = np.log(se) + mx - x[true_pos]
-        return h, ex / np.repeat(se, counts), nll
+        return np.log(se) + mx - x[true_pos], ex / np.repeat(se, counts)
 
-    _, _, nll0 = forward(params)
+    def forward(p: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w1, w2, slope = weights(p)
+        # float32 einsum: no BLAS threads for these thin products, half the memory traffic
+        h = np.tanh(np.einsum("ef,fh->eh", z, w1.astype(np.float32)) + p[1].astype(np.float32))
+        x = -(slope * base + factor * (h @ w2 + p[3][0]))
+        nll, soft = nll_of(x)
+        return h, soft, nll
+
+    nll0, _ = nll_of(-base)  # the fixed cost 1 - sim
     best_loss, best_params, best_step = float(nll0[is_hold].mean()), None, 0
     opt = _Adam(params, lr=lr, weight_decay=weight_decay)
     last = 0
@@ -373,18 +401,22 @@ def fit_edge_cost(
             best_loss, best_params, best_step = hold_loss, [p.copy() for p in params], step - 1
         elif step - 1 - best_step > patience:
             break
+        w1, w2, slope = weights(params)
         # d(mean fit nll)/dx = (softmax - onehot) / n_fit on fit segments
         gx = soft.copy()
         gx[true_pos] -= 1.0
         gx[hold_inst] = 0.0
         gx /= n_fit
         g_out = -factor * gx
-        g_pre = (g_out[:, None].astype(np.float32) * params[2].astype(np.float32)) * (1.0 - h * h)
+        g_pre = (g_out[:, None].astype(np.float32) * w2.astype(np.float32)) * (1.0 - h * h)
+        g_w1 = np.einsum("ef,eh->fh", z, g_pre).astype(np.float64)
+        g_w2 = np.einsum("eh,e->h", h, g_out.astype(np.float32)).astype(np.float64)
         grads = [
-            np.einsum("ef,eh->fh", z, g_pre).astype(np.float64),
+            g_w1 * _sigmoid(params[0]),
             g_pre.sum(0, dtype=np.float64),
-            np.einsum("eh,e->h", h, g_out.astype(np.float32)).astype(np.float64),
+            -g_w2 * _sigmoid(params[2]),
             np.array([g_out.sum()]),
+            np.array([-float(gx @ base) * slope]),
         ]
         opt.step(grads)
     _, _, nll = forward(params)
@@ -399,14 +431,26 @@ def fit_edge_cost(
         steps=int(last),
     )
     if best_params is not None:
-        model.w1 = best_params[0].astype(np.float32)
-        model.b1 = best_params[1].astype(np.float32)
-        model.w2 = best_params[2].astype(np.float32)
+        w1, w2, slope = weights(best_params)
+        w1 = w1 / sd[:, None]  # (f - mu) / sd @ w1 + b1 == f @ (w1 / sd) + (b1 - mu @ (w1 / sd))
+        model.w1 = w1.astype(np.float32)
+        model.b1 = (best_params[1] - mu @ w1).astype(np.float32)
+        model.w2 = w2.astype(np.float32)
         model.b2 = float(best_params[3][0])
+        model.slope = slope
         info["kept"] = True
+        info["slope"] = slope
     else:
         info["reason"] = "no step improved the held-out loss of the fixed cost"
     return model
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, x)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 @dataclass

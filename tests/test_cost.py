@@ -112,6 +112,25 @@ def test_fit_edge_cost_learns_a_rule_the_fixed_cost_misses() -> None:
     assert (cost.argmin(axis=1) == 0).mean() > 0.95
 
 
+def test_fitted_edge_cost_never_rises_with_similarity_or_a_feature() -> None:
+    feats, sim, seg, is_true, _ = _hubness_problem(60, 12, seed=7)
+    model = fit_edge_cost(
+        feats, sim, seg, np.full(seg.size, -1), is_true, scale=0.1, temperature=0.02, seed=0
+    )
+    assert model.info["kept"] is True
+    assert (model.w1 >= 0).all() and (model.w2 <= 0).all() and model.slope > 0
+    rng = np.random.default_rng(0)
+    # far outside the fitted range too: the cost must not dip for extreme inputs
+    probe_sim = rng.uniform(-1, 1, size=2000)
+    probe = rng.normal(0, 20, size=(2000, len(FEATURE_NAMES))).astype(np.float32)
+    base = model(probe_sim, probe)
+    assert (model(probe_sim + 0.05, probe) <= base + 1e-6).all()
+    for j in range(len(FEATURE_NAMES)):
+        up = probe.copy()
+        up[:, j] += 1.0
+        assert (model(probe_sim, up) <= base + 1e-6).all(), FEATURE_NAMES[j]
+
+
 def test_fit_edge_cost_uses_column_segments_too() -> None:
     feats, sim, seg, is_true, _ = _hubness_problem(40, 10, seed=1)
     model = fit_edge_cost(
@@ -185,6 +204,7 @@ def test_average_costs_is_the_mean_of_the_models() -> None:
     models = [fit_edge_cost(*args, scale=0.1, temperature=0.02, seed=s) for s in range(3)]
     avg = average_costs(models)
     assert avg.w1.shape == (len(DEFAULT_FEATURES), 3 * 16)
+    assert avg.slope == pytest.approx(np.mean([m.slope for m in models]))
     np.testing.assert_allclose(
         avg(sim, feats), np.mean([m(sim, feats) for m in models], axis=0), rtol=1e-5, atol=1e-5
     )

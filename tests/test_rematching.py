@@ -8,7 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pmpclean.errors import ConfigError, RematchError
-from pmpclean.rematching import partial_transport, rematch
+from pmpclean.rematching import (
+    _Graph,
+    _list_stats,
+    _Lists,
+    _make_nodes,
+    _round_plan,
+    _row_shares,
+    partial_transport,
+    rematch,
+)
 from pmpclean.synthetic import clip_like_pairs
 
 # --------------------------------------------------------------------------- helpers
@@ -161,6 +170,82 @@ def test_blocks_transport_their_own_mass() -> None:
     assert plan[5:].sum() == pytest.approx(0.4 * 0.5, rel=1e-5)
 
 
+# --------------------------------------------------------------------------- rounding
+
+
+def _greedy_reference(rows, cols, share, img, cap, n, q_min):
+    """Plain greedy: edges by decreasing share (ties: image node, caption node)."""
+    cand = np.full(n, -1)
+    conf = np.zeros(n)
+    used_r = np.zeros(img.size, dtype=int)
+    used_c = np.zeros(cap.size, dtype=int)
+    for e in sorted(range(len(share)), key=lambda e: (-share[e], rows[e], cols[e])):
+        r, c = rows[e], cols[e]
+        if share[e] <= q_min or used_r[r] >= img.cap[r] or used_c[c] >= cap.cap[c]:
+            continue
+        cand[img.order[img.start[r] + used_r[r]]] = cap.order[cap.start[c] + used_c[c]]
+        conf[img.order[img.start[r] + used_r[r]]] = min(share[e], 1.0)
+        used_r[r] += 1
+        used_c[c] += 1
+    return cand, conf
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 100_000), n_rows=st.integers(1, 30), density=st.floats(0.1, 1.0))
+def test_round_plan_in_rounds_equals_the_plain_greedy(seed: int, n_rows: int, density: float):
+    rng = np.random.default_rng(seed)
+    ig = rng.integers(0, max(1, n_rows // 2), size=n_rows)  # images with several rows
+    tg = rng.integers(0, max(1, (2 * n_rows) // 3), size=n_rows)  # repeated captions
+    img, cap = _make_nodes(np.arange(n_rows), ig), _make_nodes(np.arange(n_rows), tg)
+    allowed = rng.random((img.size, cap.size)) < density
+    r, c = np.nonzero(allowed)
+    share = rng.integers(0, 6, size=r.size) / 4.0  # coarse values: many ties, some > 1
+    ref = _greedy_reference(r, c, share, img, cap, n_rows, 0.1)
+    for loop_below in (0, 3, 10_000):  # all rounds, mixed, all loop
+        got = _round_plan(r, c, share, img, cap, n_rows, 0.1, loop_below=loop_below)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_allclose(got[1], ref[1])
+
+
+def test_row_shares_ignore_mass_beyond_the_top_edges() -> None:
+    # two images (capacity 1 and 2); image 0 sends 0.5 to its top edge, 0.2 and 0.1
+    # to the next ones and 0.1 in slivers over 10 far captions; 0.1 abstained
+    rows = np.array([0] * 13 + [1, 1])
+    q = np.array([0.5, 0.2, 0.1] + [0.01] * 10 + [1.2, 0.4])
+    cap = np.array([1.0, 2.0])
+    share = _row_shares(rows, q, cap, top=3)
+    d0 = 0.5 + 0.2 + 0.1 + 0.1  # top-3 mass + abstained, slivers left out
+    np.testing.assert_allclose(share[:3], np.array([0.5, 0.2, 0.1]) / d0)
+    # image 1: top 3 * 2 edges hold everything; abstained 0.4 -> denominator (2.0) / 2
+    np.testing.assert_allclose(share[13:], [1.2, 0.4])
+    # without slivers the share is the plain fraction of the row's mass
+    np.testing.assert_allclose(_row_shares(rows[:3], q[:3], cap[:1], top=3), q[:3])
+
+
+def test_learned_cost_rises_beyond_every_candidate_list() -> None:
+    lists = _Lists(np.array([[0.9, 0.7], [0.8, 0.6]], dtype=np.float32), np.array([[0, 1], [1, 0]]))
+    short = _Lists(np.array([[0.5, -np.inf]], dtype=np.float32), np.array([[0, -1]]))
+    rows, cols = np.array([0, 0, 1]), np.array([0, 1, 0])
+    g = _Graph(
+        rows,
+        cols,
+        np.array([0.9, 0.5, 0.4], dtype=np.float32),
+        _list_stats(lists),
+        _list_stats(lists),
+    )
+    # edge 0 is in its row's list; edges 1 and 2 lie below both lists' last entries
+    np.testing.assert_allclose(g.beyond_lists(), [0.0, 0.1, 0.2], atol=1e-6)
+    # a list shorter than k holds every allowed candidate: nothing lies beyond it
+    g2 = _Graph(
+        rows[:1],
+        cols[:1],
+        np.array([0.1], dtype=np.float32),
+        _list_stats(short),
+        _list_stats(short),
+    )
+    assert g2.beyond_lists()[0] == 0.0
+
+
 # --------------------------------------------------------------------------- rematch
 
 
@@ -271,6 +356,25 @@ def test_sparse_solver_matches_dense_pot_on_the_full_graph() -> None:
     np.testing.assert_allclose(dense.candidate_confidence, full.candidate_confidence, atol=1e-3)
     knn = rematch(data.image_emb, data.text_emb, sus, solver="sparse", k=16, **kw)
     assert (knn.candidate_row == dense.candidate_row).mean() >= 0.97
+
+
+def test_learned_sparse_proposals_match_dense_pot() -> None:
+    data = clip_like_pairs(400, dim=64, noise_rate=0.4, semantic=1.0, noise=0.8, seed=22)
+    sus = data.is_mismatched
+    kw = {
+        "cost": "learned",
+        "min_confidence": 0.5,
+        "seed": 0,
+        "k": 16,
+        "tol": 1e-5,
+        "max_iter": 5000,
+    }
+    dense = rematch(data.image_emb, data.text_emb, sus, solver="dense", **kw)
+    sparse = rematch(data.image_emb, data.text_emb, sus, **kw)
+    assert dense.info["cost_used"] == sparse.info["cost_used"] == "learned"
+    rows = np.flatnonzero(sus)
+    assert (dense.proposed_row[rows] == sparse.proposed_row[rows]).mean() >= 0.99
+    assert (sparse.proposed_row[rows] >= 0).mean() >= 0.3
 
 
 def test_many_to_many_and_duplicates_never_give_nonsense() -> None:
