@@ -5,11 +5,11 @@ runs offline: the same small open_clip architecture (``pmpclean-small``: 32 px i
 patch 8, width 64, two layers per tower, 64-d embeddings) is trained **from random
 initialisation** on a generated image-caption dataset (``examples/make_toy_dataset.py``:
 drawn shapes with templated captions) in which 20/40/60/80 % of the captions were
-shuffled onto other images, three ways:
+shuffled onto other images, in these ways:
 
 ``plain``
-    :func:`pmpclean.finetune.finetune` with ``method="contrastive"``: the usual
-    symmetric InfoNCE on every pair of the noisy manifest.
+    :func:`pmpclean.finetune` with ``method="contrastive"``: the usual symmetric InfoNCE
+    on every pair of the noisy manifest.
 ``cleaned``
     ``pmpclean scan`` of the noisy manifest with the ``plain`` model (the only trained
     model there is to audit with), ``pmpclean rematch`` (policy ``rematch``: keep the
@@ -19,12 +19,19 @@ shuffled onto other images, three ways:
     The same, but the scan uses the dataset's reference embeddings
     (``embeddings.npz``, the toy generator's attribute encoder that the quickstart uses
     as its stand-in for a pretrained CLIP). This is the workflow with a good
-    pretrained model at hand, and it sees information the other three methods do not
-    have: a reference point, not a competitor.
+    pretrained model at hand, and it sees information the self-audited methods do not
+    have.
 ``finetune``
-    :func:`pmpclean.finetune.finetune` with its defaults (``method="l2rm"``): InfoNCE on
-    the pairs the per-epoch loss mixture calls clean, soft targets from the in-batch
-    partial-OT plan for the suspects. One training, no outside audit.
+    :func:`pmpclean.finetune` with its defaults (``method="l2rm"``) on the noisy
+    manifest: InfoNCE on the pairs the per-epoch loss mixture calls clean, soft targets
+    from the in-batch partial-OT plan for the suspects. One training, no outside audit:
+    the model audits itself while it learns.
+``finetune-ref``
+    :func:`pmpclean.finetune` with its defaults on the scan folder of ``cleaned-ref``
+    (``pmpclean finetune data.pmpclean``): the scan's split seeds the first epoch and
+    its ``match_score`` stays half of the evidence in every refreshed split. The
+    counterpart of ``cleaned-ref``: the same audit, used by the robust loss instead of
+    by deleting rows.
 
 Every run uses the same data, order seed, epochs, batch size and learning-rate schedule,
 trains for a fixed number of epochs with no model selection (the last epoch is
@@ -34,10 +41,18 @@ never trained on). Captions often leave out the size or the background, so sever
 drawings fit a caption: R@1 is capped well below 100 even for a perfect model, and
 R@5/R@10 are the informative numbers.
 
+``--diagnose NOISE`` adds, at that noise rate, runs that explain where the self-audited
+``finetune`` loses: ``finetune`` with an *oracle* split (the injected truth, through a
+scan-like folder with ``audit_weight=1``) that starts at a given epoch (``--oracle-starts``;
+before it: plain InfoNCE, as before the adaptive start), and ``finetune`` without the
+suspects' soft targets (``noisy_weight=0``). Diagnostics explain; defaults are never
+chosen on the test set (the development setting is ``--seed 1 --test-seed 99``).
+
 Usage::
 
     python benchmarks/bench_finetune.py [--noise 0.2 0.4 0.6 0.8] [--epochs 20]
-        [--n-images 1000] [--seed 0] [--threads 1] [--work DIR]
+        [--n-images 1000] [--seed 0] [--test-seed SEED] [--methods ...]
+        [--diagnose 0.8] [--oracle-starts 1 5 10] [--threads 1] [--work DIR]
         [--out benchmarks/results/finetune.md]
 """
 
@@ -58,12 +73,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "pmpclean-small"
-METHODS = ("plain", "cleaned", "cleaned-ref", "finetune")
+METHODS = ("plain", "cleaned", "cleaned-ref", "finetune", "finetune-ref")
 NAMES = {
     "plain": "plain InfoNCE",
     "cleaned": "InfoNCE on cleaned manifest (scan with the plain model)",
     "cleaned-ref": "InfoNCE on cleaned manifest (scan with reference embeddings)",
-    "finetune": "**pmpclean finetune**",
+    "finetune": "**pmpclean finetune** (self-audit)",
+    "finetune-ref": "**pmpclean finetune** on the reference scan folder",
 }
 
 
@@ -95,19 +111,24 @@ def make_data(work: Path, *, n_images: int, noise: float, seed: int) -> Path:
 def make_test(work: Path, *, seed: int) -> Path:
     """Clean held-out set: 288 drawings (every attribute combination once), one caption each."""
     info = _toy().make_toy_dataset(
-        work / "test", n_images=288, captions_per_image=1, mismatch_rate=0.0, seed=seed + 10_000
+        work / "test", n_images=288, captions_per_image=1, mismatch_rate=0.0, seed=seed
     )
     return Path(info["captions"])
 
 
 def train(
-    manifest: Path | str, out: Path, *, method: str, args: argparse.Namespace
+    dataset: Path | str,
+    out: Path,
+    *,
+    method: str,
+    args: argparse.Namespace,
+    **options: Any,
 ) -> dict[str, Any]:
-    from pmpclean.finetune import finetune
+    from pmpclean import finetune
 
     t0 = time.perf_counter()
     result = finetune(
-        manifest,
+        dataset,
         out_dir=out,
         model=ARCH,
         pretrained="none",
@@ -120,6 +141,7 @@ def train(
         device="cpu",
         seed=args.seed,
         overwrite=True,
+        **options,
     )
     return {
         "checkpoint": str(result.checkpoint),
@@ -130,9 +152,9 @@ def train(
 
 def clean_manifest(
     noisy: Path, work: Path, *, name: str, seed: int, checkpoint: str | None = None
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, Path, dict[str, Any]]:
     """``pmpclean scan`` (with a model checkpoint, or the reference embeddings.npz), then
-    ``pmpclean rematch`` -> a cleaned manifest beside the noisy one."""
+    ``pmpclean rematch`` -> (cleaned manifest, scan folder, audit summary)."""
     from pmpclean.config import EmbedConfig, ScanConfig
     from pmpclean.pipeline import rematch, scan
 
@@ -146,15 +168,39 @@ def clean_manifest(
     t0 = time.perf_counter()
     scan_dir = work / f"scan-{name}"
     res = scan(noisy, config=cfg, out_dir=scan_dir)
-    cleaned = noisy.parent / f"{name}.csv"  # beside the manifest: image paths are relative
+    cleaned = noisy.parent / f"{name}.csv"
     rm = rematch(noisy, out=cleaned, policy="rematch", audit_dir=scan_dir, config=cfg, force=True)
-    return cleaned, {
-        "seconds": time.perf_counter() - t0,
-        "detection": _detection(res.audit),
-        "action_counts": res.summary.get("action_counts"),
-        "n_cleaned": int(len(rm.cleaned)),
-        "n_dropped": int(len(rm.dropped)),
-    }
+    mix = res.summary.get("mixture") or {}
+    return (
+        cleaned,
+        scan_dir,
+        {
+            "seconds": time.perf_counter() - t0,
+            "detection": _detection(res.audit),
+            "separation": mix.get("separation"),
+            "split_reason": mix.get("reason"),
+            "action_counts": res.summary.get("action_counts"),
+            "n_cleaned": int(len(rm.cleaned)),
+            "n_dropped": int(len(rm.dropped)),
+        },
+    )
+
+
+def oracle_folder(noisy: Path, work: Path) -> Path:
+    """A scan-like folder whose ``is_mismatched`` is the injected truth (diagnostics only)."""
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.read_csv(noisy, dtype=str, keep_default_na=False)
+    frame["image_path"] = frame["image"]
+    truth = frame["true_row"].astype(int).to_numpy() != np.arange(len(frame))
+    frame["is_mismatched"] = truth
+    frame["match_score"] = (~truth).astype(float)
+    folder = work / "oracle-audit"
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(folder / "audit.csv", index=False)
+    (folder / "summary.json").write_text(json.dumps({"manifest": str(noisy)}), encoding="utf-8")
+    return folder
 
 
 def _detection(audit: Any) -> dict[str, float]:
@@ -189,16 +235,36 @@ def residual_noise(cleaned: Path) -> float:
 
 
 def evaluate(ckpt: str, test: Path) -> dict[str, Any]:
-    from pmpclean.finetune import evaluate_retrieval
+    from pmpclean.training import evaluate_retrieval
 
     return evaluate_retrieval(test, model=ARCH, pretrained=ckpt, device="cpu")
+
+
+def _l2rm_row(noise: float, method: str, run: dict[str, Any], test: Path) -> dict[str, Any]:
+    """Result row of an l2rm run, with its split history (quality against the truth)."""
+    m = run["metrics"]
+    splits = [h["split"] for h in m["history"] if (h["split"] or {}).get("quality")]
+    return {
+        "noise": noise,
+        "method": method,
+        "seconds": run["seconds"],
+        "test": evaluate(run["checkpoint"], test),
+        "split": splits[-1] if splits else None,
+        "split_warmup_epochs": m["resolved"]["split_warmup_epochs"],
+        "split_start_epoch": m["split_start_epoch"],
+        "split_history": [
+            {"epoch": h["epoch"], **((h["split"] or {}).get("quality") or {})} for h in m["history"]
+        ],
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pmpclean-bench-ft-"))
     work.mkdir(parents=True, exist_ok=True)
-    test = make_test(work, seed=args.seed)
+    test = make_test(work, seed=args.test_seed)
+    methods = set(args.methods)
     rows: list[dict[str, Any]] = []
+    diagnostics: list[dict[str, Any]] = []
     for noise in args.noise:
         tag = f"noise{int(round(noise * 100))}"
         noisy = make_data(work, n_images=args.n_images, noise=noise, seed=args.seed)
@@ -210,11 +276,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"[{tag}] plain rsum {plain_eval['rsum']:.1f} ({plain['seconds']:.0f}s)", flush=True)
 
+        scan_dirs: dict[str, Path] = {}
         for name, ckpt in (("cleaned", plain["checkpoint"]), ("cleaned-ref", None)):
-            print(f"[{tag}] {name}: scan + rematch, then plain InfoNCE", flush=True)
-            cleaned, audit = clean_manifest(
+            if name not in methods and not (name == "cleaned-ref" and "finetune-ref" in methods):
+                continue
+            print(f"[{tag}] {name}: scan + rematch", flush=True)
+            cleaned, scan_dirs[name], audit = clean_manifest(
                 noisy, work / tag, name=name, seed=args.seed, checkpoint=ckpt
             )
+            if name not in methods:
+                continue
             audit["residual_noise"] = residual_noise(cleaned)
             cl = train(cleaned, work / tag / name, method="contrastive", args=args)
             cl_eval = evaluate(cl["checkpoint"], test)
@@ -230,29 +301,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             print(f"[{tag}] {name} rsum {cl_eval['rsum']:.1f}", flush=True)
 
-        print(f"[{tag}] training finetune (l2rm)", flush=True)
-        ft = train(noisy, work / tag / "finetune", method="l2rm", args=args)
-        ft_eval = evaluate(ft["checkpoint"], test)
-        splits = [h["split"] for h in ft["metrics"]["history"] if h["split"].get("quality")]
-        rows.append(
-            {
-                "noise": noise,
-                "method": "finetune",
-                "seconds": ft["seconds"],
-                "test": ft_eval,
-                "split": splits[-1] if splits else None,
-                "split_warmup_epochs": ft["metrics"]["resolved"]["split_warmup_epochs"],
-                "split_start_epoch": ft["metrics"]["split_start_epoch"],
-                "split_history": [
-                    {"epoch": h["epoch"], **(h["split"].get("quality") or {})}
-                    for h in ft["metrics"]["history"]
-                ],
-            }
-        )
-        print(f"[{tag}] finetune rsum {ft_eval['rsum']:.1f} ({ft['seconds']:.0f}s)", flush=True)
+        if "finetune" in methods:
+            print(f"[{tag}] training finetune (l2rm, self-audit)", flush=True)
+            ft = train(noisy, work / tag / "finetune", method="l2rm", args=args)
+            rows.append(_l2rm_row(noise, "finetune", ft, test))
+            print(f"[{tag}] finetune rsum {rows[-1]['test']['rsum']:.1f}", flush=True)
+        if "finetune-ref" in methods:
+            print(f"[{tag}] training finetune on the reference scan folder", flush=True)
+            fr = train(
+                scan_dirs["cleaned-ref"], work / tag / "finetune-ref", method="l2rm", args=args
+            )
+            rows.append(_l2rm_row(noise, "finetune-ref", fr, test))
+            print(f"[{tag}] finetune-ref rsum {rows[-1]['test']['rsum']:.1f}", flush=True)
+
+        if any(abs(noise - d) < 1e-9 for d in args.diagnose):
+            folder = oracle_folder(noisy, work / tag)
+            runs: list[tuple[str, Path | str, dict[str, Any]]] = [
+                (
+                    f"oracle split from epoch {k}",
+                    folder,
+                    {"split_warmup_epochs": k - 1, "audit_weight": 1.0},
+                )
+                for k in args.oracle_starts
+            ]
+            runs.append(("self-audit, suspects without soft targets", noisy, {"noisy_weight": 0.0}))
+            for what, data, opts in runs:
+                print(f"[{tag}] diagnosis: {what}", flush=True)
+                name = "diag-" + "-".join(f"{k}{v}" for k, v in opts.items())
+                d = train(data, work / tag / name, method="l2rm", args=args, **opts)
+                row = _l2rm_row(noise, "diagnosis", d, test)
+                row["what"] = what
+                row["options"] = opts
+                diagnostics.append(row)
+                print(f"[{tag}] {what}: rsum {row['test']['rsum']:.1f}", flush=True)
     if not args.work and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    return {"rows": rows, "work": str(work)}
+    return {"rows": rows, "diagnostics": diagnostics, "work": str(work)}
 
 
 def _row(cells: list[str]) -> str:
@@ -263,7 +347,21 @@ def _fmt(v: float) -> str:
     return f"{v:.1f}"
 
 
-def render(result: dict[str, Any], args: argparse.Namespace, seconds: float, command: str) -> str:
+def _margins(by: dict[Any, Any], noises: list[float], method: str, base: str) -> list[float] | None:
+    if not all((n, method) in by and (n, base) in by for n in noises):
+        return None
+    return [by[(n, method)]["test"]["rsum"] - by[(n, base)]["test"]["rsum"] for n in noises]
+
+
+def render(
+    result: dict[str, Any],
+    args: argparse.Namespace,
+    seconds: float,
+    command: str,
+    *,
+    findings: str | None = None,
+    load: str | None = None,
+) -> str:
     import numpy as np
     import open_clip
     import torch
@@ -271,6 +369,7 @@ def render(result: dict[str, Any], args: argparse.Namespace, seconds: float, com
     from pmpclean import __version__
 
     rows = result["rows"]
+    diagnostics = result.get("diagnostics") or []
     lines = [
         "# Fine-tuning on noisy captions: plain vs cleaned manifest vs `pmpclean finetune`",
         "",
@@ -286,11 +385,13 @@ def render(result: dict[str, Any], args: argparse.Namespace, seconds: float, com
         f"- training data: `make_toy_dataset(n_images={args.n_images}, captions_per_image=1, "
         f"mismatch_rate=NOISE, seed={args.seed})` (same drawings and captions at every noise rate)",
         f"- test data: 288 clean drawings, `make_toy_dataset(n_images=288, mismatch_rate=0, "
-        f"seed={args.seed + 10_000})`, one caption each",
+        f"seed={args.test_seed})`, one caption each",
         f"- seed {args.seed} (data order, split mixtures); "
         "random init seed = pmpclean.embedding.RANDOM_SEED",
         f"- torch threads {args.threads}; total wall time {seconds / 60:.1f} min "
-        f"(shared machine: other jobs were running)",
+        f"(shared 2-core machine: other jobs were running"
+        + (f"; 5-min load average {load}, start -> end" if load else "")
+        + ")",
         f"- pmpclean {__version__}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
         f"numpy {np.__version__}, python {platform.python_version()}",
         "",
@@ -310,77 +411,108 @@ def render(result: dict[str, Any], args: argparse.Namespace, seconds: float, com
         cells = [f"{int(r['noise'] * 100)}%", name]
         cells += [_fmt(d[f"R@{k}"]) for d in (i, x) for k in (1, 5, 10)]
         lines.append(_row(cells + [_fmt(t["rsum"]), f"{r['seconds']:.0f}"]))
-    lines += ["", "## Margin of `pmpclean finetune` over plain training (R-sum points)", ""]
-    lines += [
-        _row(["noise", "finetune - plain", "finetune - cleaned", "finetune - cleaned-ref"]),
-        _row(["---"] * 4),
-    ]
+
     by = {(r["noise"], r["method"]): r for r in rows}
     noises = sorted({r["noise"] for r in rows})
-    for noise in noises:
-        f = by[(noise, "finetune")]["test"]["rsum"]
+    pairs = [
+        ("finetune", "plain"),
+        ("finetune-ref", "plain"),
+        ("finetune", "cleaned"),
+        ("finetune-ref", "cleaned-ref"),
+    ]
+    pairs = [p for p in pairs if _margins(by, noises, *p) is not None]
+    lines += ["", "## Margins (R-sum points)", ""]
+    lines += [_row(["noise"] + [f"{a} - {b}" for a, b in pairs]), _row(["---"] * (1 + len(pairs)))]
+    for j, noise in enumerate(noises):
         cells = [f"{int(noise * 100)}%"]
-        cells += [f"{f - by[(noise, m)]['test']['rsum']:+.1f}" for m in METHODS[:3]]
+        cells += [f"{_margins(by, noises, a, b)[j]:+.1f}" for a, b in pairs]  # type: ignore[index]
         lines.append(_row(cells))
-    margins = [
-        by[(n, "finetune")]["test"]["rsum"] - by[(n, "plain")]["test"]["rsum"] for n in noises
-    ]
-    beats = all(m > 0 for m in margins)
-    grows = all(b >= a for a, b in zip(margins, margins[1:], strict=False))
-    lines += [
-        "",
-        f"- `pmpclean finetune` beats plain training at every noise rate: "
-        f"**{'yes' if beats else 'no'}** (R-sum margins "
-        + ", ".join(f"{m:+.1f}" for m in margins)
-        + ")",
-        f"- the margin grows with every step up in noise: **{'yes' if grows else 'no'}**",
-        "",
-        "Notes",
-        "",
-        "- `cleaned` equals `plain` whenever the scan with the plain model flags nothing "
-        "(the rematch then keeps every row, and training is deterministic): see the "
-        "diagnostics below.",
-        "- `cleaned-ref` audits with the toy generator's reference embeddings, which read the "
-        "drawing attributes and parse the captions: the stand-in for a strong pretrained CLIP, "
-        "information the other methods do not have. It bounds what a cleaned manifest can do.",
-        "- One seed; differences of a few R-sum points are within seed noise.",
-        "- `pmpclean finetune` runs with its defaults. One of them was revised after an "
-        "earlier run of this benchmark: with a fixed 3-epoch warm-up the first split came "
-        "before the model had learned anything at 60-80% noise (it then lost to plain "
-        "training at 80%: R-sum 34.4 vs 39.9). The adaptive start that replaced it (split "
-        "once the training loss is 5% below chance) was compared with the fixed warm-up on "
-        "a separate development setting (training data seed 1, test seed 99: 121 vs 115 "
-        "R-sum at 60%, 37 vs 16 at 80%) before this run.",
-        "- The margin shrinks at 80%: from scratch the model hardly learns there (plain R-sum "
-        "about 40), so its per-pair losses separate the mismatches only weakly (split AUROC "
-        "below) and the split finds few of them; with 20% clean pairs, a good audit "
-        "(`cleaned-ref`) is what makes the difference.",
-    ]
+    lines.append("")
+    for method in ("finetune", "finetune-ref"):
+        margins = _margins(by, noises, method, "plain")
+        if margins is None:
+            continue
+        beats = all(m > 0 for m in margins)
+        grows = all(b >= a for a, b in zip(margins, margins[1:], strict=False))
+        lines += [
+            f"- `{method}` beats plain training at every noise rate: "
+            f"**{'yes' if beats else 'no'}** (R-sum margins "
+            + ", ".join(f"{m:+.1f}" for m in margins)
+            + f"); the margin grows with every step up in noise: **{'yes' if grows else 'no'}**",
+        ]
     same = all(
-        by[(n, "cleaned")]["test"]["rsum"] == by[(n, "plain")]["test"]["rsum"] for n in noises
+        (n, "cleaned") in by
+        and by[(n, "cleaned")]["test"]["rsum"] == by[(n, "plain")]["test"]["rsum"]
+        for n in noises
     )
     if same:
         lines.append(
-            "- Here the scan with the plain model flagged no pair at any noise rate (its split "
-            "judged the two mixture components to overlap, although `match_score` ranks the "
-            "mismatches with the AUROC shown below), so `cleaned` trained on the full noisy "
-            "manifest."
+            "- The scan with the plain model flagged no pair at any noise rate (the split's "
+            "separation guard refused the mixture, Ashman's D in the diagnostics below), so "
+            "`cleaned` trained on the full noisy manifest and equals `plain` (training is "
+            "deterministic)."
         )
+
+    if diagnostics:
+        lines += [
+            "",
+            "## Diagnosis: where the self-audited `finetune` loses at high noise",
+            "",
+            "Same data, test set and schedule as the table above. Oracle runs train plain "
+            "InfoNCE until the given epoch, then use the injected truth as the split "
+            "(soft targets for the true mismatches) to the end.",
+            "",
+            _row(["noise", "run", "first split", "split AUROC (last)", "R-sum", "- plain"]),
+            _row(["---"] * 6),
+        ]
+        for d in diagnostics:
+            plain_rsum = by[(d["noise"], "plain")]["test"]["rsum"]
+            q = (d.get("split") or {}).get("quality") or {}
+            start = d.get("split_start_epoch")
+            lines.append(
+                _row(
+                    [
+                        f"{int(d['noise'] * 100)}%",
+                        d["what"],
+                        "none" if start is None else f"epoch {start}",
+                        "n/a" if q.get("auroc") is None else f"{q['auroc']:.2f}",
+                        _fmt(d["test"]["rsum"]),
+                        f"{d['test']['rsum'] - plain_rsum:+.1f}",
+                    ]
+                )
+            )
+        for noise in sorted({d["noise"] for d in diagnostics}):
+            hist = [
+                h
+                for h in (by.get((noise, "finetune")) or {}).get("split_history", [])
+                if h.get("auroc") is not None
+            ]
+            if hist:
+                lines += [
+                    "",
+                    f"Self-audit split at {int(noise * 100)}% (AUROC of its clean probability "
+                    "against the truth, per epoch from its first split): "
+                    + ", ".join(f"e{h['epoch']} {h['auroc']:.2f}" for h in hist),
+                ]
+
+    if findings:
+        lines += ["", findings.strip()]
+
     lines += [
         "",
         "## Diagnostics",
         "",
-        "`finetune`: its clean/suspect split of the last epoch against the injected truth "
-        "(positive = mismatched; AUROC of the clean probability). `cleaned` and "
+        "`finetune`, `finetune-ref`: their clean/suspect split of the last epoch against the "
+        "injected truth (positive = mismatched; AUROC of the clean probability). `cleaned` and "
         "`cleaned-ref`: the scan's detection (AUROC of `match_score`, F1 of "
-        "`is_mismatched`), the rows kept by `pmpclean rematch`, and the share of kept rows "
-        "whose caption names an attribute the drawing does not have.",
+        "`is_mismatched`, Ashman's D of its mixture), the rows kept by `pmpclean rematch`, "
+        "and the share of kept rows whose caption names an attribute the drawing does not have.",
         "",
         _row(
-            ["noise", "what", "first split", "precision", "recall", "F1", "AUROC", "rows kept"]
-            + ["wrong captions"]
+            ["noise", "what", "first split", "precision", "recall", "F1", "AUROC", "D"]
+            + ["rows kept", "wrong captions"]
         ),
-        _row(["---"] * 9),
+        _row(["---"] * 10),
     ]
 
     def g(d: dict[str, Any], k: str) -> str:
@@ -388,28 +520,46 @@ def render(result: dict[str, Any], args: argparse.Namespace, seconds: float, com
         return "n/a" if v is None else f"{v:.2f}"
 
     for noise in noises:
-        f = by[(noise, "finetune")]
-        q = (f.get("split") or {}).get("quality") or {}
-        prec, rec = q.get("precision"), q.get("recall")
-        f1 = None if not prec or not rec else 2 * prec * rec / (prec + rec)
-        start = f.get("split_start_epoch")
-        cells = [
-            f"{int(noise * 100)}%",
-            "finetune split",
-            "none" if start is None else f"epoch {start}",
-        ]
-        cells += [g(q, "precision"), g(q, "recall"), g({"f1": f1}, "f1"), g(q, "auroc")]
-        lines.append(_row(cells + ["all (suspects: soft targets)", "n/a"]))
+        for method in ("finetune", "finetune-ref"):
+            if (noise, method) not in by:
+                continue
+            f = by[(noise, method)]
+            q = (f.get("split") or {}).get("quality") or {}
+            prec, rec = q.get("precision"), q.get("recall")
+            f1 = None if not prec or not rec else 2 * prec * rec / (prec + rec)
+            start = f.get("split_start_epoch")
+            cells = [
+                f"{int(noise * 100)}%",
+                f"{method} split",
+                "none" if start is None else f"epoch {start}",
+            ]
+            cells += [g(q, "precision"), g(q, "recall"), g({"f1": f1}, "f1"), g(q, "auroc")]
+            lines.append(_row(cells + ["", "all (suspects: soft targets)", "n/a"]))
         for m in ("cleaned", "cleaned-ref"):
+            if (noise, m) not in by:
+                continue
             a = by[(noise, m)].get("audit") or {}
             ev = a.get("detection") or {}
             cells = [f"{int(noise * 100)}%", f"{m} scan", ""]
             cells += [g(ev, "precision"), g(ev, "recall"), g(ev, "f1"), g(ev, "auroc")]
-            cells += [f"{a.get('n_cleaned')} / {args.n_images}"]
+            cells += [g(a, "separation"), f"{a.get('n_cleaned')} / {args.n_images}"]
             cells += [f"{100 * a.get('residual_noise', float('nan')):.0f}%"]
             lines.append(_row(cells))
-    lines += ["", "Raw numbers:", "", "```json", json.dumps(rows, indent=1, default=str), "```", ""]
+    raw = {"rows": rows, "diagnostics": diagnostics}
+    lines += ["", "Raw numbers:", "", "```json", json.dumps(raw, indent=1, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def _findings(path: Path) -> str | None:
+    """The hand-written ``## Findings`` section of an earlier results file, kept on re-render."""
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    if "\n## Findings" not in text:
+        return None
+    tail = text.split("\n## Findings", 1)[1]
+    body = tail.split("\n## ", 1)[0]
+    return "## Findings" + body.rstrip()
 
 
 def _rerender(src: Path, out: Path, parser: argparse.ArgumentParser) -> None:
@@ -419,10 +569,32 @@ def _rerender(src: Path, out: Path, parser: argparse.ArgumentParser) -> None:
     text = src.read_text(encoding="utf-8")
     command = text.split("```\n", 2)[1].strip()
     minutes = float(re.search(r"total wall time ([0-9.]+) min", text).group(1))  # type: ignore[union-attr]
-    rows = json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])
-    old_args = parser.parse_args(command.split()[2:])
-    out.write_text(render({"rows": rows}, old_args, minutes * 60, command), encoding="utf-8")
+    load = re.search(r"load average ([0-9.]+ -> [0-9.]+)", text)
+    raw = json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])
+    if isinstance(raw, list):  # results files before the diagnosis section
+        raw = {"rows": raw, "diagnostics": []}
+    old_args = _finish(parser.parse_args(command.split()[2:]))
+    out.write_text(
+        render(
+            raw,
+            old_args,
+            minutes * 60,
+            command,
+            findings=_findings(src),
+            load=load.group(1) if load else None,
+        ),
+        encoding="utf-8",
+    )
     print(f"wrote {out}")
+
+
+def _finish(args: argparse.Namespace) -> argparse.Namespace:
+    if args.test_seed is None:
+        args.test_seed = args.seed + 10_000
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -433,6 +605,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--test-seed",
+        type=int,
+        default=None,
+        help="seed of the clean test set (default seed+10000)",
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="arms to run")
+    parser.add_argument(
+        "--diagnose", type=float, nargs="*", default=[], help="noise rates to diagnose"
+    )
+    parser.add_argument("--oracle-starts", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
         "--work", default=None, help="working folder (default: a temp dir, removed)"
@@ -448,20 +631,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.render_from:
         _rerender(Path(args.render_from), Path(args.out), parser)
         return
+    args = _finish(args)
 
     import torch
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("PMPCLEAN_CACHE_DIR", tempfile.mkdtemp(prefix="pmpclean-cache-"))
     warnings.filterwarnings("ignore", category=UserWarning)
+    load_start = os.getloadavg()
     t0 = time.perf_counter()
     result = run(args)
     seconds = time.perf_counter() - t0
+    load_end = os.getloadavg()
+    load = f"{load_start[1]:.1f} -> {load_end[1]:.1f}"
     command = "python benchmarks/bench_finetune.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    text = render(result, args, seconds, command.strip())
     out = Path(args.out)
+    text = render(result, args, seconds, command.strip(), findings=_findings(out), load=load)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     print(f"wrote {out} ({seconds / 60:.1f} min)")

@@ -6,10 +6,13 @@ Public API::
     pmpclean.rematch(manifest, out="cleaned.csv", ...)     -> RematchResult
     pmpclean.embed(manifest, out="emb.npz", ...)           -> EmbedResult
     pmpclean.corrupt(manifest, out="noisy.csv", rate=0.2)  -> CorruptResult
+    pmpclean.finetune(manifest, out_dir="model/", ...)     -> FinetuneResult
 
 Submodules not imported here because they pull heavy dependencies on first use:
 ``pmpclean.embedding`` (torch, open_clip), ``pmpclean.rematching`` (POT),
-``pmpclean.neighbors`` (faiss), ``pmpclean.labels`` (torch), ``pmpclean.finetune``.
+``pmpclean.neighbors`` (faiss), ``pmpclean.labels`` (torch). ``pmpclean.training`` (the
+fine-tuning loop) is imported, but it loads torch and open_clip only when called;
+``pmpclean.finetune`` is its public function.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .pipeline import (
     rematch,
     scan,
 )
+from .training import FinetuneConfig, FinetuneResult, finetune
 
 __all__ = [
     "__version__",
@@ -43,16 +47,19 @@ __all__ = [
     "rematch",
     "embed",
     "corrupt",
+    "finetune",
     "ScanConfig",
     "DataConfig",
     "EmbedConfig",
     "AuditConfig",
     "LabelConfig",
+    "FinetuneConfig",
     "load_config",
     "ScanResult",
     "RematchResult",
     "EmbedResult",
     "CorruptResult",
+    "FinetuneResult",
     "PmpcleanError",
     "DatasetError",
     "ModelLoadError",

@@ -1,4 +1,4 @@
-"""Tests for pmpclean.finetune: the training loop, its outputs, resumption and errors.
+"""Tests for pmpclean.training (pmpclean.finetune): training loop, outputs, resume, errors.
 
 Everything runs offline on CPU with the shipped ``pmpclean-tiny`` architecture from
 random weights, on 24 small drawings written into ``tmp_path``.
@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from pmpclean.errors import ConfigError, DatasetError, PmpcleanError
-from pmpclean.finetune import (
+from pmpclean.training import (
     CHECKPOINT_NAME,
     METRICS_NAME,
     RESUME_NAME,
@@ -29,7 +29,7 @@ from pmpclean.finetune import (
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.filterwarnings("ignore:model .pmpclean-tiny. has RANDOM weights")
-F = pytest.importorskip("pmpclean.finetune")
+F = pytest.importorskip("pmpclean.training")
 
 TINY = "pmpclean-tiny"
 COLORS = {
@@ -182,6 +182,27 @@ def test_audit_split_is_used_first(dataset: Path, tmp_path: Path) -> None:
     assert first["suspect_pairs"] == 4
     assert result.metrics["dataset"]["audit_split"] is True
     assert result.metrics["resolved"]["split_warmup_epochs"] == 0
+
+
+def test_audit_weight_keeps_the_scan_in_refreshed_splits(dataset: Path, tmp_path: Path) -> None:
+    """A refreshed split averages the scan's verdict with the model's own loss mixture."""
+    frame = pd.read_csv(dataset)
+    frame["image_path"] = frame["image"]
+    truth = frame["true_row"].to_numpy() != np.arange(len(frame))
+    frame["is_mismatched"] = truth
+    scan_dir = tmp_path / "scan"
+    scan_dir.mkdir()
+    frame.to_csv(scan_dir / "audit.csv", index=False)
+    (scan_dir / "summary.json").write_text(json.dumps({"manifest": str(dataset)}))
+    opts = _fast(epochs=2, val_fraction=0.0, truth_col="true_row")
+    kept = finetune(scan_dir, out_dir=tmp_path / "kept", audit_weight=1.0, **opts).metrics
+    second = kept["history"][1]["split"]
+    assert second["source"] == "loss mixture + audit (weight 1)"
+    assert second["n_suspects"] == 4 and second["quality"]["precision"] == 1.0
+    own = finetune(scan_dir, out_dir=tmp_path / "own", audit_weight=0.0, **opts).metrics
+    assert own["history"][1]["split"]["source"] == "loss mixture"
+    # with a match_score the scan can be overruled, but only by a confident model
+    assert FinetuneConfig().audit_weight == 0.5
 
 
 def test_early_stopping_on_validation_recall(dataset: Path, tmp_path: Path) -> None:
@@ -338,6 +359,11 @@ def test_resume_refuses_changed_settings(dataset: Path, tmp_path: Path) -> None:
         ({"val_fraction": 0.9}, r"val_fraction must be in \[0, 0.5\]"),
         ({"val_fraction": 0.0, "patience": 2}, "patience .* needs a validation split"),
         ({"ot_mass": 0.0}, r"ot_mass must be in \(0, 1\]"),
+        ({"ot_mass": 1.5}, r"ot_mass must be in \(0, 1\] .*got 1\.5"),
+        ({"audit_weight": 1.5}, r"audit_weight must be in \[0, 1\]"),
+        ({"target_quantile": 2.0}, r"target_quantile must be in \[0, 1\] or None"),
+        ({"split_warmup_epochs": -1}, "split_warmup_epochs must be an integer >= 0"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be an integer >= 1"),
         ({"split_threshold": 1.0}, r"split_threshold must be in \(0, 1\)"),
         ({"resume": True, "overwrite": True}, "resume and overwrite are both set"),
         ({"precision": "amp"}, "needs a CUDA device"),
@@ -468,10 +494,37 @@ def test_batch_loss_clean_rows_are_symmetric_infonce_and_empty_plans_add_nothing
     same_img = torch.tensor([0, 1, 2, 3, 4, 4])
     loss2, stats2 = F._batch_loss(img, txt, scale, clean, same_img, groups, cfg)
     assert stats2["noisy_rows"] == 2 and stats2["noisy_targets"] == 0 and stats2["noisy_loss"] == 0
-    # with distinct images the suspects do get soft targets
-    loss3, stats3 = F._batch_loss(img, txt, scale, clean, groups, groups, cfg.replace(ot_mass=1.0))
+    # with distinct images the suspects do get soft targets (without the similarity check)
+    loose = cfg.replace(ot_mass=1.0, target_quantile=None)
+    loss3, stats3 = F._batch_loss(img, txt, scale, clean, groups, groups, loose)
     assert stats3["noisy_targets"] == 2 and stats3["noisy_loss"] > 0
     assert float(loss3) > float(loss2)
+
+
+def test_suspects_get_targets_only_when_the_target_looks_like_a_true_pair() -> None:
+    """Known answer: two swapped captions whose true images are in the batch are rematched;
+    two suspects whose only candidates are unrelated get no target at all."""
+    d = 8
+    eye = torch.eye(d)
+    img = eye[:6].clone()
+    txt = eye[:6].clone()
+    txt[[4, 5]] = txt[[5, 4]]  # rows 4 and 5 swapped: each true partner is in the batch
+    groups = torch.arange(6)
+    clean = torch.tensor([True, True, True, True, False, False])
+    scale = torch.tensor(10.0)
+    cfg = FinetuneConfig(ot_mass=1.0)
+    assert cfg.target_quantile == 0.25
+    _, found = F._batch_loss(img, txt, scale, clean, groups, groups, cfg)
+    assert found["noisy_targets"] == 2  # similarity 1.0: as good as the clean pairs
+    # unrelated suspects: their captions point nowhere near either suspect image
+    txt2 = eye[:6].clone()
+    txt2[4], txt2[5] = eye[6], eye[7]
+    _, none = F._batch_loss(img, txt2, scale, clean, groups, groups, cfg)
+    assert none["noisy_rows"] == 2 and none["noisy_targets"] == 0 and none["noisy_loss"] == 0
+    _, forced = F._batch_loss(
+        img, txt2, scale, clean, groups, groups, cfg.replace(target_quantile=None)
+    )
+    assert forced["noisy_targets"] == 2  # without the check the plan forces a wrong target
 
 
 @pytest.mark.filterwarnings("ignore:No epoch improved validation recall")
@@ -495,3 +548,102 @@ def test_demo_model_script_runs_end_to_end_on_a_small_setting(tmp_path: Path) ->
         "pmpclean-small", pretrained=str(out / CHECKPOINT_NAME)
     )
     assert model.visual.image_size == (32, 32)
+
+
+def test_demo_truth_manifest_matches_truth_csv(tmp_path: Path) -> None:
+    """The quickstart manifest for --truth-col: captions.csv plus truth.csv's true_row."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_demo_model.py"
+    spec = importlib.util.spec_from_file_location("train_demo_model", path)
+    demo = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(demo)  # type: ignore[union-attr]
+    toy = tmp_path / "toy"
+    demo._toy().make_toy_dataset(toy, n_images=10, captions_per_image=2, mismatch_rate=0.2)
+    out = demo.write_truth_manifest(toy)
+    assert out == toy / "captions_with_truth.csv"
+    frame, base = pd.read_csv(out), pd.read_csv(toy / "captions.csv")
+    truth = pd.read_csv(toy / "truth.csv")
+    assert frame.drop(columns="true_row").equals(base)
+    assert frame["true_row"].tolist() == truth["true_row"].tolist()
+    assert int((frame["true_row"] != np.arange(len(frame))).sum()) == 4
+
+
+# --------------------------------------------------------------------------- CLI and API
+
+
+def test_public_api_exports_finetune() -> None:
+    import pmpclean
+
+    assert pmpclean.finetune is finetune and pmpclean.FinetuneConfig is FinetuneConfig
+    assert {"finetune", "FinetuneConfig", "FinetuneResult"} <= set(pmpclean.__all__)
+
+
+def test_cli_finetune_passes_every_option_to_the_library(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from pmpclean.cli import app
+
+    seen: dict[str, object] = {}
+
+    def fake(data: object, *, out_dir: object, config: FinetuneConfig, progress: object) -> object:
+        seen.update(data=data, out_dir=out_dir, config=config)
+        return F.FinetuneResult(
+            out_dir=Path(str(out_dir)),
+            checkpoint=Path(str(out_dir)) / CHECKPOINT_NAME,
+            metrics={"before": {"rsum": 10.0}, "after": {"rsum": 20.0}},
+        )
+
+    monkeypatch.setattr(F, "finetune", fake)
+    argv = ["finetune", str(dataset), "--out", str(tmp_path / "m"), "--model", TINY]
+    argv += ["--split-warmup-epochs", "2", "--checkpoint-every", "7", "--ot-mass", "1"]
+    argv += ["--schedule", "linear", "--precision", "fp32", "--audit-weight", "1"]
+    argv += ["--format", "json"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    cfg = seen["config"]
+    assert isinstance(cfg, FinetuneConfig)
+    assert (cfg.split_warmup_epochs, cfg.checkpoint_every, cfg.ot_mass) == (2, 7, 1.0)
+    assert (cfg.schedule, cfg.precision, cfg.model) == ("linear", "fp32", TINY)
+    assert cfg.audit_weight == 1.0
+    assert json.loads(res.stdout)["recall_after"] == {"rsum": 20.0}
+    # defaults: adaptive split start, checkpoints at epoch ends only
+    CliRunner().invoke(app, argv[:6])
+    cfg = seen["config"]
+    assert isinstance(cfg, FinetuneConfig)
+    assert (cfg.split_warmup_epochs, cfg.checkpoint_every, cfg.ot_mass) == (None, None, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--ot-mass", "0"], r"Invalid value for '--ot-mass': 0 is outside \(0, 1\]"),
+        (["--ot-mass", "1.5"], r"1\.5 is outside \(0, 1\]"),
+        (["--ot-mass", "-0.2"], r"-0\.2 is outside \(0, 1\]"),
+        (["--split-warmup-epochs", "-1"], "--split-warmup-epochs"),
+        (["--checkpoint-every", "0"], "--checkpoint-every"),
+        (["--schedule", "step"], "--schedule"),
+        (["--audit-weight", "2"], "--audit-weight"),
+    ],
+)
+def test_cli_finetune_rejects_bad_options_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], match: str
+) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from pmpclean.cli import app
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the library must not be called with a bad option")
+
+    monkeypatch.setattr(F, "finetune", never)
+    res = CliRunner().invoke(
+        app, ["finetune", "x.csv", "--out", str(tmp_path / "m"), *argv], env={"COLUMNS": "300"}
+    )
+    assert res.exit_code == 2
+    text = re.sub(r"[\s│╭╮╰╯─]+", " ", res.output)
+    assert re.search(match, text), text

@@ -271,3 +271,64 @@ def test_corrupt_then_scan(tmp_path):
     assert noisy["caption"].tolist() == frame["caption"].to_numpy()[noisy["true_row"]].tolist()
     with pytest.raises(DatasetError, match="already exists"):
         pmpclean.corrupt(manifest, out=tmp_path / "noisy.csv", rate=0.3)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_rematch_out_elsewhere_rewrites_relative_image_paths(tmp_path, suffix):
+    """A cleaned manifest written to another folder still points at the same image files."""
+    from pmpclean.data import read_manifest
+    from pmpclean.pipeline import _rebase_image_paths
+
+    data = _easy(120)
+    src_dir = tmp_path / "data"
+    (src_dir / "images").mkdir(parents=True)
+    frame = data.to_frame()
+    frame["image"] = [f"images/{name}" for name in frame["image"]]
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(png, format="PNG")
+    for name in frame["image"]:
+        (src_dir / name).write_bytes(png.getvalue())
+    absolute = str(tmp_path / "elsewhere" / "abs.png")
+    frame.loc[0, "image"] = absolute
+    frame.loc[1, "image"] = "https://example.org/x.png"
+    frame.loc[2, "image"] = "img-id-2"  # an identifier, no such file: left alone (--embeddings)
+    manifest = src_dir / "data.csv"
+    frame.to_csv(manifest, index=False)
+    emb = src_dir / "emb.npz"
+    np.savez(emb, image=data.image_emb, text=data.text_emb)
+
+    out = tmp_path / "out" / "deeper" / f"clean{suffix}"
+    res = pmpclean.rematch(manifest, out=out, config=_cfg(emb), audit_dir=tmp_path / "audit")
+    assert res.info["n_image_paths_rebased"] == 117
+    written = {
+        ".csv": pd.read_csv,
+        ".parquet": pd.read_parquet,
+        ".jsonl": lambda p: pd.read_json(p, lines=True),
+    }[suffix]
+    both = pd.concat([written(out), written(pmpclean.pipeline._dropped_path(out))])
+    by_row = both.set_index("pmpclean_row")["image"]
+    assert by_row[0] == absolute and by_row[1] == "https://example.org/x.png"
+    assert by_row[2] == "img-id-2"
+    for row in range(3, 120):
+        new = by_row[row]
+        assert not Path(new).is_absolute() and new.startswith(("..", f"..{Path('/').anchor}"))
+        assert (out.parent / new).resolve() == (src_dir / frame.loc[row, "image"]).resolve()
+    # read back from its own folder, the cleaned manifest finds every image
+    back = read_manifest(out)
+    rel_rows = back.frame["pmpclean_row"].astype(int).to_numpy() >= 3
+    assert (np.asarray(back.status)[rel_rows] == "ok").all()
+
+    # written beside the input, paths stay exactly as they were
+    beside = src_dir / f"beside{suffix}"
+    res = pmpclean.rematch(manifest, out=beside, config=_cfg(emb), audit_dir=tmp_path / "audit")
+    assert res.info["n_image_paths_rebased"] == 0
+    # a model scan (no --embeddings) rewrites missing files too: the column holds paths
+    cells = pd.DataFrame({"image": ["a/missing.png", "/abs/x.png", "", None]})
+    assert _rebase_image_paths(
+        cells, "image", base=tmp_path / "m", out_dir=tmp_path / "n" / "o", only_existing=False
+    ) == 1
+    assert cells["image"].tolist()[:2] == [str(Path("../../m/a/missing.png")), "/abs/x.png"]

@@ -1,6 +1,8 @@
 """Fine-tune an open_clip model on a noisy image-caption dataset (the training side of L2RM).
 
-:func:`finetune` is the only training loop in pmpclean. It reads a manifest (or the
+:func:`finetune` (also ``pmpclean.finetune``) is the only training loop in pmpclean;
+this module is named ``training`` so that ``pmpclean.finetune`` stays the function.
+It reads a manifest (or the
 output folder of ``pmpclean scan``), holds out a validation split, and trains the
 open_clip model with a loss that respects what the audit learned:
 
@@ -16,16 +18,24 @@ open_clip model with a loss that respects what the audit learned:
   within-batch cost network starts from, and at the paper's learning rate for that
   network (2e-6) practically the one it keeps; the learned, batch-size-free cost of
   :mod:`pmpclean.cost` serves the dataset-scale rematch of ``pmpclean scan``. Each suspect
-  row whose transported mass reaches ``min_plan_mass`` of its marginal gets the
+  row whose transported mass reaches ``min_plan_mass`` of its marginal, and whose
+  target looks like a true pair (its plan-weighted similarity reaches the
+  ``target_quantile`` quantile of the batch's clean-pair similarities), gets the
   normalised plan row (and column) as a soft target, matched to the model's in-batch
-  distribution with a symmetric KL divergence. Suspects with (almost) no transported
-  mass contribute nothing (Han et al., "Learning to Rematch Mismatched Pairs for
+  distribution with a symmetric KL divergence. Other suspects contribute nothing: in a
+  batch of 64 a mismatched caption's true image is rarely present, and a forced
+  target teaches a wrong pairing (Han et al., "Learning to Rematch Mismatched Pairs for
   Robust Cross-Modal Retrieval", CVPR 2024).
 * **The split** comes from the audit when the dataset is a ``pmpclean scan`` output
   (its ``is_mismatched`` column), otherwise from a two-component Gaussian mixture on
   the per-pair contrastive loss of the current model, after ``split_warmup_epochs``
   of plain training (from random initialisation: until the model beats chance on its
   training batches). It is refreshed every ``split_every`` epochs as the model improves.
+  With an audit, every refreshed split averages the scan's ``match_score`` (weight
+  ``audit_weight``) with the mixture's clean probability: a model that is still
+  learning must not overrule the audit of a stronger model on its own (at 80 % noise
+  from random initialisation its own split is barely better than chance; see
+  ``benchmarks/results/finetune.md``).
 
 ``method="contrastive"`` skips the split and trains every pair with plain InfoNCE
 (the baseline; also what you want on an already-cleaned manifest).
@@ -191,6 +201,13 @@ class FinetuneConfig:
     min_plan_mass: float = 0.1  # suspects receiving less than this fraction of their
     #   marginal get no target (they contribute nothing)
     noisy_weight: float = 1.0  # weight of the suspects' soft-target loss (0: drop suspects)
+    target_quantile: float | None = 0.25  # a suspect gets its plan target only when the
+    #   target is at least as similar (plan-weighted cosine) as this quantile of the batch's
+    #   clean pairs: the clean pairs calibrate what a true pair looks like (L2RM's "key
+    #   points"); None: every suspect with enough transported mass gets its target
+    audit_weight: float = 0.5  # with a scan folder: weight of the scan's match_score in every
+    #   refreshed split, averaged with the loss mixture's clean probability (0: the model's
+    #   own losses only after the first epoch; 1: keep the scan's split throughout)
     # -- output and resumption ---------------------------------------------------------------
     checkpoint_every: int | None = None  # also save resume.pt every N optimizer steps
     #   (None: at the end of every epoch only)
@@ -318,6 +335,16 @@ def _validate(cfg: FinetuneConfig) -> None:
     need(
         is_num(cfg.noisy_weight) and cfg.noisy_weight >= 0,
         f"noisy_weight must be >= 0, got {cfg.noisy_weight!r}.",
+    )
+    need(
+        cfg.target_quantile is None
+        or (is_num(cfg.target_quantile) and 0 <= cfg.target_quantile <= 1),
+        f"target_quantile must be in [0, 1] or None, got {cfg.target_quantile!r}.",
+    )
+    need(
+        is_num(cfg.audit_weight) and 0 <= cfg.audit_weight <= 1,
+        f"audit_weight must be in [0, 1] (weight of the scan's match_score in refreshed "
+        f"splits), got {cfg.audit_weight!r}.",
     )
     need(
         cfg.checkpoint_every is None
@@ -530,6 +557,8 @@ class _Data:
     text_group: np.ndarray  # (n,) int64, identical caption text shares a value
     rows: np.ndarray  # (n,) input row numbers
     audit_clean: np.ndarray | None  # (n,) bool from a scan's is_mismatched, or None
+    audit_prob: np.ndarray | None  # (n,) float in [0, 1]: the scan's match_score (its flag
+    #   as 0/1 where missing), or None
     true_mismatch: np.ndarray | None  # (n,) bool from truth_col, or None
     n_input: int
     n_unusable: int
@@ -587,6 +616,12 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
         data.audit_clean = ~np.asarray(
             [str(v).strip().lower() in ("true", "1", "1.0") for v in flags], dtype=bool
         )
+        prob = data.audit_clean.astype(np.float64)
+        if "match_score" in frame.columns:
+            score = pd.to_numeric(frame["match_score"], errors="coerce").to_numpy()[data.rows]
+            ok = np.isfinite(score) & (score >= 0) & (score <= 1)
+            prob[ok] = score[ok]
+        data.audit_prob = prob
     return data
 
 
@@ -645,6 +680,7 @@ def _from_manifest(
         text_group=text_group,
         rows=ok.astype(np.int64),
         audit_clean=None,
+        audit_prob=None,
         true_mismatch=true_mis,
         n_input=len(manifest),
         n_unusable=int(len(manifest) - ok.size),
@@ -662,6 +698,7 @@ def _subset(data: _Data, rows: np.ndarray) -> _Data:
         text_group=pd.factorize(pd.Series(data.text_group[rows]))[0].astype(np.int64),
         rows=data.rows[rows],
         audit_clean=None if data.audit_clean is None else data.audit_clean[rows],
+        audit_prob=None if data.audit_prob is None else data.audit_prob[rows],
         true_mismatch=None if data.true_mismatch is None else data.true_mismatch[rows],
         n_input=data.n_input,
         n_unusable=data.n_unusable,
@@ -1027,9 +1064,23 @@ def _batch_loss(
         sub = logits[noisy][:, noisy].float()
         kl_sum = sub.new_zeros(())
         n_targets = 0
-        for lg, p_plan in ((sub, plan), (sub.T, plan.T)):
+        tau = None
+        if cfg.target_quantile is not None:
+            # a target must look like a true pair: its plan-weighted similarity has to
+            # reach this quantile of the batch's clean-pair similarities
+            with torch.no_grad():
+                clean_sim = (img_f[clean] * txt_f[clean]).sum(1).detach().float()
+            tau = (
+                float(torch.quantile(clean_sim, cfg.target_quantile))
+                if clean_sim.numel()
+                else math.inf
+            )
+        for lg, p_plan, c_dir in ((sub, plan, cost), (sub.T, plan.T, cost.T)):
             frac = p_plan.sum(dim=1) * k  # fraction of each row's marginal transported
             keep = frac >= max(cfg.min_plan_mass, 1e-6)
+            if tau is not None and bool(keep.any()):
+                q_all = p_plan / p_plan.sum(dim=1, keepdim=True).clamp_min(1e-30)
+                keep = keep & ((q_all * (1.0 - c_dir)).sum(1) >= tau)
             if not bool(keep.any()):
                 continue
             q = p_plan[keep] / p_plan[keep].sum(dim=1, keepdim=True)
@@ -1766,8 +1817,13 @@ def _refresh_split(
         )
         loss = _per_pair_loss(enc, train.image_index, train.text_group, seed=cfg.seed + epoch)
         prob, mix = _gmm_clean_probability(loss, seed=cfg.seed + epoch)
-        clean = prob >= cfg.split_threshold
         info = {"source": "loss mixture", **mix}
+        if train.audit_prob is not None and cfg.audit_weight > 0:
+            # The scan's verdict stays part of the evidence: a model trained from scratch
+            # on few clean pairs audits far worse than the model that made the scan.
+            prob = cfg.audit_weight * train.audit_prob + (1.0 - cfg.audit_weight) * prob
+            info["source"] = f"loss mixture + audit (weight {cfg.audit_weight:g})"
+        clean = prob >= cfg.split_threshold
     info["n_suspects"] = int((~clean).sum())
     info["suspect_rate"] = float(np.mean(~clean))
     quality = _quality(clean, prob, train.true_mismatch)
