@@ -210,12 +210,12 @@ def scan(
     ] = 0.5,
     no_rematch: Annotated[bool, typer.Option("--no-rematch", help="Flag mismatches but propose no captions.")] = False,
     mass: Annotated[
-        Optional[float], typer.Option("--mass", help="Fraction s in (0, 1] of suspect mass the partial transport moves \\[default: estimated].")
+        Optional[float], typer.Option("--mass", help="Fraction s in (0, 1] of suspect mass the partial transport moves \\[default: 0.8].")
     ] = None,
     cost: Annotated[Cost, typer.Option("--cost", help="Similarity-to-cost mapping: learned (from the clean pairs), fixed (1 - similarity), paper (L2RM's batch network).")] = Cost.learned,
     min_confidence: Annotated[
-        float, typer.Option("--min-confidence", min=0.0, max=1.0, help="Proposals with lower rematch_confidence are withheld (action drop/review).")
-    ] = 0.5,
+        float, typer.Option("--min-confidence", min=0.0, max=1.0, help="Proposals with lower rematch_confidence are withheld (action drop/review). 0.6 measured precision >= 0.95 on Flickr8k.")
+    ] = 0.6,
     gallery_size: Annotated[int, typer.Option("--gallery-size", min=0, help="Pairs per gallery in report.html.")] = 24,
     seed: SeedOpt = 0,
     config_file: ConfigOpt = None,
@@ -464,7 +464,40 @@ class Method(str, enum.Enum):
     contrastive = "contrastive"
 
 
-@app.command()
+class Schedule(str, enum.Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    amp = "amp"
+    amp_bf16 = "amp_bf16"
+
+
+def _ot_mass_in_range(value: float) -> float:
+    """--ot-mass is a fraction of mass: (0, 1], with a message that says why."""
+    if not (0.0 < value <= 1.0):  # also rejects NaN
+        raise typer.BadParameter(
+            f"{value:g} is outside (0, 1]. It is the fraction of a batch's suspect pairs the "
+            "transport plan re-pairs: 0 would leave every suspect without a target and more "
+            "than 1 is more mass than there is. Use 0.5 (the default), higher when most "
+            "mismatched captions have their true image in the data, lower when few do."
+        )
+    return value
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  pmpclean finetune data.pmpclean --out model/      # start from the scan's split\n\n"
+        "  pmpclean finetune cleaned.csv --out model/ --method contrastive --epochs 5\n\n"
+        "  pmpclean finetune data.csv --out model/ --resume   # continue after an interruption\n\n"
+        "Use the result: pmpclean scan data.csv --model ARCH --pretrained model/open_clip_pytorch_model.bin"
+    )
+)
 def finetune(
     dataset: Annotated[
         Path,
@@ -473,46 +506,87 @@ def finetune(
             show_default=False,
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder: open_clip checkpoint, model_config.json, metrics.json.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write: open_clip_pytorch_model.bin, open_clip_config.json, model_config.json, metrics.json, finetune_config.yaml.")],
     model: ModelOpt = "ViT-B-32",
-    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    pretrained: Annotated[
+        str,
+        typer.Option(
+            "--pretrained",
+            help="Start weights: an open_clip tag, a checkpoint file, or 'none' to train from random initialisation (then the default --lr is 1e-3).",
+        ),
+    ] = "laion2b_s34b_b79k",
     image_col: ImageCol = "image",
     text_col: TextCol = "caption",
     truth_col: Annotated[
         Optional[str], typer.Option("--truth-col", help="Ground-truth column (original row of each caption): adds per-epoch split precision/recall to metrics.json.")
     ] = None,
-    method: Annotated[Method, typer.Option("--method", help="l2rm: contrastive on clean pairs + partial-OT soft targets for suspects; contrastive: plain InfoNCE on every pair.")] = Method.l2rm,
+    method: Annotated[Method, typer.Option("--method", help="l2rm: contrastive loss on clean pairs, partial-OT soft targets for suspects; contrastive: plain InfoNCE on every pair (for an already-cleaned manifest).")] = Method.l2rm,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training pairs.")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Pairs per micro-batch (in-batch negatives and transport plan).")] = 128,
-    accum_steps: Annotated[int, typer.Option("--accum-steps", min=1, help="Micro-batches per optimizer step (gradient accumulation).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Pairs per micro-batch: the in-batch negatives and the pairs one transport plan re-pairs.")] = 128,
+    accum_steps: Annotated[int, typer.Option("--accum-steps", min=1, help="Micro-batches per optimizer step (gradient accumulation: a larger effective batch in the same memory; negatives stay per micro-batch).")] = 1,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate \\[default: 1e-5 from pretrained weights, 1e-3 from random init].")] = None,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine, linear or constant decay after the warmup.")] = "cosine",
-    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", min=0, help="Linear warmup in optimizer steps \\[default: 5% of all steps].")] = None,
-    lock_image: Annotated[bool, typer.Option("--lock-image", help="Freeze the image tower.")] = False,
-    lock_text: Annotated[bool, typer.Option("--lock-text", help="Freeze the text tower.")] = False,
-    precision: Annotated[str, typer.Option("--precision", help="auto, fp32, amp or amp_bf16 (mixed precision needs CUDA).")] = "auto",
+    schedule: Annotated[Schedule, typer.Option("--schedule", help="Learning-rate decay after the warmup.")] = Schedule.cosine,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", min=0, help="Linear learning-rate warmup, in optimizer steps \\[default: 5% of all steps].")] = None,
+    lock_image: Annotated[bool, typer.Option("--lock-image", help="Freeze the image tower (train the text tower only).")] = False,
+    lock_text: Annotated[bool, typer.Option("--lock-text", help="Freeze the text tower (train the image tower only).")] = False,
+    precision: Annotated[Precision, typer.Option("--precision", help="auto: amp on CUDA, fp32 elsewhere. amp/amp_bf16 (mixed precision) need a CUDA device.")] = Precision.auto,
     device: DeviceOpt = "auto",
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes.")] = 0,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.5, help="Fraction of images held out for validation recall.")] = 0.1,
-    val_dataset: Annotated[Optional[Path], typer.Option("--val-dataset", help="Separate manifest to validate on.")] = None,
-    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help="Stop after this many epochs without better validation recall.")] = None,
-    split_every: Annotated[int, typer.Option("--split-every", min=0, help="Refresh the clean/suspect split every N epochs (0: never).")] = 1,
-    ot_mass: Annotated[float, typer.Option("--ot-mass", min=0.0, max=1.0, help="Fraction of a batch's suspect mass the plan transports.")] = 0.5,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out from its last checkpoint.")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes (0: decode in the main process; images that fit in 1 GiB are decoded once and kept).")] = 0,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.5, help="Fraction of images held out to measure recall before/after and pick the best epoch (0: no validation, the last epoch is saved).")] = 0.1,
+    val_dataset: Annotated[Optional[Path], typer.Option("--val-dataset", help="Separate (ideally clean) manifest to validate on, instead of --val-fraction.")] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help="Early stopping: stop after this many epochs without a better validation R-sum; the best epoch is saved.")] = None,
+    split_warmup_epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--split-warmup-epochs",
+            min=0,
+            help="Epochs of plain contrastive training before the first clean/suspect split \\[default: 0 from pretrained weights or a scan folder; from random init, wait until the training loss is 5% below chance, because an untrained model's losses say nothing about the pairs].",
+        ),
+    ] = None,
+    split_every: Annotated[int, typer.Option("--split-every", min=0, help="Refresh the clean/suspect split every N epochs as the model improves (0: keep the first split).")] = 1,
+    ot_mass: Annotated[
+        float,
+        typer.Option(
+            "--ot-mass",
+            callback=_ot_mass_in_range,
+            help="Fraction of a batch's suspect pairs the partial-OT plan re-pairs, in (0, 1]; suspects left without mass get no target. Lower it when many mismatched captions have no true image in the data.",
+        ),
+    ] = 0.5,
+    audit_weight: Annotated[
+        float,
+        typer.Option(
+            "--audit-weight",
+            min=0.0,
+            max=1.0,
+            help="With a scan folder as DATASET: weight of the scan's match_score in every refreshed split, averaged with the model's own loss mixture. Keep it high when the scan came from a stronger model than the one being trained (1: keep the scan's split; 0: trust the model's own losses after the first epoch).",
+        ),
+    ] = 0.5,
+    checkpoint_every: Annotated[
+        Optional[int],
+        typer.Option(
+            "--checkpoint-every",
+            min=1,
+            help="Also save resume.pt every N optimizer steps, so --resume loses at most N steps \\[default: at the end of every epoch only].",
+        ),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its resume.pt (same settings required).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
-    seed: SeedOpt = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the validation split, data order and split mixtures; the same seed repeats the run.")] = 0,
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune the open_clip model on an audited dataset, robustly to mismatched pairs.
+    """Fine-tune the open_clip model on a noisy dataset, robustly to mismatched pairs.
 
-    Writes a checkpoint that both 'pmpclean scan --pretrained MODEL_DIR/open_clip_pytorch_model.bin'
-    and open_clip.create_model_and_transforms load, and metrics.json with image-to-text and
+    Clean pairs get the usual contrastive loss; pairs the per-epoch split calls
+    suspect get soft targets from a partial optimal-transport plan (their own caption
+    forbidden) instead of their given caption. Writes a checkpoint that 'pmpclean scan
+    --model ARCH --pretrained MODEL_DIR/open_clip_pytorch_model.bin' and
+    open_clip.create_model_and_transforms load, and metrics.json with image-to-text and
     text-to-image R@1/5/10 on the held-out split before and after.
     """
     from ._utils import seed_everything
-    from .finetune import FinetuneConfig
-    from .finetune import finetune as run_finetune
+    from .training import FinetuneConfig
+    from .training import finetune as run_finetune
 
     output = _output(fmt, quiet)
     with _run(output):
@@ -527,19 +601,22 @@ def finetune(
             batch_size=batch_size,
             accum_steps=accum_steps,
             lr=lr,
-            schedule=schedule,
+            schedule=schedule.value,
             warmup_steps=warmup_steps,
             lock_image=lock_image,
             lock_text=lock_text,
-            precision=precision,
+            precision=precision.value,
             device=device,
             workers=workers,
             seed=seed,
             val_fraction=val_fraction,
             val_dataset=str(val_dataset) if val_dataset else None,
             patience=patience,
+            split_warmup_epochs=split_warmup_epochs,
             split_every=split_every,
             ot_mass=ot_mass,
+            audit_weight=audit_weight,
+            checkpoint_every=checkpoint_every,
             resume=resume,
             overwrite=overwrite,
         )

@@ -189,6 +189,27 @@ def _validate_audit_config(cfg: ScanConfig) -> None:
     if a.cost not in ("learned", "fixed", "paper"):
         raise ConfigError(f"Unknown cost {a.cost!r}: expected one of learned, fixed, paper.")
 
+    def _is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not _is_int(a.exact_search_max) or a.exact_search_max < 0:
+        raise ConfigError(
+            f"audit.exact_search_max must be an integer >= 0, got {a.exact_search_max!r}: it is "
+            "the largest number of images (captions) searched exactly; 0 always searches "
+            "approximately."
+        )
+    if not _is_int(a.search_nprobe) or a.search_nprobe < 1:
+        raise ConfigError(
+            f"audit.search_nprobe must be an integer >= 1, got {a.search_nprobe!r}: it is the "
+            "number of inverted lists each query visits in the approximate search (default 8)."
+        )
+    fit_max = a.mixture_fit_max
+    if fit_max is not None and (not _is_int(fit_max) or fit_max < 100):
+        raise ConfigError(
+            f"audit.mixture_fit_max must be an integer >= 100 or null, got {fit_max!r}: it is "
+            "the most scores the mixture is fitted on (null fits on every row)."
+        )
+
 
 def _opt(**kwargs: Any) -> dict[str, Any]:
     """Drop None values so stage defaults apply."""
@@ -442,13 +463,20 @@ def scan(
                 text_group=text_group,
                 valid=valid,
                 k=cfg.audit.k,
+                exact_max=cfg.audit.exact_search_max,
+                nprobe=cfg.audit.search_nprobe,
                 seed=cfg.seed,
                 progress=progress,
             )
         similarity = np.asarray(ps.similarity, dtype=np.float64)
         pair_score = np.asarray(ps.score, dtype=np.float64)
         with timer("split"):
-            sp = split_pairs(pair_score, threshold=cfg.audit.threshold, seed=cfg.seed)
+            sp = split_pairs(
+                pair_score,
+                threshold=cfg.audit.threshold,
+                max_fit=cfg.audit.mixture_fit_max,
+                seed=cfg.seed,
+            )
         match_score = np.asarray(sp.match_score, dtype=np.float64)
         is_mismatched = np.asarray(sp.is_mismatched, dtype=bool) & valid
         mix = sp.mixture or {}

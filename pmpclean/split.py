@@ -56,7 +56,9 @@ class Split:
         one Gaussian minus BIC of the mixture), ``bimodal`` (bool: both tests passed),
         ``reason`` (why the split was or was not trusted, for a user-facing warning),
         ``score_at_threshold`` (the input-score value where ``match_score`` crosses the
-        threshold; NaN when nothing is flagged), ``n_fitted``.
+        threshold; NaN when nothing is flagged), ``n_fitted`` (scored rows the mixture
+        describes) and ``fit_sample`` (rows EM ran on: ``n_fitted``, or ``max_fit``
+        when the fit used a subsample).
     """
 
     match_score: np.ndarray
@@ -66,16 +68,30 @@ class Split:
     mixture: dict = field(default_factory=dict)
 
 
-def _loglik(x: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
-    """(n, 2) log of w_j N(x | mu_j, sd_j)."""
-    z = (x[:, None] - mu[None, :]) / sd[None, :]
-    return np.log(w)[None, :] - 0.5 * z * z - np.log(sd)[None, :] - 0.5 * _LOG_2PI
+def _loglik(
+    x: np.ndarray, w: np.ndarray, mu: np.ndarray, sd: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log of w_j N(x | mu_j, sd_j) for both components, as two (n,) arrays.
+
+    Two 1-D arrays rather than one (n, 2) array: reductions along a length-2 axis are
+    several times slower in numpy than plain 1-D arithmetic, and EM runs hundreds of
+    these passes.
+    """
+    out = []
+    for j in range(2):
+        z = (x - mu[j]) / sd[j]
+        z *= z
+        z *= -0.5
+        z += float(np.log(w[j]) - np.log(sd[j]) - 0.5 * _LOG_2PI)
+        out.append(z)
+    return out[0], out[1]
 
 
-def _posterior(ll: np.ndarray) -> np.ndarray:
-    m = ll.max(axis=1, keepdims=True)
-    p = np.exp(ll - m)
-    return p / p.sum(axis=1, keepdims=True)
+def _posterior_high(ll0: np.ndarray, ll1: np.ndarray) -> np.ndarray:
+    """Posterior of component 1 from the two log-joint arrays (a stable logistic)."""
+    from scipy.special import expit
+
+    return expit(ll1 - ll0)
 
 
 def _em(
@@ -89,20 +105,28 @@ def _em(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     prev = -np.inf
     ll_mean = -np.inf
+    n = x.size
+    x_sum = float(x.sum())
     for _ in range(max_iter):
-        ll = _loglik(x, w, mu, sd)
-        m = ll.max(axis=1)
-        ll_mean = float(np.mean(m + np.log(np.exp(ll - m[:, None]).sum(axis=1))))
+        ll0, ll1 = _loglik(x, w, mu, sd)
+        ll_mean = float(np.logaddexp(ll0, ll1).mean())
         if abs(ll_mean - prev) < tol:
             break
         prev = ll_mean
-        r = _posterior(ll)
-        nk = r.sum(axis=0) + 1e-12
-        w = np.clip(nk / x.size, 1e-6, 1.0)
+        r1 = _posterior_high(ll0, ll1)
+        n1 = float(r1.sum())
+        s1 = float(r1 @ x)
+        n0, s0 = n - n1, x_sum - s1
+        nk = np.array([n0, n1]) + 1e-12
+        w = np.clip(nk / n, 1e-6, 1.0)
         w = w / w.sum()
-        mu = (r * x[:, None]).sum(axis=0) / nk
-        sd = np.sqrt((r * (x[:, None] - mu[None, :]) ** 2).sum(axis=0) / nk)
-        sd = np.maximum(sd, floor)
+        mu = np.array([s0, s1]) / nk
+        # weighted variance around the new means, computed directly (not from the
+        # sums of squares, which cancel badly when the spread is tiny)
+        r0 = 1.0 - r1
+        v1 = float(r1 @ ((x - mu[1]) ** 2)) / nk[1]
+        v0 = float(r0 @ ((x - mu[0]) ** 2)) / nk[0]
+        sd = np.maximum(np.sqrt([v0, v1]), floor)
     return w, mu, sd, ll_mean
 
 
@@ -190,6 +214,7 @@ def split_pairs(
     *,
     threshold: float = 0.5,
     min_separation: float = 2.0,
+    max_fit: int | None = 200_000,
     seed: int | np.random.Generator | None = None,
 ) -> Split:
     """Fit a two-component mixture to pair scores and flag the low component.
@@ -210,8 +235,16 @@ def split_pairs(
         ``threshold + (1 - threshold) * Phi(z)`` with z the score standardised by a
         single Gaussian (still monotone, never below the threshold). Set 0 to rely
         on the BIC test alone.
+    max_fit : int or None
+        Most scores the mixture is *fitted* on: above it EM runs on a seeded uniform
+        subsample of this many scored rows, and the fitted mixture then gives the
+        posterior of every row (the BIC test also uses every row). Fitting five
+        parameters needs far fewer than 200,000 values (the default): on 1M synthetic
+        scores the subsample fit matches the full fit to about 1e-3 in every
+        parameter and the flags agree on more than 99.9 % of rows
+        (``tests/test_split.py``), at a tenth of the time. None fits on every row.
     seed : int, Generator or None
-        Randomness of the EM restarts.
+        Randomness of the EM restarts and of the fitting subsample.
 
     Returns
     -------
@@ -220,7 +253,8 @@ def split_pairs(
     Raises
     ------
     ConfigError
-        When ``threshold`` is not in (0, 1) or ``min_separation`` is negative.
+        When ``threshold`` is not in (0, 1), ``min_separation`` is negative or
+        ``max_fit`` is below 100.
 
     Examples
     --------
@@ -243,6 +277,13 @@ def split_pairs(
         )
     if not (np.isfinite(min_separation) and min_separation >= 0):
         raise ConfigError(f"min_separation must be >= 0, got {min_separation!r}.")
+    if max_fit is not None and (
+        isinstance(max_fit, bool) or not isinstance(max_fit, (int, np.integer)) or max_fit < 100
+    ):
+        raise ConfigError(
+            f"max_fit must be an integer >= 100 (scores the mixture is fitted on) or None "
+            f"(fit on every score), got {max_fit!r}."
+        )
     x_all = np.asarray(score, dtype=np.float64)
     if x_all.ndim != 1:
         raise ConfigError(f"score must be a 1-D array (n,), got shape {x_all.shape}.")
@@ -262,6 +303,7 @@ def split_pairs(
         "reason": "too few scored rows or no spread",
         "score_at_threshold": float("nan"),
         "n_fitted": int(x.size),
+        "fit_sample": int(x.size),
     }
     if x.size < 3 or float(np.ptp(x)) <= 0.0:
         if x.size:
@@ -280,13 +322,23 @@ def split_pairs(
     fence = 0.5 * (q_hi - q_lo)
     if fence > 0:
         x = np.clip(x, q_lo - fence, q_hi + fence)
-    fit = fit_two_gaussians(x, seed=seed)
-    w, mu, sd = fit["weights"], fit["means"], fit["stds"]
+    if max_fit is not None and x.size > max_fit:
+        # EM on a seeded subsample; everything below (BIC, posteriors) uses every row.
+        rng = check_random_state(seed)
+        sub = np.sort(rng.choice(x.size, size=int(max_fit), replace=False))
+        fit = fit_two_gaussians(x[sub], seed=rng)
+        w, mu, sd = fit["weights"], fit["means"], fit["stds"]
+        ll2 = float(np.logaddexp(*_loglik(x, w, mu, sd)).mean())
+        mixture["fit_sample"] = int(max_fit)
+    else:
+        fit = fit_two_gaussians(x, seed=seed)
+        w, mu, sd = fit["weights"], fit["means"], fit["stds"]
+        ll2 = float(fit["loglik"])
     sep = float(np.sqrt(2.0) * abs(mu[1] - mu[0]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2))
     # BIC of one Gaussian minus BIC of the mixture (3 more parameters); > 0 favours two.
     sd1 = max(float(np.std(x)), 1e-12)
     ll1 = float(np.mean(-0.5 * ((x - x.mean()) / sd1) ** 2 - np.log(sd1) - 0.5 * _LOG_2PI))
-    delta_bic = float(2.0 * x.size * (fit["loglik"] - ll1) - 3.0 * np.log(x.size))
+    delta_bic = float(2.0 * x.size * (ll2 - ll1) - 3.0 * np.log(x.size))
     bimodal = delta_bic > 0 and sep >= min_separation and min(w) * x.size >= 1.0
     if delta_bic <= 0:
         reason = "one population: BIC prefers a single Gaussian"
@@ -309,14 +361,13 @@ def split_pairs(
         bimodal=bool(bimodal),
         reason=reason,
     )
-    post_clean = _posterior(_loglik(x, w, mu, sd))[:, 1]
+    post_clean = _posterior_high(*_loglik(x, w, mu, sd))
     post_clean = _monotone(x, post_clean, float(mu[0]))
     if not bimodal:
         # One population: every pair is clean; keep a monotone score above the threshold.
-        from math import erf, sqrt
+        from scipy.special import ndtr
 
-        z = (x - x.mean()) / sd1
-        phi = 0.5 * (1.0 + np.vectorize(erf)(z / sqrt(2.0)))
+        phi = ndtr((x - x.mean()) / sd1)
         match[fin] = thr + (1.0 - thr) * phi
         return Split(match, flagged, thr, 0.0, mixture)
     match[fin] = post_clean

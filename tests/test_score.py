@@ -147,6 +147,8 @@ def test_progress_callback(data) -> None:
         ({"temperature": 0.0}, "temperature must be a positive number"),
         ({"image_group": [0, 1]}, r"image_group must have shape \(4,\)"),
         ({"valid": [True]}, r"valid must have shape \(4,\)"),
+        ({"exact_max": -1}, r"exact_max must be an integer >= 0"),
+        ({"nprobe": 0}, r"nprobe must be an integer >= 1"),
     ],
 )
 def test_raise_errors(kwargs: dict, match: str) -> None:
@@ -160,3 +162,43 @@ def test_shape_errors() -> None:
         pair_scores(np.eye(4), np.eye(3))
     with pytest.raises(ConfigError, match="must be a 2-D array"):
         pair_scores(np.ones(4), np.ones(4))
+
+
+def test_approximate_alternatives_keep_the_ranking(data) -> None:
+    # exact_max=0 forces the inverted-file search even on 800 rows
+    exact = pair_scores(data.image_emb, data.text_emb, image_group=data.image_group, seed=0)
+    approx = pair_scores(
+        data.image_emb, data.text_emb, image_group=data.image_group, exact_max=0, seed=0
+    )
+    # an approximate search can only miss neighbours: alternatives never look closer
+    assert np.all(approx.image_alt <= exact.image_alt + 1e-6)
+    assert np.all(approx.text_alt <= exact.text_alt + 1e-6)
+    assert np.corrcoef(approx.score, exact.score)[0, 1] > 0.98
+    assert auroc(data.is_mismatched, -approx.score) > 0.98
+    # probing every list is exact again
+    full = pair_scores(
+        data.image_emb, data.text_emb, image_group=data.image_group, exact_max=0, nprobe=10**6
+    )
+    np.testing.assert_allclose(full.score, exact.score, atol=1e-5)
+
+
+def test_unnormalised_and_float64_input_give_the_same_scores(data) -> None:
+    # unit float32 rows are used without a copy; other input is normalised chunk-wise
+    ref = pair_scores(data.image_emb, data.text_emb, image_group=data.image_group)
+    scaled = pair_scores(
+        3.0 * data.image_emb.astype(np.float64),
+        0.5 * data.text_emb,
+        image_group=data.image_group,
+    )
+    np.testing.assert_allclose(scaled.score, ref.score, atol=1e-5)
+    np.testing.assert_allclose(scaled.similarity, ref.similarity, atol=1e-6)
+
+
+def test_several_captions_per_image_use_group_means() -> None:
+    d = clip_like_pairs(600, dim=32, captions_per_image=3, noise_rate=0.2, seed=5)
+    ps = pair_scores(d.image_emb, d.text_emb, image_group=d.image_group, k=2)
+    # the image node is the normalised mean of its (identical) rows: same alternatives
+    # for every caption row of one image
+    alt = ps.image_alt.reshape(-1, 3)
+    np.testing.assert_allclose(alt, alt[:, :1].repeat(3, axis=1), atol=1e-7)
+    assert ps.info["n_image_groups"] == 200

@@ -120,6 +120,8 @@ def test_degenerate_inputs_warn_and_flag_nothing() -> None:
         ({"threshold": 1.5}, r"threshold must be in \(0, 1\)"),
         ({"threshold": "high"}, "threshold must be a number"),
         ({"min_separation": -1.0}, "min_separation must be >= 0"),
+        ({"max_fit": 10}, r"max_fit must be an integer >= 100"),
+        ({"max_fit": 5000.0}, r"max_fit must be an integer >= 100"),
     ],
 )
 def test_raise_errors(kwargs: dict, match: str) -> None:
@@ -153,3 +155,31 @@ def test_one_non_gaussian_population_flags_nothing(dist: str) -> None:
     assert np.all((sp.match_score >= 0.5) & (sp.match_score <= 1.0))
     assert sp.mixture["bimodal"] is False
     assert sp.mixture["reason"].startswith(("one population", "components overlap"))
+
+
+def test_subsample_fit_equals_full_fit_within_tolerance() -> None:
+    # 40k scores, EM on a 10k subsample vs on every score: same mixture, same flags
+    rng = np.random.default_rng(10)
+    x = rng.permutation(np.r_[rng.normal(0.30, 0.05, 32_000), rng.normal(0.05, 0.06, 8_000)])
+    full = split_pairs(x, seed=0, max_fit=None)
+    sub = split_pairs(x, seed=0, max_fit=10_000)
+    assert full.mixture["fit_sample"] == 40_000 and sub.mixture["fit_sample"] == 10_000
+    assert sub.mixture["n_fitted"] == 40_000
+    for key, tol in (("means", 0.003), ("stds", 0.003), ("weights", 0.01)):
+        np.testing.assert_allclose(sub.mixture[key], full.mixture[key], atol=tol)
+    diff = np.abs(sub.match_score - full.match_score)
+    assert diff.max() < 0.03 and diff.mean() < 0.002
+    assert np.mean(sub.is_mismatched == full.is_mismatched) > 0.999
+    assert sub.noise_rate == pytest.approx(full.noise_rate, abs=0.005)
+    assert sub.mixture["delta_bic"] == pytest.approx(full.mixture["delta_bic"], rel=0.01)
+    # every row gets a posterior, and the subsample is seeded
+    assert np.isfinite(sub.match_score).all()
+    again = split_pairs(x, seed=0, max_fit=10_000)
+    np.testing.assert_array_equal(sub.match_score, again.match_score)
+
+
+def test_subsample_keeps_the_clean_data_guard() -> None:
+    x = np.random.default_rng(11).normal(size=20_000)
+    sp = split_pairs(x, seed=0, max_fit=2_000)
+    assert not sp.is_mismatched.any() and sp.mixture["bimodal"] is False
+    assert sp.mixture["fit_sample"] == 2_000

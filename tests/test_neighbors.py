@@ -1,0 +1,111 @@
+"""k-NN search: exact answers, approximate recall on seeded data, determinism, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pmpclean.errors import ConfigError
+from pmpclean.neighbors import ivf_nlist, knn_search
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    """Seeded clustered data (60 topics in 32-d), queries from the same topics."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((60, 32))
+    base = _unit(centers[rng.integers(0, 60, 4000)] + 0.6 * rng.standard_normal((4000, 32)))
+    query = _unit(centers[rng.integers(0, 60, 800)] + 0.6 * rng.standard_normal((800, 32)))
+    return query, base
+
+
+def _brute(query: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    s = query @ base.T
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, idx, 1), idx
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    pairs = zip(found, truth, strict=True)
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in pairs]))
+
+
+def test_exact_matches_brute_force(blobs) -> None:
+    query, base = blobs
+    sims, idx = knn_search(query[:200], base, 7)
+    ref_s, ref_i = _brute(query[:200], base, 7)
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+    assert _recall(idx, ref_i) > 0.999  # ties aside, the same neighbours
+
+
+def test_missing_neighbours_are_minus_one() -> None:
+    x = np.eye(3, dtype=np.float32)
+    for exact_max in (10, 0):  # exact and approximate paths
+        sims, idx = knn_search(x, x, 5, exact_max=exact_max)
+        assert idx.shape == (3, 5) and np.all(idx[:, 3:] == -1)
+        assert np.all(np.isneginf(sims[:, 3:])) and idx[:, 0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_approximate_recall_on_seeded_clusters(blobs, k: int) -> None:
+    query, base = blobs
+    _, ref_i = _brute(query, base, k)
+    sims, idx = knn_search(query, base, k, exact_max=0, nprobe=8, seed=0)
+    assert _recall(idx, ref_i) > 0.9
+    # similarities are the exact inner products of the returned rows, sorted, no holes
+    assert np.all(idx >= 0)
+    np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", query, base[idx]), atol=1e-5)
+    assert np.all(np.diff(sims, axis=1) <= 1e-7)
+
+
+def test_recall_grows_with_nprobe_and_is_exact_when_every_list_is_probed(blobs) -> None:
+    query, base = blobs
+    _, ref_i = _brute(query, base, 10)
+    recalls = [
+        _recall(knn_search(query, base, 10, exact_max=0, nprobe=p)[1], ref_i) for p in (1, 4, 16)
+    ]
+    assert recalls[0] < recalls[1] <= recalls[2]
+    nlist = ivf_nlist(len(query), len(base), 8)
+    _, idx = knn_search(query, base, 10, exact_max=0, nprobe=nlist)
+    assert _recall(idx, ref_i) > 0.999
+
+
+def test_approximate_is_deterministic_for_a_seed(blobs) -> None:
+    query, base = blobs
+    a = knn_search(query, base, 5, exact_max=0, seed=3)
+    b = knn_search(query, base, 5, exact_max=0, seed=3)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_nlist_balances_coarse_and_scan_cost() -> None:
+    assert ivf_nlist(1_000_000, 1_000_000, 8) == 2236
+    assert ivf_nlist(100_000, 100_000, 8) == 707
+    assert ivf_nlist(10, 10, 8) == 1  # never more lists than rows / 8
+    assert ivf_nlist(1_000_000, 1_000_000, 4) < ivf_nlist(1_000_000, 1_000_000, 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "k must be an integer >= 1"),
+        ({"k": 2, "exact_max": -1}, "exact_max must be an integer >= 0"),
+        ({"k": 2, "nprobe": 0}, "nprobe must be an integer >= 1"),
+        ({"k": 2, "nprobe": 2.5}, "nprobe must be an integer >= 1"),
+    ],
+)
+def test_raise_errors(kwargs: dict, match: str) -> None:
+    x = np.eye(4, dtype=np.float32)
+    with pytest.raises(ConfigError, match=match):
+        knn_search(x, x, **kwargs)
+
+
+def test_shape_errors() -> None:
+    with pytest.raises(ConfigError, match="query must be a 2-D array"):
+        knn_search(np.zeros(3, np.float32), np.eye(3, dtype=np.float32), 1)
+    with pytest.raises(ConfigError, match="same width"):
+        knn_search(np.eye(3, dtype=np.float32), np.eye(4, dtype=np.float32), 1)
