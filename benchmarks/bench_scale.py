@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     record = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "results": []}
     if args.out.exists():
         old = json.loads(args.out.read_text())
+        # keep other sizes / tags and any hand-added keys (notes, sweeps)
+        record.update({k: v for k, v in old.items() if k not in ("results", "machine", "command")})
         record["results"] = [r for r in old.get("results", []) if "cpu_seconds" in r]
-        record["notes"] = old.get("notes", [])
     for n in args.sizes:
         t0 = time.time()
         manifest, emb = make_data(n, args.work, dim=args.dim, seed=args.seed)

@@ -669,16 +669,28 @@ class Embeddings:
         return int(self.image.shape[0])
 
 
-def _normalise_rows(x: np.ndarray) -> np.ndarray:
-    """L2-normalise rows as float32; non-finite or zero-norm rows become NaN."""
-    x = np.asarray(x, dtype=np.float64)
-    out = np.full(x.shape, np.nan, dtype=np.float32)
-    if x.size == 0:
-        return out
-    finite = np.isfinite(x).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], x, 0.0), axis=1)
-    good = finite & (norms > 0)
-    out[good] = (x[good] / norms[good, None]).astype(np.float32)
+def _normalise_rows(x: np.ndarray, *, inplace: bool = False) -> np.ndarray:
+    """L2-normalise rows as float32; non-finite or zero-norm rows become NaN.
+
+    Works in chunks of rows (float64 only per chunk): a million 512-d rows need no
+    full-size float64 temporaries (which took ~16 GB). With ``inplace=True`` and a
+    writable C-contiguous float32 input, the input itself is overwritten (used for
+    arrays just read from a file, which nobody else holds).
+    """
+    x = np.asarray(x)
+    if inplace and x.dtype == np.float32 and x.flags.writeable and x.flags.c_contiguous:
+        out = x
+    else:
+        out = np.empty(x.shape, dtype=np.float32)
+    chunk = 1 << 16
+    for lo in range(0, x.shape[0], chunk):
+        blk = np.asarray(x[lo : lo + chunk], dtype=np.float64)
+        finite = np.isfinite(blk).all(axis=1)
+        norms = np.linalg.norm(np.where(finite[:, None], blk, 0.0), axis=1)
+        good = finite & (norms > 0)
+        res = np.full(blk.shape, np.nan, dtype=np.float32)
+        res[good] = (blk[good] / norms[good, None]).astype(np.float32)
+        out[lo : lo + chunk] = res
     return out
 
 
@@ -814,7 +826,7 @@ def load_embeddings(path: str | Path, n_rows: int) -> Embeddings:
                 f"embeddings file {str(p)!r}: array {key!r} has {arr.shape[0]} rows but the "
                 f"manifest has {n_rows} rows; embeddings must be row-aligned with the manifest."
             )
-        out[key] = _normalise_rows(arr)
+        out[key] = _normalise_rows(arr, inplace=True)  # arr was just read: ours
     return Embeddings(image=out["image"], text=out["text"], source=f"file:{p}")
 
 
