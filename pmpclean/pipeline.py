@@ -10,9 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import math
 import platform
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from ._utils import Timer, atomic_open, atomic_path
+from ._utils import Timer, atomic_open, atomic_path, to_jsonable
 from .config import ScanConfig, config_to_dict
-from .errors import ConfigError, DatasetError, PmpcleanError
+from .errors import ConfigError, DatasetError
 
 __all__ = [
     "ScanResult",
@@ -161,29 +159,10 @@ def _check_writable(out_dir: Path) -> None:
         ) from exc
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return None if math.isnan(f) or math.isinf(f) else f
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically, with NaN/inf as null and numpy scalars converted."""
     with atomic_open(path, "w", encoding="utf-8") as fh:
-        json.dump(_jsonable(obj), fh, indent=2, ensure_ascii=False)
+        json.dump(to_jsonable(obj), fh, indent=2, ensure_ascii=False)
         fh.write("\n")
     return Path(path)
 
@@ -191,7 +170,9 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def _validate_audit_config(cfg: ScanConfig) -> None:
     a = cfg.audit
     if not 0.0 < a.threshold < 1.0:
-        raise ConfigError(f"threshold must lie in (0, 1), got {a.threshold}; the default 0.5 needs no tuning.")
+        raise ConfigError(
+            f"threshold must lie in (0, 1), got {a.threshold}; the default 0.5 needs no tuning."
+        )
     if a.mass is not None and not 0.0 < a.mass <= 1.0:
         raise ConfigError(
             f"mass must lie in (0, 1], got {a.mass}: it is the fraction of suspect mass transported."
@@ -250,7 +231,9 @@ def _read(source: str | Path | pd.DataFrame, cfg: ScanConfig) -> Any:
     )
 
 
-def _embeddings(manifest: Any, cfg: ScanConfig, progress: Progress | None) -> tuple[Any, dict[str, Any]]:
+def _embeddings(
+    manifest: Any, cfg: ScanConfig, progress: Progress | None
+) -> tuple[Any, dict[str, Any]]:
     from .embedding import embed_manifest, load_embeddings
 
     e = cfg.embed
@@ -336,7 +319,11 @@ def _evaluate(
     v = valid
     det = detection_metrics(true_mis[v], match_score[v], is_mismatched[v])
     rem = rematch_metrics(
-        true_row, image_group, np.where(v, proposed_row, -1), np.where(v, confidence, 0.0), true_mis & v
+        true_row,
+        image_group,
+        np.where(v, proposed_row, -1),
+        np.where(v, confidence, 0.0),
+        true_mis & v,
     )
     curve = precision_recall_points(true_mis[v], match_score[v])
     return {
@@ -662,7 +649,9 @@ def _write_scan(result: ScanResult, target: Path, cfg: ScanConfig) -> None:
     with atomic_path(files["audit_csv"]) as tmp:
         audit.to_csv(tmp, index=False)
     with atomic_open(files["config"], "w", encoding="utf-8") as fh:
-        fh.write(f"# pmpclean {__version__} settings; repeat with: pmpclean scan MANIFEST --config this-file\n")
+        fh.write(
+            f"# pmpclean {__version__} settings; repeat with: pmpclean scan MANIFEST --config this-file\n"
+        )
         yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
     result.out_dir = target
     result.files = {k: str(v) for k, v in files.items()}
@@ -671,13 +660,19 @@ def _write_scan(result: ScanResult, target: Path, cfg: ScanConfig) -> None:
     report_audit = audit
     if cfg.embed.embeddings is not None and cfg.data.image_col in audit.columns:
         # no file was opened during the scan, but thumbnails of local images still help
-        base = Path(cfg.data.root) if cfg.data.root else (
-            Path(result.summary["manifest"]).parent if result.summary.get("manifest") else None
+        base = (
+            Path(cfg.data.root)
+            if cfg.data.root
+            else (
+                Path(result.summary["manifest"]).parent if result.summary.get("manifest") else None
+            )
         )
         if base is not None:
             report_audit = audit.copy()
             report_audit["image_path"] = [
-                str(base / p) if isinstance(p, str) and p and "://" not in p and not Path(p).is_absolute() else p
+                str(base / p)
+                if isinstance(p, str) and p and "://" not in p and not Path(p).is_absolute()
+                else p
                 for p in audit["image_path"]
             ]
     write_report(
@@ -699,7 +694,9 @@ def _to_parquet(frame: pd.DataFrame, path: Path) -> None:
         fixed = frame.copy()
         for col in fixed.columns:
             if fixed[col].dtype == object:
-                fixed[col] = fixed[col].map(lambda v: v if v is None or isinstance(v, str) else str(v))
+                fixed[col] = fixed[col].map(
+                    lambda v: v if v is None or isinstance(v, str) else str(v)
+                )
         try:
             fixed.to_parquet(path, index=False)
         except Exception as exc:  # noqa: BLE001
@@ -708,7 +705,13 @@ def _to_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 # --------------------------------------------------------------------------- rematch
 
-LABEL_COLUMNS = ("label_status", "label_score", "is_label_issue", "suggested_label", "label_confidence")
+LABEL_COLUMNS = (
+    "label_status",
+    "label_score",
+    "is_label_issue",
+    "suggested_label",
+    "label_confidence",
+)
 
 
 def _dropped_path(out: Path) -> Path:
@@ -839,7 +842,9 @@ def rematch(
         )
     for p in (out_path, dropped_path):
         if p.resolve() == src.resolve():
-            raise ConfigError(f"--out {p} is the input manifest; pmpclean never overwrites its input.")
+            raise ConfigError(
+                f"--out {p} is the input manifest; pmpclean never overwrites its input."
+            )
         if p.exists() and not force:
             raise DatasetError(f"{p} already exists; pass --force to replace it.")
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
@@ -1030,7 +1035,9 @@ def corrupt(
     src = Path(source)
     out_path = Path(out)
     if out_path.resolve() == src.resolve():
-        raise ConfigError(f"--out {out_path} is the input manifest; pmpclean never overwrites its input.")
+        raise ConfigError(
+            f"--out {out_path} is the input manifest; pmpclean never overwrites its input."
+        )
     if out_path.exists() and not force:
         raise DatasetError(f"{out_path} already exists; pass --force to replace it.")
     if not 0.0 <= rate <= 1.0:

@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ._utils import Timer, atomic_open, atomic_path, resolve_device
+from ._utils import Timer, atomic_open, atomic_path, resolve_device, to_jsonable
 from .errors import ConfigError, DatasetError, ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1128,27 +1128,10 @@ def _save_weights(model: Any, out_dir: Path, model_cfg: dict[str, Any]) -> Path:
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     _write_json(
         out_dir / OPEN_CLIP_CONFIG_NAME,
-        _jsonable({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}),
+        to_jsonable({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}),
     )
-    _write_json(out_dir / MODEL_CONFIG_NAME, _jsonable(model_cfg))
+    _write_json(out_dir / MODEL_CONFIG_NAME, to_jsonable(model_cfg))
     return target
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _settings_dict(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -1520,7 +1503,7 @@ def _run(
                 "n_train": n_train,
                 "clean": None if clean is None else torch.from_numpy(clean.astype(np.uint8)),
                 "state_json": json.dumps(
-                    _jsonable({k: v for k, v in state.items() if k != "clean"})
+                    to_jsonable({k: v for k, v in state.items() if k != "clean"})
                 ),
             }
             with atomic_path(out / RESUME_NAME) as tmp:
@@ -1656,7 +1639,7 @@ def _run(
             "seconds": round(state["epoch_seconds"], 3),
             "val": val,
         }
-        state["history"].append(_jsonable(record))
+        state["history"].append(to_jsonable(record))
         logger.info(
             "epoch %d/%d: loss %.4f, validation R-sum %s",
             epoch + 1,
@@ -1735,7 +1718,7 @@ def _run(
         "timings": {k: round(v, 3) for k, v in timer.seconds.items()},
         "seconds": round(elapsed(), 3),
     }
-    metrics = _jsonable(metrics)
+    metrics = to_jsonable(metrics)
     _write_json(out / METRICS_NAME, metrics)
     if not cfg.keep_resume and (out / RESUME_NAME).exists():
         (out / RESUME_NAME).unlink()
@@ -1840,4 +1823,4 @@ def _write_settings(out: Path, settings: dict[str, Any], resolved: dict[str, Any
     doc = {"settings": settings, "resolved": resolved, "versions": _versions()}
     with atomic_open(out / SETTINGS_NAME, "w", encoding="utf-8") as fh:
         fh.write("# pmpclean finetune: resolved settings of this run\n")
-        yaml.safe_dump(_jsonable(doc), fh, sort_keys=False)
+        yaml.safe_dump(to_jsonable(doc), fh, sort_keys=False)
