@@ -120,6 +120,8 @@ def test_degenerate_inputs_warn_and_flag_nothing() -> None:
         ({"threshold": 1.5}, r"threshold must be in \(0, 1\)"),
         ({"threshold": "high"}, "threshold must be a number"),
         ({"min_separation": -1.0}, "min_separation must be >= 0"),
+        ({"weak_separation": 2.5}, r"weak_separation must be in \[0, min_separation=2\]"),
+        ({"weak_separation": -0.1}, r"weak_separation must be in \[0, min_separation=2\]"),
         ({"max_fit": 10}, r"max_fit must be an integer >= 100"),
         ({"max_fit": 5000.0}, r"max_fit must be an integer >= 100"),
     ],
@@ -155,6 +157,45 @@ def test_one_non_gaussian_population_flags_nothing(dist: str) -> None:
     assert np.all((sp.match_score >= 0.5) & (sp.match_score <= 1.0))
     assert sp.mixture["bimodal"] is False
     assert sp.mixture["reason"].startswith(("one population", "components overlap"))
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda r: -r.gamma(2.0, 1.0, 5000),
+        lambda r: -r.lognormal(0.0, 0.5, 5000),
+        lambda r: -r.weibull(0.8, 5000),
+        lambda r: -r.gamma(1.0, 1.0, 5000),
+    ],
+    ids=["gamma2", "lognormal", "weibull", "exponential"],
+)
+def test_one_population_with_a_long_tail_flags_nothing(draw) -> None:
+    # a clean distribution with a long tail of poorer pairs: two Gaussians fit it better
+    # than one (BIC) and sit 1.5-1.7 apart (Ashman's D), but one skewed population fits
+    # as well, so the guard must still refuse
+    x = draw(np.random.default_rng(12))
+    sp = split_pairs(x, seed=0)
+    assert sp.mixture["delta_bic"] > 0  # the plain BIC test alone would split it
+    assert not sp.is_mismatched.any() and sp.mixture["bimodal"] is False
+    if sp.mixture["separation"] >= 1.5:
+        assert sp.mixture["delta_bic_skewed"] < 0
+        assert sp.mixture["reason"].startswith("one skewed population")
+
+
+def test_narrow_true_peak_with_wide_mismatch_spread_is_split() -> None:
+    # true pairs in a narrow peak, mismatches spread widely below it: Ashman's D < 2
+    # (the demo model on the quickstart), yet clearly two groups
+    rng = np.random.default_rng(13)
+    x = np.r_[rng.normal(0.0, 0.5, 8000), rng.normal(-2.0, 1.5, 2000)]
+    sp = split_pairs(x, seed=0)
+    assert 1.5 <= sp.mixture["separation"] < 2.0
+    assert sp.mixture["delta_bic_skewed"] > 0 and sp.mixture["bimodal"] is True
+    assert sp.is_mismatched[8000:].mean() > 0.6 and sp.is_mismatched[:8000].mean() < 0.08
+    assert sp.noise_rate == pytest.approx(0.2, abs=0.03)
+    # the route can be turned off: then D must reach min_separation
+    strict = split_pairs(x, seed=0, weak_separation=2.0)
+    assert strict.mixture["bimodal"] is False and not strict.is_mismatched.any()
+    assert np.isnan(strict.mixture["delta_bic_skewed"])
 
 
 def test_subsample_fit_equals_full_fit_within_tolerance() -> None:
