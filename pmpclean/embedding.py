@@ -1,6 +1,6 @@
 """Image and caption embeddings: open_clip behind one door, with an on-disk cache.
 
-This is the only pmpclean module (besides ``finetune``) that imports ``open_clip``.
+This is the only pmpclean module (besides ``training``) that imports ``open_clip``.
 It does three things:
 
 * :func:`load_model` validates a model name and a weights source (an open_clip
