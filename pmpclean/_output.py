@@ -14,6 +14,7 @@ import json as _json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ._numfmt import finite_or_none as _num
+from ._numfmt import fmt_float, fmt_int, fmt_pct
 from ._utils import to_jsonable
 from .errors import ConfigError
 
@@ -63,29 +66,10 @@ def _noop(stage: str, done: int, total: int) -> None:
     return None
 
 
-def _num(value: Any) -> float | None:
-    if value is None or isinstance(value, (bool, np.bool_)):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
-def _fmt_int(value: Any) -> str:
-    out = _num(value)
-    return "-" if out is None else f"{int(round(out)):,}"
-
-
-def _fmt_float(value: Any, digits: int = 3) -> str:
-    out = _num(value)
-    return "-" if out is None else f"{out:.{digits}f}"
-
-
-def _fmt_pct(value: Any) -> str:
-    out = _num(value)
-    return "-" if out is None else f"{100 * out:.1f}%"
+# shared with the HTML report (pmpclean._numfmt); missing values show as "-"
+_fmt_int = partial(fmt_int, missing="-")
+_fmt_float = partial(fmt_float, missing="-")
+_fmt_pct = partial(fmt_pct, missing="-")
 
 
 def _fmt_secs(value: Any) -> str:

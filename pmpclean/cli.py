@@ -9,12 +9,13 @@ usage errors exit 2; ``PMPCLEAN_DEBUG=1`` shows tracebacks.
 from __future__ import annotations
 
 import enum
+import operator
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -66,64 +67,154 @@ Manifest = Annotated[
     ),
 ]
 FormatOpt = Annotated[
-    Format, typer.Option("--format", help="human: tables for people; json: one JSON document on stdout.")
+    Format,
+    typer.Option("--format", help="human: tables for people; json: one JSON document on stdout."),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and JSON with --format json).")]
-ImageCol = Annotated[str, typer.Option("--image-col", help="Column holding image paths (relative to the manifest's folder).")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="Print nothing but errors (and JSON with --format json)."),
+]
+ImageCol = Annotated[
+    str,
+    typer.Option(
+        "--image-col", help="Column holding image paths (relative to the manifest's folder)."
+    ),
+]
 TextCol = Annotated[str, typer.Option("--text-col", help="Column holding captions.")]
-IdCol = Annotated[Optional[str], typer.Option("--id-col", help="Optional column of unique row ids (checked for duplicates).")]
+IdCol = Annotated[
+    str | None,
+    typer.Option("--id-col", help="Optional column of unique row ids (checked for duplicates)."),
+]
 RootOpt = Annotated[
-    Optional[Path],
-    typer.Option("--root", help="Folder that relative image paths resolve against \\[default: the manifest's folder]."),
+    Path | None,
+    typer.Option(
+        "--root",
+        help="Folder that relative image paths resolve against \\[default: the manifest's folder].",
+    ),
 ]
 LabelCol = Annotated[
-    Optional[str], typer.Option("--label-col", help="Optional class-label column: also audits the labels.")
+    str | None,
+    typer.Option("--label-col", help="Optional class-label column: also audits the labels."),
 ]
-ModelOpt = Annotated[str, typer.Option("--model", help="open_clip architecture (see open_clip.list_models()), or hf-hub:org/name.")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", help="open_clip architecture (see open_clip.list_models()), or hf-hub:org/name."
+    ),
+]
 PretrainedOpt = Annotated[
     str,
     typer.Option(
         "--pretrained",
-        help="open_clip weights tag, a local checkpoint file, or 'none' for random weights (smoke tests only: scores mean nothing).",
+        help=(
+            "open_clip weights tag, a local checkpoint file, or 'none' for random weights "
+            "(smoke tests only: scores mean nothing)."
+        ),
     ),
 ]
 EmbeddingsOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--embeddings",
-        help="Precomputed embeddings (.npz with arrays 'image' and 'text', shape (n_rows, d), row-aligned; or .parquet). No model is loaded and no image is opened.",
+        help=(
+            "Precomputed embeddings (.npz with arrays 'image' and 'text', shape (n_rows, d), "
+            "row-aligned; or .parquet). No model is loaded and no image is opened."
+        ),
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images or captions per forward pass.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Processes decoding images in parallel with the model.")]
-CacheDirOpt = Annotated[
-    Optional[Path],
-    typer.Option("--cache-dir", help="Embedding cache folder \\[default: $PMPCLEAN_CACHE_DIR, else $XDG_CACHE_HOME/pmpclean, else ~/.cache/pmpclean]."),
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
 ]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the embedding cache.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice; the same seed repeats the run.")]
+BatchOpt = Annotated[
+    int, typer.Option("--batch-size", min=1, help="Images or captions per forward pass.")
+]
+WorkersOpt = Annotated[
+    int,
+    typer.Option("--workers", min=0, help="Processes decoding images in parallel with the model."),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help=(
+            "Embedding cache folder \\[default: $PMPCLEAN_CACHE_DIR, else "
+            "$XDG_CACHE_HOME/pmpclean, else ~/.cache/pmpclean]."
+        ),
+    ),
+]
+NoCacheOpt = Annotated[
+    bool, typer.Option("--no-cache", help="Neither read nor write the embedding cache.")
+]
+SeedOpt = Annotated[
+    int,
+    typer.Option("--seed", help="Seed of every random choice; the same seed repeats the run."),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace output files that already exist.")]
 ConfigOpt = Annotated[
-    Optional[Path],
-    typer.Option("--config", help="Settings file (config.yaml of an earlier scan). Options given on the command line win."),
+    Path | None,
+    typer.Option(
+        "--config",
+        help=(
+            "Settings file (config.yaml of an earlier scan). Options given on the command line win."
+        ),
+    ),
 ]
 
 
 def _explicit(ctx: typer.Context, name: str) -> bool:
-    """True when the option was given on the command line (not a default)."""
-    from click.core import ParameterSource
+    """True when the option was given on the command line (not a default).
 
-    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    Compared by name: typer may bundle its own click, whose ``ParameterSource`` enum is
+    not the one of an installed ``click`` package.
+    """
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
-def _build_config(ctx: typer.Context, config_file: Path | None, mapping: dict[str, tuple[str, Any]]) -> ScanConfig:
-    """Defaults < --config file < options given on the command line."""
+def _path_str(value: Path | None) -> str | None:
+    return str(value) if value else None
+
+
+# The ScanConfig setting behind each option of scan / rematch / embed, and how the
+# option's value is stored there (None: as given).
+_SETTINGS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
+    "image_col": ("data__image_col", None),
+    "text_col": ("data__text_col", None),
+    "id_col": ("data__id_col", None),
+    "label_col": ("data__label_col", None),
+    "truth_col": ("data__truth_col", None),
+    "root": ("data__root", _path_str),
+    "model": ("embed__model", None),
+    "pretrained": ("embed__pretrained", None),
+    "embeddings": ("embed__embeddings", _path_str),
+    "device": ("embed__device", None),
+    "batch_size": ("embed__batch_size", None),
+    "workers": ("embed__workers", None),
+    "cache_dir": ("embed__cache_dir", _path_str),
+    "no_cache": ("embed__use_cache", operator.not_),
+    "k": ("audit__k", None),
+    "threshold": ("audit__threshold", None),
+    "no_rematch": ("audit__rematch", operator.not_),
+    "mass": ("audit__mass", None),
+    "cost": ("audit__cost", operator.attrgetter("value")),
+    "min_confidence": ("audit__min_confidence", None),
+    "gallery_size": ("gallery_size", None),
+    "seed": ("seed", None),
+}
+
+
+def _build_config(ctx: typer.Context, config_file: Path | None, **options: Any) -> ScanConfig:
+    """The ScanConfig of a command's options, passed by parameter name (see _SETTINGS).
+
+    Defaults < --config file < options given on the command line. Without a config
+    file every option passed is applied, given or defaulted.
+    """
     cfg = load_config(config_file) if config_file is not None else ScanConfig()
     changes: dict[str, Any] = {}
-    for param, (key, value) in mapping.items():
+    for param, value in options.items():
         if config_file is None or _explicit(ctx, param):
-            changes[key] = value
+            key, convert = _SETTINGS[param]
+            changes[key] = value if convert is None else convert(value)
     return cfg.replace(**changes) if changes else cfg
 
 
@@ -141,7 +232,9 @@ def _run(out: Any) -> Iterator[None]:
     except KeyboardInterrupt:
         if debug:
             raise
-        out.error("Interrupted. Embeddings computed so far are cached; run the command again to resume.")
+        out.error(
+            "Interrupted. Embeddings computed so far are cached; run the command again to resume."
+        )
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
@@ -170,7 +263,13 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Show the version and exit.",
+        ),
     ] = False,
 ) -> None:
     """Audit and clean noisy image-caption datasets."""
@@ -184,8 +283,12 @@ def scan(
     ctx: typer.Context,
     manifest: Manifest,
     out: Annotated[
-        Optional[Path],
-        typer.Option("--out", "-o", help="Output folder \\[default: <manifest stem>.pmpclean/ beside the manifest]."),
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder \\[default: <manifest stem>.pmpclean/ beside the manifest].",
+        ),
     ] = None,
     image_col: ImageCol = "image",
     text_col: TextCol = "caption",
@@ -193,8 +296,14 @@ def scan(
     label_col: LabelCol = None,
     root: RootOpt = None,
     truth_col: Annotated[
-        Optional[str],
-        typer.Option("--truth-col", help="Ground-truth column (original row of each caption, as 'pmpclean corrupt' writes): adds detection and rematch metrics."),
+        str | None,
+        typer.Option(
+            "--truth-col",
+            help=(
+                "Ground-truth column (original row of each caption, as 'pmpclean corrupt' "
+                "writes): adds detection and rematch metrics."
+            ),
+        ),
     ] = None,
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
@@ -204,19 +313,58 @@ def scan(
     workers: WorkersOpt = 2,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
-    k: Annotated[int, typer.Option("--k", min=1, help="Nearest alternatives per side each pair is compared against.")] = 3,
+    k: Annotated[
+        int,
+        typer.Option(
+            "--k", min=1, help="Nearest alternatives per side each pair is compared against."
+        ),
+    ] = 3,
     threshold: Annotated[
-        float, typer.Option("--threshold", min=0.0, max=1.0, help="match_score below this flags a pair (calibrated: 0.5 needs no tuning).")
+        float,
+        typer.Option(
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            help="match_score below this flags a pair (calibrated: 0.5 needs no tuning).",
+        ),
     ] = 0.5,
-    no_rematch: Annotated[bool, typer.Option("--no-rematch", help="Flag mismatches but propose no captions.")] = False,
+    no_rematch: Annotated[
+        bool, typer.Option("--no-rematch", help="Flag mismatches but propose no captions.")
+    ] = False,
     mass: Annotated[
-        Optional[float], typer.Option("--mass", help="Fraction s in (0, 1] of suspect mass the partial transport moves \\[default: 0.8].")
+        float | None,
+        typer.Option(
+            "--mass",
+            help=(
+                "Fraction s in (0, 1] of suspect mass the partial transport moves \\[default: 0.8]."
+            ),
+        ),
     ] = None,
-    cost: Annotated[Cost, typer.Option("--cost", help="Similarity-to-cost mapping: learned (from the clean pairs), fixed (1 - similarity), paper (L2RM's batch network).")] = Cost.learned,
+    cost: Annotated[
+        Cost,
+        typer.Option(
+            "--cost",
+            help=(
+                "Similarity-to-cost mapping: learned (from the clean pairs), "
+                "fixed (1 - similarity), paper (L2RM's batch network)."
+            ),
+        ),
+    ] = Cost.learned,
     min_confidence: Annotated[
-        float, typer.Option("--min-confidence", min=0.0, max=1.0, help="Proposals with lower rematch_confidence are withheld (action drop/review). 0.6 measured precision >= 0.95 on Flickr8k.")
+        float,
+        typer.Option(
+            "--min-confidence",
+            min=0.0,
+            max=1.0,
+            help=(
+                "Proposals with lower rematch_confidence are withheld (action drop/review). "
+                "0.6 measured precision >= 0.95 on Flickr8k."
+            ),
+        ),
     ] = 0.6,
-    gallery_size: Annotated[int, typer.Option("--gallery-size", min=0, help="Pairs per gallery in report.html.")] = 24,
+    gallery_size: Annotated[
+        int, typer.Option("--gallery-size", min=0, help="Pairs per gallery in report.html.")
+    ] = 24,
     seed: SeedOpt = 0,
     config_file: ConfigOpt = None,
     fmt: FormatOpt = Format.human,
@@ -235,30 +383,28 @@ def scan(
         cfg = _build_config(
             ctx,
             config_file,
-            {
-                "image_col": ("data__image_col", image_col),
-                "text_col": ("data__text_col", text_col),
-                "id_col": ("data__id_col", id_col),
-                "label_col": ("data__label_col", label_col),
-                "truth_col": ("data__truth_col", truth_col),
-                "root": ("data__root", str(root) if root else None),
-                "model": ("embed__model", model),
-                "pretrained": ("embed__pretrained", pretrained),
-                "embeddings": ("embed__embeddings", str(embeddings) if embeddings else None),
-                "device": ("embed__device", device),
-                "batch_size": ("embed__batch_size", batch_size),
-                "workers": ("embed__workers", workers),
-                "cache_dir": ("embed__cache_dir", str(cache_dir) if cache_dir else None),
-                "no_cache": ("embed__use_cache", not no_cache),
-                "k": ("audit__k", k),
-                "threshold": ("audit__threshold", threshold),
-                "no_rematch": ("audit__rematch", not no_rematch),
-                "mass": ("audit__mass", mass),
-                "cost": ("audit__cost", cost.value),
-                "min_confidence": ("audit__min_confidence", min_confidence),
-                "gallery_size": ("gallery_size", gallery_size),
-                "seed": ("seed", seed),
-            },
+            image_col=image_col,
+            text_col=text_col,
+            id_col=id_col,
+            label_col=label_col,
+            truth_col=truth_col,
+            root=root,
+            model=model,
+            pretrained=pretrained,
+            embeddings=embeddings,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            cache_dir=cache_dir,
+            no_cache=no_cache,
+            k=k,
+            threshold=threshold,
+            no_rematch=no_rematch,
+            mass=mass,
+            cost=cost,
+            min_confidence=min_confidence,
+            gallery_size=gallery_size,
+            seed=seed,
         )
         seed_everything(cfg.seed)
         _warn_remote_images(output)
@@ -273,7 +419,14 @@ def _warn_remote_images(output: Any) -> None:
     """Route library warnings (e.g. random weights, remote images) to the output sink."""
     import warnings
 
-    def _show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    def _show(
+        message: Any,
+        category: Any,
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: Any = None,
+    ) -> None:
         output.warning(str(message))
 
     warnings.showwarning = _show  # type: ignore[assignment]
@@ -286,20 +439,60 @@ def _warn_remote_images(output: Any) -> None:
 def rematch(
     ctx: typer.Context,
     manifest: Manifest,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Cleaned manifest to write; its extension (.csv .tsv .parquet .jsonl) sets the format. Dropped rows go to <stem>.dropped<ext> beside it.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help=(
+                "Cleaned manifest to write; its extension (.csv .tsv .parquet .jsonl) sets the "
+                "format. Dropped rows go to <stem>.dropped<ext> beside it."
+            ),
+        ),
+    ],
     policy: Annotated[
         Policy,
-        typer.Option("--policy", help="rematch: keep clean pairs and confident rematches; drop: keep clean pairs only; flag: keep every row, add audit columns."),
+        typer.Option(
+            "--policy",
+            help=(
+                "rematch: keep clean pairs and confident rematches; drop: keep clean pairs "
+                "only; flag: keep every row, add audit columns."
+            ),
+        ),
     ] = Policy.rematch,
     min_confidence: Annotated[
-        Optional[float], typer.Option("--min-confidence", min=0.0, max=1.0, help="Apply only proposals at least this confident \\[default: the scan's setting].")
+        float | None,
+        typer.Option(
+            "--min-confidence",
+            min=0.0,
+            max=1.0,
+            help="Apply only proposals at least this confident \\[default: the scan's setting].",
+        ),
     ] = None,
-    fix_labels: Annotated[bool, typer.Option("--fix-labels", help="Replace labels flagged by the label audit with the suggested label.")] = False,
+    fix_labels: Annotated[
+        bool,
+        typer.Option(
+            "--fix-labels",
+            help="Replace labels flagged by the label audit with the suggested label.",
+        ),
+    ] = False,
     audit_dir: Annotated[
-        Optional[Path], typer.Option("--audit-dir", help="Folder of the scan to apply \\[default: <manifest stem>.pmpclean/]. Scanned now when absent or stale.")
+        Path | None,
+        typer.Option(
+            "--audit-dir",
+            help=(
+                "Folder of the scan to apply \\[default: <manifest stem>.pmpclean/]. "
+                "Scanned now when absent or stale."
+            ),
+        ),
     ] = None,
-    rescan: Annotated[bool, typer.Option("--rescan", help="Scan again even when an up-to-date audit exists.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be written, write nothing.")] = False,
+    rescan: Annotated[
+        bool,
+        typer.Option("--rescan", help="Scan again even when an up-to-date audit exists."),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would be written, write nothing.")
+    ] = False,
     force: ForceOpt = False,
     image_col: ImageCol = "image",
     text_col: TextCol = "caption",
@@ -327,17 +520,15 @@ def rematch(
         cfg = _build_config(
             ctx,
             config_file,
-            {
-                "image_col": ("data__image_col", image_col),
-                "text_col": ("data__text_col", text_col),
-                "label_col": ("data__label_col", label_col),
-                "root": ("data__root", str(root) if root else None),
-                "model": ("embed__model", model),
-                "pretrained": ("embed__pretrained", pretrained),
-                "embeddings": ("embed__embeddings", str(embeddings) if embeddings else None),
-                "device": ("embed__device", device),
-                "seed": ("seed", seed),
-            },
+            image_col=image_col,
+            text_col=text_col,
+            label_col=label_col,
+            root=root,
+            model=model,
+            pretrained=pretrained,
+            embeddings=embeddings,
+            device=device,
+            seed=seed,
         )
         seed_everything(cfg.seed)
         _warn_remote_images(output)
@@ -366,7 +557,12 @@ def embed(
     ctx: typer.Context,
     manifest: Manifest,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Embeddings file (.npz) \\[default: <manifest stem>.pmpclean/embeddings.npz].")
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Embeddings file (.npz) \\[default: <manifest stem>.pmpclean/embeddings.npz].",
+        ),
     ] = None,
     image_col: ImageCol = "image",
     text_col: TextCol = "caption",
@@ -394,18 +590,20 @@ def embed(
 
     output = _output(fmt, quiet)
     with _run(output):
-        cfg = ScanConfig().replace(
-            data__image_col=image_col,
-            data__text_col=text_col,
-            data__id_col=id_col,
-            data__root=str(root) if root else None,
-            embed__model=model,
-            embed__pretrained=pretrained,
-            embed__device=device,
-            embed__batch_size=batch_size,
-            embed__workers=workers,
-            embed__cache_dir=str(cache_dir) if cache_dir else None,
-            embed__use_cache=not no_cache,
+        cfg = _build_config(  # embed takes no --config: every option applies
+            ctx,
+            None,
+            image_col=image_col,
+            text_col=text_col,
+            id_col=id_col,
+            root=root,
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            cache_dir=cache_dir,
+            no_cache=no_cache,
             seed=seed,
         )
         seed_everything(cfg.seed)
@@ -421,16 +619,39 @@ def embed(
 @app.command()
 def corrupt(
     manifest: Manifest,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Noisy manifest to write (format from the extension).")],
-    rate: Annotated[float, typer.Option("--rate", min=0.0, max=1.0, help="Fraction of rows whose caption is replaced by another image's caption.")] = 0.2,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Noisy manifest to write (format from the extension)."),
+    ],
+    rate: Annotated[
+        float,
+        typer.Option(
+            "--rate",
+            min=0.0,
+            max=1.0,
+            help="Fraction of rows whose caption is replaced by another image's caption.",
+        ),
+    ] = 0.2,
     mode: Annotated[
         str,
-        typer.Option("--mode", help="shuffle: captions of random other images (the L2RM protocol); hard: captions of similar images (needs --embeddings)."),
+        typer.Option(
+            "--mode",
+            help=(
+                "shuffle: captions of random other images (the L2RM protocol); "
+                "hard: captions of similar images (needs --embeddings)."
+            ),
+        ),
     ] = "shuffle",
     embeddings: EmbeddingsOpt = None,
     image_col: ImageCol = "image",
     text_col: TextCol = "caption",
-    truth_col: Annotated[str, typer.Option("--truth-col", help="Name of the ground-truth column written (original row of each caption).")] = "true_row",
+    truth_col: Annotated[
+        str,
+        typer.Option(
+            "--truth-col",
+            help="Name of the ground-truth column written (original row of each caption).",
+        ),
+    ] = "true_row",
     seed: SeedOpt = 0,
     force: ForceOpt = False,
     fmt: FormatOpt = Format.human,
@@ -495,61 +716,205 @@ def _ot_mass_in_range(value: float) -> float:
         "  pmpclean finetune data.pmpclean --out model/      # start from the scan's split\n\n"
         "  pmpclean finetune cleaned.csv --out model/ --method contrastive --epochs 5\n\n"
         "  pmpclean finetune data.csv --out model/ --resume   # continue after an interruption\n\n"
-        "Use the result: pmpclean scan data.csv --model ARCH --pretrained model/open_clip_pytorch_model.bin"
+        "Use the result: pmpclean scan data.csv --model ARCH "
+        "--pretrained model/open_clip_pytorch_model.bin"
     )
 )
 def finetune(
     dataset: Annotated[
         Path,
         typer.Argument(
-            help="A manifest (e.g. the cleaned one from 'pmpclean rematch'), or a scan folder / audit.parquet: its split then seeds the first epoch.",
+            help=(
+                "A manifest (e.g. the cleaned one from 'pmpclean rematch'), or a "
+                "scan folder / audit.parquet: its split then seeds the first epoch."
+            ),
             show_default=False,
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write: open_clip_pytorch_model.bin, open_clip_config.json, model_config.json, metrics.json, finetune_config.yaml.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help=(
+                "Model folder to write: open_clip_pytorch_model.bin, open_clip_config.json, "
+                "model_config.json, metrics.json, finetune_config.yaml."
+            ),
+        ),
+    ],
     model: ModelOpt = "ViT-B-32",
     pretrained: Annotated[
         str,
         typer.Option(
             "--pretrained",
-            help="Start weights: an open_clip tag, a checkpoint file, or 'none' to train from random initialisation (then the default --lr is 1e-3).",
+            help=(
+                "Start weights: an open_clip tag, a checkpoint file, or 'none' to "
+                "train from random initialisation (then the default --lr is 1e-3)."
+            ),
         ),
     ] = "laion2b_s34b_b79k",
     image_col: ImageCol = "image",
     text_col: TextCol = "caption",
     truth_col: Annotated[
-        Optional[str], typer.Option("--truth-col", help="Ground-truth column (original row of each caption): adds per-epoch split precision/recall to metrics.json.")
+        str | None,
+        typer.Option(
+            "--truth-col",
+            help=(
+                "Ground-truth column (original row of each caption): "
+                "adds per-epoch split precision/recall to metrics.json."
+            ),
+        ),
     ] = None,
-    method: Annotated[Method, typer.Option("--method", help="l2rm: contrastive loss on clean pairs, partial-OT soft targets for suspects; contrastive: plain InfoNCE on every pair (for an already-cleaned manifest).")] = Method.l2rm,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training pairs.")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Pairs per micro-batch: the in-batch negatives and the pairs one transport plan re-pairs.")] = 128,
-    accum_steps: Annotated[int, typer.Option("--accum-steps", min=1, help="Micro-batches per optimizer step (gradient accumulation: a larger effective batch in the same memory; negatives stay per micro-batch).")] = 1,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate \\[default: 1e-5 from pretrained weights, 1e-3 from random init].")] = None,
-    schedule: Annotated[Schedule, typer.Option("--schedule", help="Learning-rate decay after the warmup.")] = Schedule.cosine,
-    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", min=0, help="Linear learning-rate warmup, in optimizer steps \\[default: 5% of all steps].")] = None,
-    lock_image: Annotated[bool, typer.Option("--lock-image", help="Freeze the image tower (train the text tower only).")] = False,
-    lock_text: Annotated[bool, typer.Option("--lock-text", help="Freeze the text tower (train the image tower only).")] = False,
-    precision: Annotated[Precision, typer.Option("--precision", help="auto: amp on CUDA, fp32 elsewhere. amp/amp_bf16 (mixed precision) need a CUDA device.")] = Precision.auto,
+    method: Annotated[
+        Method,
+        typer.Option(
+            "--method",
+            help=(
+                "l2rm: contrastive loss on clean pairs, partial-OT soft targets for suspects; "
+                "contrastive: plain InfoNCE on every pair (for an already-cleaned manifest)."
+            ),
+        ),
+    ] = Method.l2rm,
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=1, help="Passes over the training pairs.")
+    ] = 10,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=2,
+            help=(
+                "Pairs per micro-batch: the in-batch negatives "
+                "and the pairs one transport plan re-pairs."
+            ),
+        ),
+    ] = 128,
+    accum_steps: Annotated[
+        int,
+        typer.Option(
+            "--accum-steps",
+            min=1,
+            help=(
+                "Micro-batches per optimizer step (gradient accumulation: a larger "
+                "effective batch in the same memory; negatives stay per micro-batch)."
+            ),
+        ),
+    ] = 1,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help=(
+                "Peak learning rate \\[default: 1e-5 from "
+                "pretrained weights, 1e-3 from random init]."
+            ),
+        ),
+    ] = None,
+    schedule: Annotated[
+        Schedule, typer.Option("--schedule", help="Learning-rate decay after the warmup.")
+    ] = Schedule.cosine,
+    warmup_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--warmup-steps",
+            min=0,
+            help="Linear learning-rate warmup, in optimizer steps \\[default: 5% of all steps].",
+        ),
+    ] = None,
+    lock_image: Annotated[
+        bool,
+        typer.Option("--lock-image", help="Freeze the image tower (train the text tower only)."),
+    ] = False,
+    lock_text: Annotated[
+        bool,
+        typer.Option("--lock-text", help="Freeze the text tower (train the image tower only)."),
+    ] = False,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help=(
+                "auto: amp on CUDA, fp32 elsewhere. amp/amp_bf16 "
+                "(mixed precision) need a CUDA device."
+            ),
+        ),
+    ] = Precision.auto,
     device: DeviceOpt = "auto",
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes (0: decode in the main process; images that fit in 1 GiB are decoded once and kept).")] = 0,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.5, help="Fraction of images held out to measure recall before/after and pick the best epoch (0: no validation, the last epoch is saved).")] = 0.1,
-    val_dataset: Annotated[Optional[Path], typer.Option("--val-dataset", help="Separate (ideally clean) manifest to validate on, instead of --val-fraction.")] = None,
-    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help="Early stopping: stop after this many epochs without a better validation R-sum; the best epoch is saved.")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=0,
+            help=(
+                "Image-decoding worker processes (0: decode in the main "
+                "process; images that fit in 1 GiB are decoded once and kept)."
+            ),
+        ),
+    ] = 0,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            "--val-fraction",
+            min=0.0,
+            max=0.5,
+            help=(
+                "Fraction of images held out to measure recall before/after and "
+                "pick the best epoch (0: no validation, the last epoch is saved)."
+            ),
+        ),
+    ] = 0.1,
+    val_dataset: Annotated[
+        Path | None,
+        typer.Option(
+            "--val-dataset",
+            help="Separate (ideally clean) manifest to validate on, instead of --val-fraction.",
+        ),
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            "--patience",
+            min=1,
+            help=(
+                "Early stopping: stop after this many epochs without "
+                "a better validation R-sum; the best epoch is saved."
+            ),
+        ),
+    ] = None,
     split_warmup_epochs: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--split-warmup-epochs",
             min=0,
-            help="Epochs of plain contrastive training before the first clean/suspect split \\[default: 0 from pretrained weights or a scan folder; from random init, wait until the training loss is 5% below chance, because an untrained model's losses say nothing about the pairs].",
+            help=(
+                "Epochs of plain contrastive training before the first clean/suspect "
+                "split \\[default: 0 from pretrained weights or a scan folder; from "
+                "random init, wait until the training loss is 5% below chance, "
+                "because an untrained model's losses say nothing about the pairs]."
+            ),
         ),
     ] = None,
-    split_every: Annotated[int, typer.Option("--split-every", min=0, help="Refresh the clean/suspect split every N epochs as the model improves (0: keep the first split).")] = 1,
+    split_every: Annotated[
+        int,
+        typer.Option(
+            "--split-every",
+            min=0,
+            help=(
+                "Refresh the clean/suspect split every N epochs "
+                "as the model improves (0: keep the first split)."
+            ),
+        ),
+    ] = 1,
     ot_mass: Annotated[
         float,
         typer.Option(
             "--ot-mass",
             callback=_ot_mass_in_range,
-            help="Fraction of a batch's suspect pairs the partial-OT plan re-pairs, in (0, 1]; suspects left without mass get no target. Lower it when many mismatched captions have no true image in the data.",
+            help=(
+                "Fraction of a batch's suspect pairs the partial-OT plan re-pairs, "
+                "in (0, 1]; suspects left without mass get no target. Lower it "
+                "when many mismatched captions have no true image in the data."
+            ),
         ),
     ] = 0.5,
     audit_weight: Annotated[
@@ -558,20 +923,47 @@ def finetune(
             "--audit-weight",
             min=0.0,
             max=1.0,
-            help="With a scan folder as DATASET: weight of the scan's match_score in every refreshed split, averaged with the model's own loss mixture. Keep it high when the scan came from a stronger model than the one being trained (1: keep the scan's split; 0: trust the model's own losses after the first epoch).",
+            help=(
+                "With a scan folder as DATASET: weight of the scan's match_score in every "
+                "refreshed split, averaged with the model's own loss mixture. Keep it high "
+                "when the scan came from a stronger model than the one being trained (1: keep "
+                "the scan's split; 0: trust the model's own losses after the first epoch)."
+            ),
         ),
     ] = 0.5,
     checkpoint_every: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
             "--checkpoint-every",
             min=1,
-            help="Also save resume.pt every N optimizer steps, so --resume loses at most N steps \\[default: at the end of every epoch only].",
+            help=(
+                "Also save resume.pt every N optimizer steps, so --resume loses "
+                "at most N steps \\[default: at the end of every epoch only]."
+            ),
         ),
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its resume.pt (same settings required).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds the validation split, data order and split mixtures; the same seed repeats the run.")] = 0,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help=(
+                "Continue the interrupted run in --out from its resume.pt (same settings required)."
+            ),
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")
+    ] = False,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help=(
+                "Seeds the validation split, data order and "
+                "split mixtures; the same seed repeats the run."
+            ),
+        ),
+    ] = 0,
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
@@ -624,11 +1016,16 @@ def finetune(
         _warn_remote_images(output)
         with output.progress() as progress:
             result = run_finetune(dataset, out_dir=out, config=cfg, progress=progress)
-        info: dict[str, Any] = {"model_dir": str(result.out_dir), "checkpoint": str(result.checkpoint)}
+        info: dict[str, Any] = {
+            "model_dir": str(result.out_dir),
+            "checkpoint": str(result.checkpoint),
+        }
         for when in ("before", "after"):
             rec = result.metrics.get(when)
             if isinstance(rec, dict):
-                info[f"recall_{when}"] = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+                info[f"recall_{when}"] = {
+                    k: v for k, v in rec.items() if isinstance(v, (int, float))
+                }
         info["files"] = result.files
         output.finetune_summary(info)
 

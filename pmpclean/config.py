@@ -34,7 +34,8 @@ class DataConfig:
     text_col: str = "caption"  # column holding the caption
     id_col: str | None = None  # optional unique row id column (checked for duplicates)
     label_col: str | None = None  # optional class label column: enables the label audit
-    truth_col: str | None = None  # optional ground truth (original row of each caption): enables metrics
+    # optional ground truth (original row of each caption): enables metrics
+    truth_col: str | None = None
     root: str | None = None  # folder relative image paths resolve against (default: the manifest's)
 
 
@@ -58,14 +59,16 @@ class AuditConfig:
 
     k: int = 3  # dataset neighbours per side that a pair is compared against (3 measures best)
     threshold: float = 0.5  # match_score below this flags a pair as mismatched
-    review_margin: float = 0.2  # flagged pairs within this of the threshold, with no proposal: review
+    # flagged pairs within this of the threshold, with no proposal: review
+    review_margin: float = 0.2
     rematch: bool = True  # propose captions for flagged pairs with partial optimal transport
     mass: float | None = None  # fraction s of suspect mass transported (None: rematch default 0.8)
     reg: float | None = None  # entropic regularisation, in similarity-spread units (None: 0.4)
     cost: str = "learned"  # learned | fixed | paper: similarity-to-cost mapping
     candidates: int | None = None  # caption candidates per suspect image (None: 32)
     block_size: int | None = None  # largest dense transport matrix per side (None: 4096)
-    min_confidence: float = 0.6  # proposals below this rematch_confidence are withheld (0.6: precision >= 0.95 measured)
+    # proposals below this rematch_confidence are withheld (0.6: precision >= 0.95 measured)
+    min_confidence: float = 0.6
     # Up to this many images (captions), a pair's dataset alternatives are found by exact
     # search; above it by an approximate inverted-file search (cost ~ n^1.5 instead of n^2).
     exact_search_max: int = 20_000
@@ -138,7 +141,8 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "settings") -> ScanCo
     unknown = sorted(set(raw) - top_names)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(top_names))}."
+            f"{source}: unknown setting(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(top_names))}."
         )
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
@@ -169,7 +173,9 @@ def load_config(path: str | Path) -> ScanConfig:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"Config file {p} does not exist; pass the config.yaml of an earlier scan.")
+        raise ConfigError(
+            f"Config file {p} does not exist; pass the config.yaml of an earlier scan."
+        )
     text = p.read_text(encoding="utf-8")
     try:
         raw = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)

@@ -175,7 +175,8 @@ def _validate_audit_config(cfg: ScanConfig) -> None:
         )
     if a.mass is not None and not 0.0 < a.mass <= 1.0:
         raise ConfigError(
-            f"mass must lie in (0, 1], got {a.mass}: it is the fraction of suspect mass transported."
+            f"mass must lie in (0, 1], got {a.mass}: "
+            "it is the fraction of suspect mass transported."
         )
     if not 0.0 <= a.min_confidence <= 1.0:
         raise ConfigError(f"min_confidence must lie in [0, 1], got {a.min_confidence}.")
@@ -337,7 +338,8 @@ def _evaluate(
 def _truth_array(frame: pd.DataFrame, col: str, n: int) -> np.ndarray:
     if col not in frame.columns:
         raise DatasetError(
-            f"Ground-truth column {col!r} not found; columns present: {', '.join(map(str, frame.columns))}. "
+            f"Ground-truth column {col!r} not found; "
+            f"columns present: {', '.join(map(str, frame.columns))}. "
             "Use --truth-col to name it (pmpclean corrupt writes 'true_row')."
         )
     values = pd.to_numeric(frame[col], errors="coerce")
@@ -345,7 +347,8 @@ def _truth_array(frame: pd.DataFrame, col: str, n: int) -> np.ndarray:
     if bad.any():
         first = int(np.flatnonzero(bad.to_numpy())[0])
         raise DatasetError(
-            f"Ground-truth column {col!r} must hold the 0-based input row of each caption (0..{n - 1}); "
+            f"Ground-truth column {col!r} must hold the 0-based input row of each caption "
+            f"(0..{n - 1}); "
             f"row {first} holds {frame[col].iloc[first]!r}."
         )
     return values.to_numpy().astype(np.int64)
@@ -443,9 +446,9 @@ def scan(
         )
         if not cfg.data.label_col:
             raise DatasetError(
-                f"Image embeddings ({img.shape[1]}-d) and text embeddings ({txt.shape[1]}-d) differ in "
-                "width, so pairs cannot be compared; give embeddings from one shared space, or a "
-                "--label-col to audit labels only."
+                f"Image embeddings ({img.shape[1]}-d) and text embeddings ({txt.shape[1]}-d) "
+                "differ in width, so pairs cannot be compared; give embeddings from one shared "
+                "space, or a --label-col to audit labels only."
             )
     elif n_valid < 3:
         raise DatasetError(
@@ -593,7 +596,7 @@ def scan(
 
 def _counts(values: np.ndarray) -> dict[str, int]:
     uniq, counts = np.unique(np.asarray(values, dtype=str), return_counts=True)
-    return {str(u): int(c) for u, c in zip(uniq, counts)}
+    return {str(u): int(c) for u, c in zip(uniq, counts, strict=True)}
 
 
 def _label_audit(
@@ -650,7 +653,8 @@ def _write_scan(result: ScanResult, target: Path, cfg: ScanConfig) -> None:
         audit.to_csv(tmp, index=False)
     with atomic_open(files["config"], "w", encoding="utf-8") as fh:
         fh.write(
-            f"# pmpclean {__version__} settings; repeat with: pmpclean scan MANIFEST --config this-file\n"
+            f"# pmpclean {__version__} settings; "
+            "repeat with: pmpclean scan MANIFEST --config this-file\n"
         )
         yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
     result.out_dir = target
@@ -1051,7 +1055,8 @@ def corrupt(
             )
     if truth_col in frame.columns:
         raise DatasetError(
-            f"{src} already has a {truth_col!r} column; pass --truth-col NAME to choose another name."
+            f"{src} already has a {truth_col!r} column; "
+            "pass --truth-col NAME to choose another name."
         )
     kwargs: dict[str, Any] = {}
     if embeddings is not None:

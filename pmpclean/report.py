@@ -31,12 +31,15 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ._numfmt import finite_or_none as _num
+from ._numfmt import fmt_float, fmt_int, fmt_pct
 from ._utils import atomic_open
 
 __all__ = ["render_report", "write_report"]
@@ -112,35 +115,15 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num(value: Any) -> float | None:
-    """A finite float or None."""
-    if _missing(value) or isinstance(value, (bool, np.bool_)):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
 def _int(value: Any) -> int | None:
     out = _num(value)
     return None if out is None else int(round(out))
 
 
-def _fmt_int(value: Any) -> str:
-    out = _int(value)
-    return "—" if out is None else f"{out:,}"
-
-
-def _fmt_float(value: Any, digits: int = 3) -> str:
-    out = _num(value)
-    return "—" if out is None else f"{out:.{digits}f}"
-
-
-def _fmt_pct(value: Any, digits: int = 1) -> str:
-    out = _num(value)
-    return "—" if out is None else f"{100 * out:.{digits}f}%"
+# shared with the terminal output (pmpclean._numfmt); missing values show as an em dash
+_fmt_int = partial(fmt_int, missing="—")
+_fmt_float = partial(fmt_float, missing="—")
+_fmt_pct = partial(fmt_pct, missing="—")
 
 
 def _fmt_secs(value: Any) -> str:
@@ -489,8 +472,13 @@ class _Renderer:
         self.settings: Mapping[str, Any] = settings if isinstance(settings, Mapping) else {}
         labels = summary.get("labels")
         self.labels: Mapping[str, Any] = labels if isinstance(labels, Mapping) else {}
-        self.text_col = self._column(text_col, (self.settings.get("data") or {}).get("text_col", self.settings.get("text_col")), "caption")
-        self.image_col = self._column(image_col, (self.settings.get("data") or {}).get("image_col", self.settings.get("image_col")), "image")
+        data_settings = self.settings.get("data") or {}
+        self.text_col = self._column(
+            text_col, data_settings.get("text_col", self.settings.get("text_col")), "caption"
+        )
+        self.image_col = self._column(
+            image_col, data_settings.get("image_col", self.settings.get("image_col")), "image"
+        )
         self.label_col = self._column(
             label_col, self.labels.get("label_col"), self.settings.get("label_col")
         )

@@ -17,7 +17,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _private_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Never write to the user's real cache from a test."""
     monkeypatch.setenv("PMPCLEAN_CACHE_DIR", str(tmp_path_factory.mktemp("pmpclean-cache")))
 

@@ -171,7 +171,9 @@ def test_rematch_policies_and_refusals(dataset, tmp_path):
     assert set(kept["pmpclean_action"]) == {"keep"}
     with pytest.raises(DatasetError, match="already exists; pass --force"):
         pmpclean.rematch(manifest, out=out, config=cfg, audit_dir=audit_dir)
-    res = pmpclean.rematch(manifest, out=out, policy="flag", config=cfg, audit_dir=audit_dir, force=True)
+    res = pmpclean.rematch(
+        manifest, out=out, policy="flag", config=cfg, audit_dir=audit_dir, force=True
+    )
     assert res.info["n_cleaned"] == N and res.info["n_dropped"] == 0
     assert not res.info["scanned_now"]  # the audit was reused
     flagged = pd.read_parquet(out)
@@ -214,14 +216,20 @@ def test_many_captions_per_image_and_duplicates(tmp_path):
 
 
 def test_width_mismatch_without_labels_is_a_clear_error(tmp_path):
-    frame = pd.DataFrame({"image": [f"i{i}" for i in range(10)], "caption": [f"c{i}" for i in range(10)]})
+    frame = pd.DataFrame(
+        {"image": [f"i{i}" for i in range(10)], "caption": [f"c{i}" for i in range(10)]}
+    )
     manifest = tmp_path / "d.csv"
     frame.to_csv(manifest, index=False)
     emb = tmp_path / "e.npz"
     rng = np.random.default_rng(0)
     np.savez(emb, image=rng.normal(size=(10, 8)), text=rng.normal(size=(10, 4)))
     with pytest.raises(DatasetError, match="differ in width"):
-        pmpclean.scan(manifest, config=ScanConfig().replace(embed__embeddings=str(emb)), out_dir=tmp_path / "o")
+        pmpclean.scan(
+            manifest,
+            config=ScanConfig().replace(embed__embeddings=str(emb)),
+            out_dir=tmp_path / "o",
+        )
 
 
 def test_audit_column_clash_and_bad_settings(dataset, tmp_path):
