@@ -48,12 +48,17 @@ before it: plain InfoNCE, as before the adaptive start), and ``finetune`` withou
 suspects' soft targets (``noisy_weight=0``). Diagnostics explain; defaults are never
 chosen on the test set (the development setting is ``--seed 1 --test-seed 99``).
 
+``--finetune-option NAME=JSON`` (repeatable) passes a :class:`pmpclean.FinetuneConfig`
+setting to the ``finetune`` and ``finetune-ref`` arms, for trying a change on the
+development setting (e.g. ``--finetune-option robust_q=0``: the clean loss as before
+RINCE became the default from random initialisation).
+
 Usage::
 
     python benchmarks/bench_finetune.py [--noise 0.2 0.4 0.6 0.8] [--epochs 20]
         [--n-images 1000] [--seed 0] [--test-seed SEED] [--methods ...]
-        [--diagnose 0.8] [--oracle-starts 1 5 10] [--threads 1] [--work DIR]
-        [--out benchmarks/results/finetune.md]
+        [--diagnose 0.8] [--oracle-starts 1 5 10] [--finetune-option NAME=JSON ...]
+        [--threads 1] [--work DIR] [--out benchmarks/results/finetune.md]
 """
 
 from __future__ import annotations
@@ -303,13 +308,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         if "finetune" in methods:
             print(f"[{tag}] training finetune (l2rm, self-audit)", flush=True)
-            ft = train(noisy, work / tag / "finetune", method="l2rm", args=args)
+            ft = train(
+                noisy, work / tag / "finetune", method="l2rm", args=args, **args.finetune_options
+            )
             rows.append(_l2rm_row(noise, "finetune", ft, test))
             print(f"[{tag}] finetune rsum {rows[-1]['test']['rsum']:.1f}", flush=True)
         if "finetune-ref" in methods:
             print(f"[{tag}] training finetune on the reference scan folder", flush=True)
             fr = train(
-                scan_dirs["cleaned-ref"], work / tag / "finetune-ref", method="l2rm", args=args
+                scan_dirs["cleaned-ref"],
+                work / tag / "finetune-ref",
+                method="l2rm",
+                args=args,
+                **args.finetune_options,
             )
             rows.append(_l2rm_row(noise, "finetune-ref", fr, test))
             print(f"[{tag}] finetune-ref rsum {rows[-1]['test']['rsum']:.1f}", flush=True)
@@ -386,6 +397,14 @@ def render(
         f"mismatch_rate=NOISE, seed={args.seed})` (same drawings and captions at every noise rate)",
         f"- test data: 288 clean drawings, `make_toy_dataset(n_images=288, mismatch_rate=0, "
         f"seed={args.test_seed})`, one caption each",
+        *(
+            [
+                "- `finetune` and `finetune-ref` options: "
+                + ", ".join(f"`{k}={v!r}`" for k, v in args.finetune_options.items())
+            ]
+            if getattr(args, "finetune_options", None)
+            else []
+        ),
         f"- seed {args.seed} (data order, split mixtures); "
         "random init seed = pmpclean.embedding.RANDOM_SEED",
         f"- torch threads {args.threads}; total wall time {seconds / 60:.1f} min "
@@ -589,6 +608,16 @@ def _rerender(src: Path, out: Path, parser: argparse.ArgumentParser) -> None:
 
 
 def _finish(args: argparse.Namespace) -> argparse.Namespace:
+    options: dict[str, Any] = {}
+    for item in getattr(args, "finetune_option", None) or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--finetune-option {item!r}: expected NAME=JSON, e.g. split_every=0")
+        try:
+            options[name.strip()] = json.loads(value)
+        except ValueError:
+            options[name.strip()] = value
+    args.finetune_options = options
     if args.test_seed is None:
         args.test_seed = args.seed + 10_000
     unknown = sorted(set(args.methods) - set(METHODS))
@@ -616,6 +645,14 @@ def main(argv: list[str] | None = None) -> None:
         "--diagnose", type=float, nargs="*", default=[], help="noise rates to diagnose"
     )
     parser.add_argument("--oracle-starts", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument(
+        "--finetune-option",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="extra FinetuneConfig setting for the finetune and finetune-ref arms "
+        "(development only; repeatable), e.g. split_every=0",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument(
         "--work", default=None, help="working folder (default: a temp dir, removed)"

@@ -6,7 +6,13 @@ It reads a manifest (or the
 output folder of ``pmpclean scan``), holds out a validation split, and trains the
 open_clip model with a loss that respects what the audit learned:
 
-* **Clean pairs** get the usual symmetric contrastive loss (InfoNCE over the batch).
+* **Clean pairs** get the symmetric contrastive loss over the batch: InfoNCE, or, when
+  a model trained from random initialisation audits itself, its noise-robust form
+  RINCE (``robust_q``: each direction's loss is ``(1 - p^q) / q`` for the softmax
+  probability ``p`` of the true partner, so a pair the model cannot fit, usually a
+  mismatched one, pulls with weight ``p^q``; Chuang et al., "Robust Contrastive
+  Learning against Noisy Views", CVPR 2022). The self-audit learns faster from the
+  true pairs this way (``benchmarks/results/finetune.md``).
   Other rows of the same image, and rows with the identical caption text, are not
   used as negatives: they are not wrong answers.
 * **Suspect pairs** (pairs the split flags as probably mismatched) do not get their
@@ -141,6 +147,7 @@ _AUDIT_FILES = ("audit.parquet", "audit.csv")
 _KS = (1, 5, 10)
 _EPS = 1e-8
 _BELOW_CHANCE = 0.95  # adaptive split warmup: start once the loss is 5% below chance
+_ROBUST_Q_RANDOM_INIT = 0.3  # robust_q=None: l2rm from random init without a scan folder
 _CACHE_LIMIT_BYTES = 1 << 30  # cache_images=None caches preprocessed images up to 1 GiB
 
 
@@ -192,10 +199,20 @@ class FinetuneConfig:
     # -- L2RM ----------------------------------------------------------------------------
     split_warmup_epochs: int | None = None  # plain-contrastive epochs before the first split
     #   (None: 0 with an audit or pretrained weights; from random init, until an epoch's
-    #   mean training loss is 5% below chance, log(batch_size): before that the per-pair
-    #   losses say nothing about the pairs)
+    #   mean training loss is 5% below its chance level, log(batch_size) for InfoNCE,
+    #   (1 - batch_size^-q) / q for RINCE: before that the per-pair losses say nothing
+    #   about the pairs)
     split_every: int = 1  # refresh the clean/suspect split every N epochs (0: never refresh)
     split_threshold: float = 0.5  # pairs with clean probability below this are suspects
+    robust_q: float | None = None  # RINCE exponent of the clean pairs' contrastive loss, in
+    #   [0, 1]: each direction's loss is (1 - p^q) / q with p the softmax probability of the
+    #   true partner, so a pair's gradient is weighted by p^q and pairs the model cannot fit
+    #   (mostly mismatched ones) pull less (Chuang et al., "Robust Contrastive Learning
+    #   against Noisy Views", CVPR 2022); also during the split warmup. 0: InfoNCE.
+    #   None: 0.3 for method l2rm from random initialisation on a manifest (the model
+    #   audits itself), else 0: with a scan folder's split from the first epoch, RINCE's
+    #   weaker pull early on leaves the suspects' soft targets in charge and hurts
+    #   (benchmarks/results/finetune.md)
     ot_mass: float = 0.5  # fraction of the batch's suspect mass the plan transports, (0, 1]
     ot_reg: float = 0.05  # entropic regularisation of the plan (cost = cosine distance)
     min_plan_mass: float = 0.1  # suspects receiving less than this fraction of their
@@ -322,6 +339,11 @@ def _validate(cfg: FinetuneConfig) -> None:
     need(
         is_num(cfg.split_threshold) and 0 < cfg.split_threshold < 1,
         f"split_threshold must be in (0, 1), got {cfg.split_threshold!r}.",
+    )
+    need(
+        cfg.robust_q is None or (is_num(cfg.robust_q) and 0 <= cfg.robust_q <= 1),
+        f"robust_q must be in [0, 1] (0: InfoNCE, 1: the most noise-robust RINCE) or None "
+        f"for the default, got {cfg.robust_q!r}.",
     )
     need(
         is_num(cfg.ot_mass) and 0 < cfg.ot_mass <= 1,
@@ -1021,6 +1043,14 @@ def _gmm_clean_probability(loss: np.ndarray, *, seed: int) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------- losses
 
 
+def _chance_loss(b: int, q: float) -> float:
+    """Clean-pair loss of a batch of ``b`` pairs at chance (every partner equally likely).
+
+    ``log b`` for InfoNCE (``q = 0``), ``(1 - b ** -q) / q`` for RINCE.
+    """
+    return math.log(b) if q == 0 else (1.0 - b ** (-q)) / q
+
+
 def _batch_loss(
     img_f: torch.Tensor,
     txt_f: torch.Tensor,
@@ -1045,11 +1075,18 @@ def _batch_loss(
     )  # other captions of the image are no negatives
     ce_i2t = -torch.diagonal(F.log_softmax(masked, dim=1))
     ce_t2i = -torch.diagonal(F.log_softmax(masked, dim=0))
-    clean_loss = 0.5 * (ce_i2t + ce_t2i)
+    infonce = 0.5 * (ce_i2t + ce_t2i)
+    if cfg.robust_q:
+        q = cfg.robust_q
+        # (1 - p^q) / q per direction, p = exp(-ce); expm1 keeps small q exact
+        clean_loss = -0.5 * (torch.expm1(-q * ce_i2t) + torch.expm1(-q * ce_t2i)) / q
+    else:
+        clean_loss = infonce
     total = clean_loss[clean].sum()
     stats = {
         "clean_rows": float(clean.sum()),
         "clean_loss": float(clean_loss[clean].sum().detach()),
+        "infonce": float(infonce.sum().detach()),
     }
     stats.update({"noisy_rows": 0.0, "noisy_targets": 0.0, "noisy_loss": 0.0})
 
@@ -1358,6 +1395,11 @@ def _run(
         split_warmup = 0
     else:
         split_warmup = None
+    robust_q = cfg.robust_q
+    if robust_q is None:  # RINCE where it helps: l2rm from random init, auditing itself
+        self_audit = cfg.method == "l2rm" and train.audit_clean is None
+        robust_q = _ROBUST_Q_RANDOM_INIT if random_init and self_audit else 0.0
+    loss_cfg = cfg.replace(robust_q=robust_q)  # what _batch_loss reads
 
     # ---- images (decoded once; unusable ones dropped with a warning)
     with timer("load_images"):
@@ -1409,6 +1451,7 @@ def _run(
         "lr": lr,
         "warmup_steps": warmup,
         "split_warmup_epochs": "adaptive" if split_warmup is None else split_warmup,
+        "robust_q": robust_q,
         "precision": precision,
         "device": device,
         "total_steps": total_steps,
@@ -1529,6 +1572,7 @@ def _run(
             state["epoch_stats"] = dict.fromkeys(
                 (
                     "loss",
+                    "infonce",
                     "chance",
                     "clean_loss",
                     "noisy_loss",
@@ -1561,6 +1605,7 @@ def _run(
         if len(batches) > 1 and batches[-1].size < 2:  # a lone pair has no negatives
             batches[-2] = np.concatenate([batches[-2], batches.pop()])
         stats = state["epoch_stats"]
+        stats.setdefault("infonce", 0.0)  # absent when resuming a run of an older version
         optimizer.zero_grad(set_to_none=True)
         with timer("train"):
             start = state["batch"]
@@ -1578,7 +1623,7 @@ def _run(
                     clean_t[rows_t].to(device),
                     ig_t[rows_t].to(device),
                     tg_t[rows_t].to(device),
-                    cfg,
+                    loss_cfg,
                 )
                 if not bool(torch.isfinite(loss)):
                     raise ConfigError(
@@ -1587,8 +1632,9 @@ def _run(
                     )
                 scaler.scale(loss / cfg.accum_steps).backward()
                 stats["loss"] += float(loss.detach()) * len(rows)
-                stats["chance"] += math.log(len(rows)) * len(rows)
+                stats["chance"] += _chance_loss(len(rows), robust_q) * len(rows)
                 for key in (
+                    "infonce",
                     "clean_loss",
                     "noisy_loss",
                     "clean_rows",
@@ -1628,6 +1674,7 @@ def _run(
             "step": state["step"],
             "lr": float(scheduler.get_last_lr()[0]),
             "loss": stats["loss"] / n_train,
+            "infonce_loss": stats["infonce"] / n_train,
             "chance_loss": stats["chance"] / n_train,
             "clean_loss": stats["clean_loss"] / max(1.0, stats["clean_rows"]),
             "suspect_loss": stats["noisy_loss"] / max(1.0, stats["noisy_targets"]),

@@ -1,0 +1,204 @@
+"""Tests for the noise-robust parts of pmpclean.training: the RINCE clean loss and its
+chance level (adaptive split warmup), and their settings.
+
+The training loop itself is tested in ``tests/test_finetune.py``; these tests call the
+loss and split helpers directly on small synthetic tensors, plus one short run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pmpclean.errors import ConfigError
+from pmpclean.training import FinetuneConfig, finetune
+
+torch = pytest.importorskip("torch")
+F = pytest.importorskip("pmpclean.training")
+
+pytestmark = pytest.mark.filterwarnings("ignore:model .pmpclean-tiny. has RANDOM weights")
+
+
+def _batch(b: int = 6, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
+    return img, txt
+
+
+def test_robust_q_zero_is_infonce_and_positive_q_is_rince() -> None:
+    img, txt = _batch()
+    b = img.shape[0]
+    scale = torch.tensor(10.0)
+    groups = torch.arange(b)
+    clean = torch.ones(b, dtype=torch.bool)
+    logits = scale * img @ txt.T
+    ce_i = -torch.diagonal(torch.log_softmax(logits, dim=1))
+    ce_t = -torch.diagonal(torch.log_softmax(logits, dim=0))
+
+    infonce, st0 = F._batch_loss(img, txt, scale, clean, groups, groups, FinetuneConfig())
+    assert torch.allclose(infonce, (0.5 * (ce_i + ce_t)).mean())
+    assert st0["infonce"] == pytest.approx(float((0.5 * (ce_i + ce_t)).sum()), rel=1e-6)
+
+    q = 0.5
+    rince, st = F._batch_loss(img, txt, scale, clean, groups, groups, FinetuneConfig(robust_q=q))
+    p_i, p_t = torch.exp(-ce_i), torch.exp(-ce_t)
+    expected = (0.5 * ((1 - p_i**q) + (1 - p_t**q)) / q).mean()
+    assert torch.allclose(rince, expected)
+    # the InfoNCE of the batch is still recorded (the split and the logs use it)
+    assert st["infonce"] == pytest.approx(st0["infonce"], rel=1e-6)
+    # q -> 0 recovers InfoNCE
+    tiny, _ = F._batch_loss(img, txt, scale, clean, groups, groups, FinetuneConfig(robust_q=1e-6))
+    assert float(tiny) == pytest.approx(float(infonce), rel=1e-4)
+
+
+def test_rince_pulls_less_on_pairs_the_model_cannot_fit() -> None:
+    """Known answer: a swapped pair has a low probability for its given partner, so RINCE
+    gives it a smaller share of the gradient than InfoNCE does."""
+    d = 6
+    eye = torch.eye(d)
+    img = eye.clone()
+    txt = eye.clone()
+    txt[[4, 5]] = txt[[5, 4]]  # rows 4 and 5 are mismatched
+    groups = torch.arange(d)
+    clean = torch.ones(d, dtype=torch.bool)
+
+    def grad_norms(cfg: FinetuneConfig) -> torch.Tensor:
+        t = txt.clone().requires_grad_(True)
+        loss, _ = F._batch_loss(img, t, torch.tensor(5.0), clean, groups, groups, cfg)
+        loss.backward()
+        return t.grad.norm(dim=1)
+
+    ratio = grad_norms(FinetuneConfig(robust_q=0.5)) / grad_norms(FinetuneConfig())
+    # the fitted pairs keep (almost) their InfoNCE gradient, the swapped ones lose most
+    # of it: their weight is p^q with p ~ 0.007, i.e. ~0.08
+    assert bool((ratio[:4] > 0.9).all())
+    assert bool((ratio[4:] < 0.1).all())
+
+
+@pytest.mark.parametrize("b", [2, 8, 64])
+@pytest.mark.parametrize("q", [0.0, 0.3, 1.0])
+def test_chance_loss_is_the_loss_of_an_uninformed_model(b: int, q: float) -> None:
+    # all logits equal: every partner has probability 1/b
+    img = torch.nn.functional.normalize(torch.ones(b, 4), dim=1)
+    txt = img.clone()
+    groups = torch.arange(b)
+    loss, _ = F._batch_loss(
+        img,
+        txt,
+        torch.tensor(3.0),
+        torch.ones(b, dtype=torch.bool),
+        groups,
+        groups,
+        FinetuneConfig(robust_q=q),
+    )
+    assert float(loss) == pytest.approx(F._chance_loss(b, q), rel=1e-5)
+    if q == 0:
+        assert F._chance_loss(b, q) == pytest.approx(math.log(b))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"robust_q": -0.1}, r"robust_q must be in \[0, 1\]"),
+        ({"robust_q": 1.5}, r"robust_q must be in \[0, 1\]"),
+        ({"robust_q": float("nan")}, r"robust_q must be in \[0, 1\]"),
+    ],
+)
+def test_bad_robust_settings_fail_clearly(options: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        F._validate(FinetuneConfig(**options))  # type: ignore[arg-type]
+
+
+def _tiny_dataset(root: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    colors = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220)}
+    rows = []
+    (root / "img").mkdir()
+    for c, rgb in colors.items():
+        for shape in ("circle", "square", "cross", "star"):
+            name = f"img/{c}_{shape}.png"
+            im = Image.new("RGB", (32, 32), (245, 245, 245))
+            draw = ImageDraw.Draw(im)
+            (draw.ellipse if shape == "circle" else draw.rectangle)((6, 6, 26, 26), fill=rgb)
+            im.save(root / name)
+            rows.append({"image": name, "caption": f"a {c} {shape}"})
+    frame = pd.DataFrame(rows)
+    true_row = np.arange(len(frame))
+    swap = np.array([0, 5, 10])
+    true_row[swap] = np.roll(swap, -1)
+    frame["caption"] = frame["caption"].to_numpy()[true_row]
+    frame["true_row"] = true_row
+    frame.to_csv(root / "captions.csv", index=False)
+    return root / "captions.csv"
+
+
+@pytest.mark.parametrize(
+    ("method", "robust_q", "resolved"),
+    [("l2rm", None, 0.3), ("contrastive", None, 0.0), ("contrastive", 0.5, 0.5)],
+)
+def test_robust_q_default_is_rince_for_l2rm_from_random_init(
+    tmp_path: Path, method: str, robust_q: float | None, resolved: float
+) -> None:
+    torch.set_num_threads(1)
+    data = _tiny_dataset(tmp_path)
+    res = finetune(
+        data,
+        out_dir=tmp_path / "out",
+        model="pmpclean-tiny",
+        pretrained="none",
+        method=method,
+        robust_q=robust_q,
+        epochs=2,
+        batch_size=6,
+        lr=2e-3,
+        val_fraction=0.0,
+        device="cpu",
+        split_warmup_epochs=1,
+        truth_col="true_row",
+    )
+    hist = res.metrics["history"]
+    assert res.metrics["settings"]["robust_q"] == robust_q
+    assert res.metrics["resolved"]["robust_q"] == resolved
+    # the adaptive warmup compares the loss with its own chance level
+    assert hist[0]["chance_loss"] == pytest.approx(F._chance_loss(6, resolved))
+    assert all(h["infonce_loss"] > 0 for h in hist)
+    if resolved == 0:
+        assert all(h["loss"] == pytest.approx(h["infonce_loss"]) for h in hist)
+    else:
+        assert all(h["loss"] < h["infonce_loss"] for h in hist)  # (1 - p^q)/q < -log p
+    if method == "l2rm":
+        assert hist[1]["split"]["source"] == "loss mixture"
+
+
+def test_robust_q_default_stays_infonce_on_a_scan_folder(tmp_path: Path) -> None:
+    """With a scan's split from the first epoch the default clean loss is InfoNCE."""
+    torch.set_num_threads(1)
+    data = _tiny_dataset(tmp_path)
+    frame = pd.read_csv(data)
+    frame["image_path"] = frame["image"]
+    frame["is_mismatched"] = frame["true_row"].to_numpy() != np.arange(len(frame))
+    scan_dir = tmp_path / "scan"
+    scan_dir.mkdir()
+    frame.to_csv(scan_dir / "audit.csv", index=False)
+    (scan_dir / "summary.json").write_text(json.dumps({"manifest": str(data)}))
+    res = finetune(
+        scan_dir,
+        out_dir=tmp_path / "out",
+        model="pmpclean-tiny",
+        pretrained="none",
+        epochs=1,
+        batch_size=6,
+        lr=2e-3,
+        val_fraction=0.0,
+        device="cpu",
+    )
+    assert res.metrics["dataset"]["audit_split"] is True
+    assert res.metrics["resolved"]["robust_q"] == 0.0
+    assert res.metrics["history"][0]["chance_loss"] == pytest.approx(math.log(6))
