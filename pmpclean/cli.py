@@ -917,6 +917,21 @@ def finetune(
             ),
         ),
     ] = 0.5,
+    robust_q: Annotated[
+        float | None,
+        typer.Option(
+            "--robust-q",
+            min=0.0,
+            max=1.0,
+            help=(
+                "Exponent q of the noise-robust contrastive loss RINCE on the clean pairs, "
+                "in [0, 1]: each pair pulls with weight p^q, p the probability the model "
+                "gives its partner, so pairs it cannot fit pull less (0: plain InfoNCE) "
+                "\\[default: 0.3 when a model trained from random init audits itself "
+                "from a manifest, else 0]."
+            ),
+        ),
+    ] = None,
     audit_weight: Annotated[
         float,
         typer.Option(
@@ -1007,6 +1022,7 @@ def finetune(
             split_warmup_epochs=split_warmup_epochs,
             split_every=split_every,
             ot_mass=ot_mass,
+            robust_q=robust_q,
             audit_weight=audit_weight,
             checkpoint_every=checkpoint_every,
             resume=resume,

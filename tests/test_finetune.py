@@ -600,20 +600,21 @@ def test_cli_finetune_passes_every_option_to_the_library(
     argv = ["finetune", str(dataset), "--out", str(tmp_path / "m"), "--model", TINY]
     argv += ["--split-warmup-epochs", "2", "--checkpoint-every", "7", "--ot-mass", "1"]
     argv += ["--schedule", "linear", "--precision", "fp32", "--audit-weight", "1"]
-    argv += ["--format", "json"]
+    argv += ["--robust-q", "0.5", "--format", "json"]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0, res.output
     cfg = seen["config"]
     assert isinstance(cfg, FinetuneConfig)
     assert (cfg.split_warmup_epochs, cfg.checkpoint_every, cfg.ot_mass) == (2, 7, 1.0)
     assert (cfg.schedule, cfg.precision, cfg.model) == ("linear", "fp32", TINY)
-    assert cfg.audit_weight == 1.0
+    assert cfg.audit_weight == 1.0 and cfg.robust_q == 0.5
     assert json.loads(res.stdout)["recall_after"] == {"rsum": 20.0}
     # defaults: adaptive split start, checkpoints at epoch ends only
     CliRunner().invoke(app, argv[:6])
     cfg = seen["config"]
     assert isinstance(cfg, FinetuneConfig)
     assert (cfg.split_warmup_epochs, cfg.checkpoint_every, cfg.ot_mass) == (None, None, 0.5)
+    assert cfg.robust_q is None  # resolved by the library (0.3 only for a self-audit)
 
 
 @pytest.mark.parametrize(
@@ -626,6 +627,8 @@ def test_cli_finetune_passes_every_option_to_the_library(
         (["--checkpoint-every", "0"], "--checkpoint-every"),
         (["--schedule", "step"], "--schedule"),
         (["--audit-weight", "2"], "--audit-weight"),
+        (["--robust-q", "1.5"], "--robust-q"),
+        (["--robust-q", "-0.1"], "--robust-q"),
     ],
 )
 def test_cli_finetune_rejects_bad_options_before_any_work(
