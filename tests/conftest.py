@@ -30,3 +30,29 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def _write_scan_folder(manifest: Path, folder: Path) -> Path:
+    """A minimal ``pmpclean scan`` output for ``manifest``: the truth as the audit's split.
+
+    ``audit.csv`` holds the manifest's rows with ``image_path`` (as given, relative to the
+    manifest, which ``summary.json`` names) and ``is_mismatched`` from ``true_row``.
+    """
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.read_csv(manifest)
+    frame["image_path"] = frame["image"]
+    frame["is_mismatched"] = frame["true_row"].to_numpy() != np.arange(len(frame))
+    folder.mkdir(parents=True)
+    frame.to_csv(folder / "audit.csv", index=False)
+    (folder / "summary.json").write_text(json.dumps({"manifest": str(manifest)}))
+    return folder
+
+
+@pytest.fixture
+def scan_folder_of():
+    """``scan_folder_of(manifest, folder)`` writes a truth-split scan folder (see above)."""
+    return _write_scan_folder

@@ -165,17 +165,11 @@ def test_adaptive_split_warmup_waits_until_the_model_beats_chance(
     assert all(h["suspect_pairs"] == 0 for h in frozen.metrics["history"])
 
 
-def test_audit_split_is_used_first(dataset: Path, tmp_path: Path) -> None:
+def test_audit_split_is_used_first(dataset: Path, tmp_path: Path, scan_folder_of) -> None:
     """A scan output (image_path + is_mismatched) gives the first split directly."""
-    frame = pd.read_csv(dataset)
     # with precomputed embeddings a scan keeps image_path as given (relative to the
     # manifest); summary.json names the manifest, so the paths still resolve
-    frame["image_path"] = frame["image"]
-    frame["is_mismatched"] = frame["true_row"].to_numpy() != np.arange(len(frame))
-    scan_dir = tmp_path / "scan"
-    scan_dir.mkdir()
-    frame.to_csv(scan_dir / "audit.csv", index=False)
-    (scan_dir / "summary.json").write_text(json.dumps({"manifest": str(dataset)}))
+    scan_dir = scan_folder_of(dataset, tmp_path / "scan")
     result = finetune(scan_dir, out_dir=tmp_path / "m", **_fast(epochs=2, val_fraction=0.0))
     first = result.metrics["history"][0]
     assert first["split"]["source"] == "audit (is_mismatched)"
@@ -184,16 +178,11 @@ def test_audit_split_is_used_first(dataset: Path, tmp_path: Path) -> None:
     assert result.metrics["resolved"]["split_warmup_epochs"] == 0
 
 
-def test_audit_weight_keeps_the_scan_in_refreshed_splits(dataset: Path, tmp_path: Path) -> None:
+def test_audit_weight_keeps_the_scan_in_refreshed_splits(
+    dataset: Path, tmp_path: Path, scan_folder_of
+) -> None:
     """A refreshed split averages the scan's verdict with the model's own loss mixture."""
-    frame = pd.read_csv(dataset)
-    frame["image_path"] = frame["image"]
-    truth = frame["true_row"].to_numpy() != np.arange(len(frame))
-    frame["is_mismatched"] = truth
-    scan_dir = tmp_path / "scan"
-    scan_dir.mkdir()
-    frame.to_csv(scan_dir / "audit.csv", index=False)
-    (scan_dir / "summary.json").write_text(json.dumps({"manifest": str(dataset)}))
+    scan_dir = scan_folder_of(dataset, tmp_path / "scan")
     opts = _fast(epochs=2, val_fraction=0.0, truth_col="true_row")
     kept = finetune(scan_dir, out_dir=tmp_path / "kept", audit_weight=1.0, **opts).metrics
     second = kept["history"][1]["split"]

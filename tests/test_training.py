@@ -7,7 +7,6 @@ loss and split helpers directly on small synthetic tensors, plus one short run.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -177,17 +176,11 @@ def test_robust_q_default_is_rince_for_l2rm_from_random_init(
         assert hist[1]["split"]["source"] == "loss mixture"
 
 
-def test_robust_q_default_stays_infonce_on_a_scan_folder(tmp_path: Path) -> None:
+def test_robust_q_default_stays_infonce_on_a_scan_folder(tmp_path: Path, scan_folder_of) -> None:
     """With a scan's split from the first epoch the default clean loss is InfoNCE."""
     torch.set_num_threads(1)
     data = _tiny_dataset(tmp_path)
-    frame = pd.read_csv(data)
-    frame["image_path"] = frame["image"]
-    frame["is_mismatched"] = frame["true_row"].to_numpy() != np.arange(len(frame))
-    scan_dir = tmp_path / "scan"
-    scan_dir.mkdir()
-    frame.to_csv(scan_dir / "audit.csv", index=False)
-    (scan_dir / "summary.json").write_text(json.dumps({"manifest": str(data)}))
+    scan_dir = scan_folder_of(data, tmp_path / "scan")
     res = finetune(
         scan_dir,
         out_dir=tmp_path / "out",
