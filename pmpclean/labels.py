@@ -690,14 +690,46 @@ def _head_config(**kwargs: Any) -> _HeadConfig:
 
 
 def _sinkhorn(
-    a: np.ndarray, b: np.ndarray, cost: np.ndarray, reg: float, max_iter: int, tol: float
+    a: np.ndarray,
+    b: np.ndarray,
+    cost: np.ndarray,
+    reg: float,
+    max_iter: int,
+    tol: float,
+    *,
+    max_rounds: int = 10,
 ) -> np.ndarray:
-    """Balanced entropic OT via POT's Sinkhorn-Knopp; non-convergence is logged, not warned."""
+    """Balanced entropic OT via POT's Sinkhorn-Knopp.
+
+    A run that has not met the marginals to ``tol`` after ``max_iter`` iterations goes
+    on from its scalings (warm start), up to ``max_rounds`` runs in all: with a small
+    ``reg`` and a class or sample whose only cheap partner is already full, Sinkhorn
+    converges slowly, and stopping early would transport visibly less than the
+    requested mass. Non-convergence after that is logged, not warned.
+    """
     import ot
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        plan = ot.sinkhorn(a, b, cost, reg, method="sinkhorn", numItermax=max_iter, stopThr=tol)
+    warm = None
+    for _ in range(max_rounds):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan, log = ot.sinkhorn(
+                a,
+                b,
+                cost,
+                reg,
+                method="sinkhorn",
+                numItermax=max_iter,
+                stopThr=tol,
+                warmstart=warm,
+                log=True,
+            )
+        if not caught:
+            break
+        u, v = np.asarray(log["u"]), np.asarray(log["v"])
+        if not (np.all(u > 0) and np.all(v > 0) and np.isfinite(u).all() and np.isfinite(v).all()):
+            break
+        warm = (np.log(u), np.log(v))
     if caught:
         logger.debug("label audit transport: %s", caught[0].message)
     return np.asarray(plan, dtype=np.float64)

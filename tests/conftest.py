@@ -56,3 +56,12 @@ def _write_scan_folder(manifest: Path, folder: Path) -> Path:
 def scan_folder_of():
     """``scan_folder_of(manifest, folder)`` writes a truth-split scan folder (see above)."""
     return _write_scan_folder
+
+
+# Property tests draw the same examples on every run (CI must not depend on luck);
+# HYPOTHESIS_PROFILE=explore searches afresh.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", derandomize=True)
+_hyp_settings.register_profile("explore", derandomize=False)
+_hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
