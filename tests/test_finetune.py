@@ -32,16 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:model .pmpclean-tiny. has RANDOM
 F = pytest.importorskip("pmpclean.training")
 
 TINY = "pmpclean-tiny"
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 130, 30),
-}
-BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20)}
-SHAPES = ("circle", "square")
 
 
 @pytest.fixture(autouse=True)
@@ -53,36 +43,10 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _draw(path: Path, color: str, bg: str, shape: str) -> None:
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (32, 32), BACKGROUNDS[bg])
-    d = ImageDraw.Draw(im)
-    box = (6, 6, 26, 26)
-    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLORS[color])
-    im.save(path)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """24 drawings (6 colours x 2 backgrounds x 2 shapes), one caption each, 4 swapped."""
-    root = tmp_path_factory.mktemp("ft-data")
-    (root / "img").mkdir()
-    rows = []
-    for c in COLORS:
-        for b in BACKGROUNDS:
-            for s in SHAPES:
-                name = f"img/{c}_{b}_{s}.png"
-                _draw(root / name, c, b, s)
-                rows.append({"image": name, "caption": f"a {c} {s} on {b}"})
-    frame = pd.DataFrame(rows)
-    true_row = np.arange(len(frame))
-    swap = np.array([0, 7, 13, 22])  # a cycle of 4 swapped captions, known answer
-    true_row[swap] = np.roll(swap, -1)
-    frame["caption"] = frame["caption"].to_numpy()[true_row]
-    frame["true_row"] = true_row
-    frame.to_csv(root / "captions.csv", index=False)
-    return root / "captions.csv"
+@pytest.fixture
+def dataset(drawn_captions: Path) -> Path:
+    """24 drawings, one caption each, 4 swapped (``drawn_captions`` in conftest.py)."""
+    return drawn_captions
 
 
 def _fast(**kw: object) -> dict[str, object]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from pmpclean.errors import ConfigError
@@ -114,39 +112,15 @@ def test_bad_robust_settings_fail_clearly(options: dict[str, object], match: str
         F._validate(FinetuneConfig(**options))  # type: ignore[arg-type]
 
 
-def _tiny_dataset(root: Path) -> Path:
-    from PIL import Image, ImageDraw
-
-    colors = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220)}
-    rows = []
-    (root / "img").mkdir()
-    for c, rgb in colors.items():
-        for shape in ("circle", "square", "cross", "star"):
-            name = f"img/{c}_{shape}.png"
-            im = Image.new("RGB", (32, 32), (245, 245, 245))
-            draw = ImageDraw.Draw(im)
-            (draw.ellipse if shape == "circle" else draw.rectangle)((6, 6, 26, 26), fill=rgb)
-            im.save(root / name)
-            rows.append({"image": name, "caption": f"a {c} {shape}"})
-    frame = pd.DataFrame(rows)
-    true_row = np.arange(len(frame))
-    swap = np.array([0, 5, 10])
-    true_row[swap] = np.roll(swap, -1)
-    frame["caption"] = frame["caption"].to_numpy()[true_row]
-    frame["true_row"] = true_row
-    frame.to_csv(root / "captions.csv", index=False)
-    return root / "captions.csv"
-
-
 @pytest.mark.parametrize(
     ("method", "robust_q", "resolved"),
     [("l2rm", None, 0.3), ("contrastive", None, 0.0), ("contrastive", 0.5, 0.5)],
 )
 def test_robust_q_default_is_rince_for_l2rm_from_random_init(
-    tmp_path: Path, method: str, robust_q: float | None, resolved: float
+    tmp_path: Path, drawn_captions: Path, method: str, robust_q: float | None, resolved: float
 ) -> None:
     torch.set_num_threads(1)
-    data = _tiny_dataset(tmp_path)
+    data = drawn_captions
     res = finetune(
         data,
         out_dir=tmp_path / "out",
@@ -176,10 +150,12 @@ def test_robust_q_default_is_rince_for_l2rm_from_random_init(
         assert hist[1]["split"]["source"] == "loss mixture"
 
 
-def test_robust_q_default_stays_infonce_on_a_scan_folder(tmp_path: Path, scan_folder_of) -> None:
+def test_robust_q_default_stays_infonce_on_a_scan_folder(
+    tmp_path: Path, drawn_captions: Path, scan_folder_of
+) -> None:
     """With a scan's split from the first epoch the default clean loss is InfoNCE."""
     torch.set_num_threads(1)
-    data = _tiny_dataset(tmp_path)
+    data = drawn_captions
     scan_dir = scan_folder_of(data, tmp_path / "scan")
     res = finetune(
         scan_dir,
