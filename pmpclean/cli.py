@@ -685,6 +685,11 @@ class Method(str, enum.Enum):
     contrastive = "contrastive"
 
 
+class SuspectTargets(str, enum.Enum):
+    global_ = "global"
+    batch = "batch"
+
+
 class Schedule(str, enum.Enum):
     cosine = "cosine"
     linear = "linear"
@@ -905,13 +910,41 @@ def finetune(
             ),
         ),
     ] = 1,
+    suspect_targets: Annotated[
+        SuspectTargets,
+        typer.Option(
+            "--suspect-targets",
+            case_sensitive=False,
+            help=(
+                "Where a suspect pair's new caption comes from. global: at every split "
+                "refresh, partial optimal transport over all suspects of the dataset "
+                "(original pairing forbidden; from a scan folder, the scan's proposals "
+                "first); a confident proposal trains as a pair, weighted by its confidence, "
+                "and unmatched suspects only serve as negatives. batch: the L2RM paper's "
+                "soft targets from a plan inside each random batch."
+            ),
+        ),
+    ] = SuspectTargets.global_,
+    rematch_min_confidence: Annotated[
+        float,
+        typer.Option(
+            "--rematch-min-confidence",
+            min=0.0,
+            max=1.0,
+            help=(
+                "With --suspect-targets global: proposals whose confidence (share of the "
+                "suspect's transported mass on that caption) is below this are not trained on."
+            ),
+        ),
+    ] = 0.6,
     ot_mass: Annotated[
         float,
         typer.Option(
             "--ot-mass",
             callback=_ot_mass_in_range,
             help=(
-                "Fraction of a batch's suspect pairs the partial-OT plan re-pairs, "
+                "With --suspect-targets batch: fraction of a batch's suspect pairs the "
+                "partial-OT plan re-pairs, "
                 "in (0, 1]; suspects left without mass get no target. Lower it "
                 "when many mismatched captions have no true image in the data."
             ),
@@ -984,9 +1017,10 @@ def finetune(
 ) -> None:
     """Fine-tune the open_clip model on a noisy dataset, robustly to mismatched pairs.
 
-    Clean pairs get the usual contrastive loss; pairs the per-epoch split calls
-    suspect get soft targets from a partial optimal-transport plan (their own caption
-    forbidden) instead of their given caption. Writes a checkpoint that 'pmpclean scan
+    Clean pairs get the usual contrastive loss; a pair the per-epoch split calls
+    suspect trains with the caption a partial optimal-transport plan over all suspects
+    proposes for its image (its own caption forbidden), or only as a negative when
+    nothing fits. Writes a checkpoint that 'pmpclean scan
     --model ARCH --pretrained MODEL_DIR/open_clip_pytorch_model.bin' and
     open_clip.create_model_and_transforms load, and metrics.json with image-to-text and
     text-to-image R@1/5/10 on the held-out split before and after.
@@ -1021,6 +1055,8 @@ def finetune(
             patience=patience,
             split_warmup_epochs=split_warmup_epochs,
             split_every=split_every,
+            suspect_targets=suspect_targets.value,
+            rematch_min_confidence=rematch_min_confidence,
             ot_mass=ot_mass,
             robust_q=robust_q,
             audit_weight=audit_weight,

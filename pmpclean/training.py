@@ -144,6 +144,7 @@ _RESUME_FREE = frozenset(
     {"device", "workers", "checkpoint_every", "keep_resume", "resume", "overwrite", "cache_images"}
 )
 _AUDIT_FILES = ("audit.parquet", "audit.csv")
+_STATE_ARRAYS = ("clean", "partner", "partner_weight")  # saved as tensors, not in state_json
 _KS = (1, 5, 10)
 _EPS = 1e-8
 _BELOW_CHANCE = 0.95  # adaptive split warmup: start once the loss is 5% below chance
@@ -213,7 +214,16 @@ class FinetuneConfig:
     #   audits itself), else 0: with a scan folder's split from the first epoch, RINCE's
     #   weaker pull early on leaves the suspects' soft targets in charge and hurts
     #   (benchmarks/results/finetune.md)
-    ot_mass: float = 0.5  # fraction of the batch's suspect mass the plan transports, (0, 1]
+    suspect_targets: str = "global"  # global | batch: where a suspect's new partner comes
+    #   from. global: at every split refresh, the dataset-scale partial OT of
+    #   pmpclean.rematching over all suspects (learned cost, original pairing forbidden;
+    #   with a scan folder, the scan's own proposals at the first split); a suspect whose
+    #   proposal reaches rematch_min_confidence trains as a pair with the proposed caption,
+    #   weighted by the confidence, and the others only serve as negatives. batch: L2RM's
+    #   in-batch plan as soft targets (the research code's scheme: a random batch rarely
+    #   holds a suspect's true partner)
+    rematch_min_confidence: float = 0.6  # global: proposals below this are not trained on
+    ot_mass: float = 0.5  # batch: fraction of the batch's suspect mass the plan moves, (0, 1]
     ot_reg: float = 0.05  # entropic regularisation of the plan (cost = cosine distance)
     min_plan_mass: float = 0.1  # suspects receiving less than this fraction of their
     #   marginal get no target (they contribute nothing)
@@ -353,6 +363,14 @@ def _validate(cfg: FinetuneConfig) -> None:
     need(
         is_num(cfg.min_plan_mass) and 0 <= cfg.min_plan_mass < 1,
         f"min_plan_mass must be in [0, 1), got {cfg.min_plan_mass!r}.",
+    )
+    need(
+        cfg.suspect_targets in ("global", "batch"),
+        f"suspect_targets must be 'global' or 'batch', got {cfg.suspect_targets!r}.",
+    )
+    need(
+        is_num(cfg.rematch_min_confidence) and 0 <= cfg.rematch_min_confidence <= 1,
+        f"rematch_min_confidence must be in [0, 1], got {cfg.rematch_min_confidence!r}.",
     )
     need(
         is_num(cfg.noisy_weight) and cfg.noisy_weight >= 0,
@@ -584,6 +602,11 @@ class _Data:
     true_mismatch: np.ndarray | None  # (n,) bool from truth_col, or None
     n_input: int
     n_unusable: int
+    audit_partner: np.ndarray | None = None  # (n,) int64 input row whose caption the scan
+    #   proposed for this row's image (-1: none), or None
+    audit_confidence: np.ndarray | None = None  # (n,) float: the scan's rematch_confidence
+    image_ref: np.ndarray | None = None  # (n,) manifest image id of the row (with truth_col)
+    true_ref: np.ndarray | None = None  # (n,) manifest image id of the caption's true row
 
 
 def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -> _Data:
@@ -644,6 +667,12 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
             ok = np.isfinite(score) & (score >= 0) & (score <= 1)
             prob[ok] = score[ok]
         data.audit_prob = prob
+        if "proposed_row" in frame.columns and "rematch_confidence" in frame.columns:
+            partner = pd.to_numeric(frame["proposed_row"], errors="coerce").to_numpy()[data.rows]
+            conf = pd.to_numeric(frame["rematch_confidence"], errors="coerce").to_numpy()[data.rows]
+            usable = np.isfinite(partner) & np.isfinite(conf) & (partner >= 0)
+            data.audit_partner = np.where(usable, np.nan_to_num(partner), -1).astype(np.int64)
+            data.audit_confidence = np.where(usable, np.nan_to_num(conf), 0.0)
     return data
 
 
@@ -694,6 +723,9 @@ def _from_manifest(
                 f"0..{len(all_idx) - 1}."
             )
         true_mis = all_idx[tr] != all_idx[ok]
+        image_ref, true_ref = all_idx[ok].astype(np.int64), all_idx[tr].astype(np.int64)
+    else:
+        image_ref = true_ref = None
     return _Data(
         source=source,
         paths=paths,
@@ -706,6 +738,8 @@ def _from_manifest(
         true_mismatch=true_mis,
         n_input=len(manifest),
         n_unusable=int(len(manifest) - ok.size),
+        image_ref=image_ref,
+        true_ref=true_ref,
     )
 
 
@@ -724,6 +758,10 @@ def _subset(data: _Data, rows: np.ndarray) -> _Data:
         true_mismatch=None if data.true_mismatch is None else data.true_mismatch[rows],
         n_input=data.n_input,
         n_unusable=data.n_unusable,
+        audit_partner=None if data.audit_partner is None else data.audit_partner[rows],
+        audit_confidence=None if data.audit_confidence is None else data.audit_confidence[rows],
+        image_ref=None if data.image_ref is None else data.image_ref[rows],
+        true_ref=None if data.true_ref is None else data.true_ref[rows],
     )
 
 
@@ -1059,8 +1097,14 @@ def _batch_loss(
     image_group: torch.Tensor,
     text_group: torch.Tensor,
     cfg: FinetuneConfig,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean per-row loss of one micro-batch: InfoNCE for clean rows, soft targets for suspects."""
+    """Mean per-row loss of one micro-batch: InfoNCE for clean rows, soft targets for suspects.
+
+    ``weight`` (b,) scales each clean row's loss (a rematched pair's confidence); with
+    ``cfg.suspect_targets == "global"`` suspects get no in-batch target (their rematches
+    arrive as clean rows), they only serve as negatives.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -1082,6 +1126,8 @@ def _batch_loss(
         clean_loss = -0.5 * (torch.expm1(-q * ce_i2t) + torch.expm1(-q * ce_t2i)) / q
     else:
         clean_loss = infonce
+    if weight is not None:
+        clean_loss = clean_loss * weight
     total = clean_loss[clean].sum()
     stats = {
         "clean_rows": float(clean.sum()),
@@ -1093,7 +1139,7 @@ def _batch_loss(
     noisy = torch.nonzero(~clean).ravel()
     k = noisy.numel()
     stats["noisy_rows"] = float(k)
-    if k >= 2 and cfg.noisy_weight > 0:
+    if k >= 2 and cfg.noisy_weight > 0 and cfg.suspect_targets == "batch":
         forbid = same[noisy][:, noisy]
         with torch.no_grad():
             cost = 1.0 - img_f[noisy].detach().float() @ txt_f[noisy].detach().float().T
@@ -1479,6 +1525,8 @@ def _run(
         "batch": 0,  # next micro-batch within the epoch
         "step": 0,  # optimizer steps done
         "clean": None,  # (n_train,) bool: the split used in the current epoch
+        "partner": None,  # (n_train,) int64: row whose caption a suspect trains with (-1: none)
+        "partner_weight": None,  # (n_train,) float: that pair's weight (rematch confidence)
         "split_info": None,
         "split_start": split_warmup,  # first epoch (0-based) with a split; None: not yet
         "history": [],
@@ -1520,6 +1568,12 @@ def _run(
                 state["best_rsum"] = -math.inf
             clean = ckpt["clean"]
             state["clean"] = None if clean is None else clean.numpy().astype(bool)
+            partner = ckpt.get("partner")
+            if partner is None:  # a run of an older version, or before the first split
+                state["partner"], state["partner_weight"] = _no_partners(n_train)
+            else:
+                state["partner"] = partner.numpy().astype(np.int64)
+                state["partner_weight"] = ckpt["partner_weight"].numpy().astype(np.float64)
         logger.info(
             "resuming %s at epoch %d, batch %d, step %d",
             out,
@@ -1545,8 +1599,12 @@ def _run(
                 "settings": settings,
                 "n_train": n_train,
                 "clean": None if clean is None else torch.from_numpy(clean.astype(np.uint8)),
+                "partner": None if state["partner"] is None else torch.from_numpy(state["partner"]),
+                "partner_weight": None
+                if state["partner_weight"] is None
+                else torch.from_numpy(state["partner_weight"]),
                 "state_json": json.dumps(
-                    to_jsonable({k: v for k, v in state.items() if k != "clean"})
+                    to_jsonable({k: v for k, v in state.items() if k not in _STATE_ARRAYS})
                 ),
             }
             with atomic_path(out / RESUME_NAME) as tmp:
@@ -1579,6 +1637,7 @@ def _run(
                     "clean_rows",
                     "noisy_rows",
                     "noisy_targets",
+                    "rematched_rows",
                 ),
                 0.0,
             )
@@ -1598,6 +1657,9 @@ def _run(
                     progress,
                 )
         clean_t = torch.from_numpy(state["clean"])
+        partner_t = torch.from_numpy(state["partner"])
+        partner_w_t = torch.from_numpy(state["partner_weight"]).float()
+        any_partner = bool((partner_t >= 0).any())
 
         # ---- the epoch's micro-batches (order fixed by seed and epoch: resumable)
         order = np.random.default_rng([cfg.seed, 3, epoch]).permutation(n_train)
@@ -1606,6 +1668,7 @@ def _run(
             batches[-2] = np.concatenate([batches[-2], batches.pop()])
         stats = state["epoch_stats"]
         stats.setdefault("infonce", 0.0)  # absent when resuming a run of an older version
+        stats.setdefault("rematched_rows", 0.0)
         optimizer.zero_grad(set_to_none=True)
         with timer("train"):
             start = state["batch"]
@@ -1613,17 +1676,26 @@ def _run(
                 train_images.batches(batches[start:]), start=start
             ):
                 rows_t = torch.from_numpy(rows)
+                text_rows, clean_b, weight_b = rows_t, clean_t[rows_t], None
+                if any_partner:  # rematched suspects train with their proposed caption
+                    p = partner_t[rows_t]
+                    has = p >= 0
+                    text_rows = torch.where(has, p, rows_t)
+                    clean_b = clean_b | has
+                    weight_b = torch.where(has, partner_w_t[rows_t], 1.0).to(device)
+                    stats["rematched_rows"] += float(has.sum())
                 with autocast():
                     img_f = model.encode_image(imgs.to(device), normalize=True)
-                    txt_f = model.encode_text(train_tokens[rows_t].to(device), normalize=True)
+                    txt_f = model.encode_text(train_tokens[text_rows].to(device), normalize=True)
                 loss, st = _batch_loss(
                     img_f.float(),
                     txt_f.float(),
                     model.logit_scale.exp().float(),
-                    clean_t[rows_t].to(device),
+                    clean_b.to(device),
                     ig_t[rows_t].to(device),
-                    tg_t[rows_t].to(device),
+                    tg_t[text_rows].to(device),
                     loss_cfg,
+                    weight_b,
                 )
                 if not bool(torch.isfinite(loss)):
                     raise ConfigError(
@@ -1681,6 +1753,7 @@ def _run(
             "clean_pairs": int(stats["clean_rows"]),
             "suspect_pairs": int(stats["noisy_rows"]),
             "suspects_with_target": int(round(stats["noisy_targets"])),
+            "rematched_pairs": int(stats.get("rematched_rows", 0.0)),
             "split": state["split_info"],
             "logit_scale": float(model.logit_scale.detach().exp()),
             "seconds": round(state["epoch_seconds"], 3),
@@ -1821,6 +1894,7 @@ def _refresh_split(
     if cfg.method == "contrastive" or split_start is None or epoch < split_start:
         state["clean"] = np.ones(n, dtype=bool)
         state["split_info"] = {"source": "all pairs (plain contrastive)"}
+        state["partner"], state["partner_weight"] = _no_partners(n)
         return
     due = (
         state["clean"] is None
@@ -1830,6 +1904,7 @@ def _refresh_split(
     if not due:
         state["split_info"] = {**(state["split_info"] or {}), "source": "previous split"}
         return
+    enc = None
     if train.audit_clean is not None and epoch == split_start:
         clean = train.audit_clean.copy()
         prob = None
@@ -1860,8 +1935,72 @@ def _refresh_split(
     if quality is not None:
         info["quality"] = quality
     state["clean"] = clean
+    state["partner"], state["partner_weight"], rematch_info = _rematch_partners(
+        clean, enc, train, cfg, seed=cfg.seed + epoch
+    )
+    if rematch_info is not None:
+        info["rematch"] = rematch_info
     state["split_info"] = info
     logger.info("epoch %d split: %d suspects of %d pairs", epoch + 1, info["n_suspects"], n)
+
+
+def _no_partners(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float64)
+
+
+def _rematch_partners(
+    clean: np.ndarray, enc: _Encoded | None, train: _Data, cfg: FinetuneConfig, *, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
+    """``suspect_targets="global"``: each suspect's proposed caption row (-1: none) and weight.
+
+    From the dataset-scale partial OT over every suspect with the current model's
+    embeddings ``enc``; without ``enc`` (the first split, taken from a scan folder) from
+    the scan's own proposals. Proposals below ``rematch_min_confidence`` are left out.
+    """
+    n = clean.size
+    partner, weight = _no_partners(n)
+    suspects = ~clean
+    if cfg.suspect_targets != "global" or cfg.noisy_weight <= 0 or int(suspects.sum()) < 2:
+        return partner, weight, None
+    if enc is None:
+        if train.audit_partner is None or train.audit_confidence is None:
+            return partner, weight, {"source": "none (the scan folder has no proposals)"}
+        position = np.full(train.n_input, -1, dtype=np.int64)
+        position[train.rows] = np.arange(n)
+        cand = train.audit_partner
+        inside = (cand >= 0) & (cand < train.n_input)
+        j = np.where(inside, position[np.clip(cand, 0, train.n_input - 1)], -1)
+        ok = suspects & (j >= 0) & (train.audit_confidence >= cfg.rematch_min_confidence)
+        partner[ok] = j[ok]
+        weight[ok] = train.audit_confidence[ok]
+        info: dict[str, Any] = {"source": "scan proposals"}
+    else:
+        from .rematching import rematch
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rm = rematch(
+                enc.image,
+                enc.text,
+                suspects,
+                image_group=train.image_index,
+                text_group=train.text_group,
+                clean=clean,
+                min_confidence=cfg.rematch_min_confidence,
+                seed=seed,
+            )
+        ok = np.asarray(rm.proposed_row) >= 0
+        partner[ok] = np.asarray(rm.proposed_row)[ok]
+        weight[ok] = np.asarray(rm.rematch_confidence)[ok]
+        info = {"source": "partial OT over all suspects", "cost_used": rm.info.get("cost_used")}
+        if caught:
+            info["warnings"] = sorted({str(w.message) for w in caught})
+    info["n_rematched"] = int(ok.sum())
+    info["mean_confidence"] = float(weight[ok].mean()) if ok.any() else None
+    if train.image_ref is not None and train.true_ref is not None and ok.any():
+        right = train.image_ref[ok] == train.true_ref[partner[ok]]
+        info["precision"] = float(right.mean())
+    return partner, weight, info
 
 
 def _write_settings(out: Path, settings: dict[str, Any], resolved: dict[str, Any]) -> None:

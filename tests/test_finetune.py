@@ -158,6 +158,76 @@ def test_audit_weight_keeps_the_scan_in_refreshed_splits(
     assert FinetuneConfig().audit_weight == 0.5
 
 
+def _with_proposals(scan_dir: Path, confidence: list[float]) -> Path:
+    """Give the truth-split scan folder's suspects their true captions as proposals."""
+    audit = pd.read_csv(scan_dir / "audit.csv")
+    true_row = audit["true_row"].to_numpy()
+    owner = {int(t): j for j, t in enumerate(true_row)}  # image row -> row holding its caption
+    suspects = np.flatnonzero(audit["is_mismatched"].to_numpy())
+    audit["proposed_row"] = -1
+    audit["rematch_confidence"] = 0.0
+    audit.loc[suspects, "proposed_row"] = [owner[int(r)] for r in suspects]
+    audit.loc[suspects, "rematch_confidence"] = confidence
+    audit.to_csv(scan_dir / "audit.csv", index=False)
+    return scan_dir
+
+
+def test_global_targets_train_suspects_with_the_scans_confident_proposals(
+    dataset: Path, tmp_path: Path, scan_folder_of
+) -> None:
+    """First split from a scan folder: its proposals (confidence >= the cut) become the
+    suspects' pairs; a proposal below the cut is left out; ``batch`` ignores them."""
+    scan_dir = _with_proposals(scan_folder_of(dataset, tmp_path / "scan"), [0.9, 0.9, 0.9, 0.3])
+    opts = _fast(epochs=1, val_fraction=0.0, truth_col="true_row")
+    first = finetune(scan_dir, out_dir=tmp_path / "g", **opts).metrics["history"][0]
+    assert first["split"]["rematch"]["source"] == "scan proposals"
+    assert first["split"]["rematch"]["n_rematched"] == 3
+    assert first["split"]["rematch"]["precision"] == 1.0
+    assert first["rematched_pairs"] == 3
+    assert first["clean_pairs"] == 20 + 3 and first["suspect_pairs"] == 1
+    assert first["suspects_with_target"] == 0  # no in-batch plan targets in global mode
+    batch = finetune(scan_dir, out_dir=tmp_path / "b", suspect_targets="batch", **opts)
+    first_b = batch.metrics["history"][0]
+    assert "rematch" not in first_b["split"] and first_b["rematched_pairs"] == 0
+
+
+def test_global_partners_recover_a_known_shuffle() -> None:
+    """Dataset-scale rematch of the current embeddings: 10 rotated captions among 60
+    pairs are each given back to their own image, and clean rows get no partner."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    n, d = 60, 16
+    img = rng.normal(size=(n, d))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt = img + 0.05 * rng.normal(size=(n, d))
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    sus = np.arange(50, 60)
+    true_row = np.arange(n)
+    true_row[sus] = np.roll(sus, 1)  # row i shows the caption of row i-1
+    txt = txt[true_row]
+    train = SimpleNamespace(
+        image_index=np.arange(n),
+        text_group=np.arange(n),
+        rows=np.arange(n),
+        n_input=n,
+        audit_partner=None,
+        audit_confidence=None,
+        image_ref=np.arange(n),
+        true_ref=true_row,
+    )
+    clean = np.ones(n, dtype=bool)
+    clean[sus] = False
+    enc = F._Encoded(image=img.astype(np.float32), text=txt.astype(np.float32), logit_scale=10.0)
+    partner, weight, info = F._rematch_partners(clean, enc, train, FinetuneConfig(), seed=0)
+    assert (partner[:50] == -1).all() and (weight[:50] == 0).all()
+    assert partner[sus].tolist() == np.roll(sus, -1).tolist()  # image i's caption is in row i+1
+    assert (weight[sus] >= 0.6).all() and (weight[sus] <= 1).all()
+    assert info["n_rematched"] == 10 and info["precision"] == 1.0
+    off = F._rematch_partners(clean, enc, train, FinetuneConfig(suspect_targets="batch"), seed=0)
+    assert (off[0] == -1).all() and off[2] is None
+
+
 def test_early_stopping_on_validation_recall(dataset: Path, tmp_path: Path) -> None:
     """A learning rate too small to change the ranking: no epoch beats the start."""
     with pytest.warns(UserWarning, match="No epoch improved validation recall"):
@@ -282,6 +352,30 @@ def test_resume_continues_from_the_saved_step(dataset: Path, tmp_path: Path) -> 
     assert resumed.metrics["before"] == full.metrics["before"]
     with pytest.raises(ConfigError, match="already finished"):
         finetune(dataset, out_dir=out, resume=True, **opts)
+
+
+def test_resume_keeps_the_rematched_pairs(dataset: Path, tmp_path: Path, scan_folder_of) -> None:
+    """An interruption in an epoch whose suspects train with rematched captions."""
+    scan_dir = _with_proposals(scan_folder_of(dataset, tmp_path / "scan"), [0.9] * 4)
+    opts = _fast(epochs=2, batch_size=6, val_fraction=0.0, checkpoint_every=1)
+    full = finetune(scan_dir, out_dir=tmp_path / "full", **opts)
+    assert full.metrics["history"][0]["rematched_pairs"] == 4
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_step_3(stage: str, done: int, total: int) -> None:
+        if stage.startswith("training") and done == 3:
+            raise Interrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        finetune(scan_dir, out_dir=out, progress=stop_at_step_3, **opts)
+    resumed = finetune(scan_dir, out_dir=out, resume=True, **opts)
+    assert resumed.metrics["history"][0]["rematched_pairs"] == 4
+    a, b = _state(full.checkpoint), _state(resumed.checkpoint)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
 def test_resume_refuses_changed_settings(dataset: Path, tmp_path: Path) -> None:
@@ -432,7 +526,7 @@ def test_batch_loss_clean_rows_are_symmetric_infonce_and_empty_plans_add_nothing
     txt = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1)
     scale = torch.tensor(10.0)
     groups = torch.arange(b)
-    cfg = FinetuneConfig()
+    cfg = FinetuneConfig(suspect_targets="batch")  # the in-batch soft targets of L2RM
     loss, stats = F._batch_loss(
         img, txt, scale, torch.ones(b, dtype=torch.bool), groups, groups, cfg
     )
@@ -452,6 +546,16 @@ def test_batch_loss_clean_rows_are_symmetric_infonce_and_empty_plans_add_nothing
     loss3, stats3 = F._batch_loss(img, txt, scale, clean, groups, groups, loose)
     assert stats3["noisy_targets"] == 2 and stats3["noisy_loss"] > 0
     assert float(loss3) > float(loss2)
+    # suspect_targets="global": suspects get no in-batch target (rematches arrive as clean rows)
+    glob = loose.replace(suspect_targets="global")
+    loss4, stats4 = F._batch_loss(img, txt, scale, clean, groups, groups, glob)
+    assert stats4["noisy_rows"] == 2 and stats4["noisy_targets"] == 0 and stats4["noisy_loss"] == 0
+    assert torch.allclose(loss4, loss2)
+    # a clean row's weight scales its loss: weight 0 removes it from the sum
+    w = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    loss5, _ = F._batch_loss(img, txt, scale, clean, groups, groups, glob, w)
+    loss6, _ = F._batch_loss(img, txt, scale, clean & (w > 0), groups, groups, glob)
+    assert torch.allclose(loss5, loss6) and float(loss5) < float(loss4)
 
 
 def test_suspects_get_targets_only_when_the_target_looks_like_a_true_pair() -> None:
@@ -465,7 +569,7 @@ def test_suspects_get_targets_only_when_the_target_looks_like_a_true_pair() -> N
     groups = torch.arange(6)
     clean = torch.tensor([True, True, True, True, False, False])
     scale = torch.tensor(10.0)
-    cfg = FinetuneConfig(ot_mass=1.0)
+    cfg = FinetuneConfig(ot_mass=1.0, suspect_targets="batch")
     assert cfg.target_quantile == 0.25
     _, found = F._batch_loss(img, txt, scale, clean, groups, groups, cfg)
     assert found["noisy_targets"] == 2  # similarity 1.0: as good as the clean pairs
@@ -553,7 +657,8 @@ def test_cli_finetune_passes_every_option_to_the_library(
     argv = ["finetune", str(dataset), "--out", str(tmp_path / "m"), "--model", TINY]
     argv += ["--split-warmup-epochs", "2", "--checkpoint-every", "7", "--ot-mass", "1"]
     argv += ["--schedule", "linear", "--precision", "fp32", "--audit-weight", "1"]
-    argv += ["--robust-q", "0.5", "--format", "json"]
+    argv += ["--robust-q", "0.5", "--suspect-targets", "batch"]
+    argv += ["--rematch-min-confidence", "0.8", "--format", "json"]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0, res.output
     cfg = seen["config"]
@@ -561,6 +666,7 @@ def test_cli_finetune_passes_every_option_to_the_library(
     assert (cfg.split_warmup_epochs, cfg.checkpoint_every, cfg.ot_mass) == (2, 7, 1.0)
     assert (cfg.schedule, cfg.precision, cfg.model) == ("linear", "fp32", TINY)
     assert cfg.audit_weight == 1.0 and cfg.robust_q == 0.5
+    assert (cfg.suspect_targets, cfg.rematch_min_confidence) == ("batch", 0.8)
     assert json.loads(res.stdout)["recall_after"] == {"rsum": 20.0}
     # defaults: adaptive split start, checkpoints at epoch ends only
     CliRunner().invoke(app, argv[:6])
@@ -568,6 +674,7 @@ def test_cli_finetune_passes_every_option_to_the_library(
     assert isinstance(cfg, FinetuneConfig)
     assert (cfg.split_warmup_epochs, cfg.checkpoint_every, cfg.ot_mass) == (None, None, 0.5)
     assert cfg.robust_q is None  # resolved by the library (0.3 only for a self-audit)
+    assert (cfg.suspect_targets, cfg.rematch_min_confidence) == ("global", 0.6)
 
 
 @pytest.mark.parametrize(
@@ -582,6 +689,8 @@ def test_cli_finetune_passes_every_option_to_the_library(
         (["--audit-weight", "2"], "--audit-weight"),
         (["--robust-q", "1.5"], "--robust-q"),
         (["--robust-q", "-0.1"], "--robust-q"),
+        (["--suspect-targets", "nearest"], "--suspect-targets"),
+        (["--rematch-min-confidence", "1.2"], "--rematch-min-confidence"),
     ],
 )
 def test_cli_finetune_rejects_bad_options_before_any_work(
