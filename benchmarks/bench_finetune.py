@@ -23,9 +23,12 @@ shuffled onto other images, in these ways:
     have.
 ``finetune``
     :func:`pmpclean.finetune` with its defaults (``method="l2rm"``) on the noisy
-    manifest: InfoNCE on the pairs the per-epoch loss mixture calls clean, soft targets
-    from the in-batch partial-OT plan for the suspects. One training, no outside audit:
-    the model audits itself while it learns.
+    manifest: InfoNCE on the pairs the per-epoch loss mixture calls clean; each suspect
+    trains with the caption the dataset-scale partial-OT rematch proposes for its image
+    when the proposal is confident, else only as a negative (``suspect_targets``; the
+    in-batch soft targets of the paper with ``--finetune-option
+    'suspect_targets="batch"'``). One training, no outside audit: the model audits
+    itself while it learns.
 ``finetune-ref``
     :func:`pmpclean.finetune` with its defaults on the scan folder of ``cleaned-ref``
     (``pmpclean finetune data.pmpclean``): the scan's split seeds the first epoch and
@@ -44,9 +47,10 @@ R@5/R@10 are the informative numbers.
 ``--diagnose NOISE`` adds, at that noise rate, runs that explain where the self-audited
 ``finetune`` loses: ``finetune`` with an *oracle* split (the injected truth, through a
 scan-like folder with ``audit_weight=1``) that starts at a given epoch (``--oracle-starts``;
-before it: plain InfoNCE, as before the adaptive start), and ``finetune`` without the
-suspects' soft targets (``noisy_weight=0``). Diagnostics explain; defaults are never
-chosen on the test set (the development setting is ``--seed 1 --test-seed 99``).
+before it: plain InfoNCE, as before the adaptive start), and ``finetune`` with the
+suspects dropped (``noisy_weight=0``: no rematched pairs or soft targets). Diagnostics
+explain; defaults are never chosen on the test set (the development setting is
+``--seed 1 --test-seed 99``).
 
 ``--finetune-option NAME=JSON`` (repeatable) passes a :class:`pmpclean.FinetuneConfig`
 setting to the ``finetune`` and ``finetune-ref`` arms, for trying a change on the
@@ -335,7 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 for k in args.oracle_starts
             ]
-            runs.append(("self-audit, suspects without soft targets", noisy, {"noisy_weight": 0.0}))
+            runs.append(("self-audit, suspects dropped", noisy, {"noisy_weight": 0.0}))
             for what, data, opts in runs:
                 print(f"[{tag}] diagnosis: {what}", flush=True)
                 name = "diag-" + "-".join(f"{k}{v}" for k, v in opts.items())
@@ -479,7 +483,7 @@ def render(
             "",
             "Same data, test set and schedule as the table above. Oracle runs train plain "
             "InfoNCE until the given epoch, then use the injected truth as the split "
-            "(soft targets for the true mismatches) to the end.",
+            "(the true mismatches are the suspects) to the end.",
             "",
             _row(["noise", "run", "first split", "split AUROC (last)", "R-sum", "- plain"]),
             _row(["---"] * 6),
@@ -553,7 +557,7 @@ def render(
                 "none" if start is None else f"epoch {start}",
             ]
             cells += [g(q, "precision"), g(q, "recall"), g({"f1": f1}, "f1"), g(q, "auroc")]
-            lines.append(_row(cells + ["", "all (suspects: soft targets)", "n/a"]))
+            lines.append(_row(cells + ["", "all (suspects: rematched or negatives)", "n/a"]))
         for m in ("cleaned", "cleaned-ref"):
             if (noise, m) not in by:
                 continue

@@ -911,7 +911,7 @@ def finetune(
         ),
     ] = 1,
     suspect_targets: Annotated[
-        SuspectTargets,
+        SuspectTargets | None,
         typer.Option(
             "--suspect-targets",
             case_sensitive=False,
@@ -921,10 +921,12 @@ def finetune(
                 "(original pairing forbidden; from a scan folder, the scan's proposals "
                 "first); a confident proposal trains as a pair, weighted by its confidence, "
                 "and unmatched suspects only serve as negatives. batch: the L2RM paper's "
-                "soft targets from a plan inside each random batch."
+                "soft targets from a plan inside each random batch "
+                "\\[default: batch when a model trained from random init audits itself "
+                "from a manifest, else global]."
             ),
         ),
-    ] = SuspectTargets.global_,
+    ] = None,
     rematch_min_confidence: Annotated[
         float,
         typer.Option(
@@ -1055,7 +1057,7 @@ def finetune(
             patience=patience,
             split_warmup_epochs=split_warmup_epochs,
             split_every=split_every,
-            suspect_targets=suspect_targets.value,
+            suspect_targets=None if suspect_targets is None else suspect_targets.value,
             rematch_min_confidence=rematch_min_confidence,
             ot_mass=ot_mass,
             robust_q=robust_q,

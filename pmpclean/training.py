@@ -16,22 +16,33 @@ open_clip model with a loss that respects what the audit learned:
   Other rows of the same image, and rows with the identical caption text, are not
   used as negatives: they are not wrong answers.
 * **Suspect pairs** (pairs the split flags as probably mismatched) do not get their
-  given caption as a target. Per batch, an entropic *partial* optimal-transport plan
-  between the batch's suspect images and suspect captions is computed, with the
-  original pairing (and the image's own other captions, and identical caption text)
-  forbidden and only a fraction ``ot_mass`` of the mass transported. The cost is the
-  cosine distance ``1 - s`` of the current (detached) embeddings: the cost L2RM's
-  within-batch cost network starts from, and at the paper's learning rate for that
-  network (2e-6) practically the one it keeps; the learned, batch-size-free cost of
-  :mod:`pmpclean.cost` serves the dataset-scale rematch of ``pmpclean scan``. Each suspect
-  row whose transported mass reaches ``min_plan_mass`` of its marginal, and whose
-  target looks like a true pair (its plan-weighted similarity reaches the
-  ``target_quantile`` quantile of the batch's clean-pair similarities), gets the
-  normalised plan row (and column) as a soft target, matched to the model's in-batch
-  distribution with a symmetric KL divergence. Other suspects contribute nothing: in a
-  batch of 64 a mismatched caption's true image is rarely present, and a forced
-  target teaches a wrong pairing (Han et al., "Learning to Rematch Mismatched Pairs for
-  Robust Cross-Modal Retrieval", CVPR 2024).
+  given caption as a target. With ``suspect_targets="global"`` (the default with a scan
+  folder or pretrained weights), at every
+  split refresh :func:`pmpclean.rematching.rematch` solves one *partial*
+  optimal-transport problem between all suspect images and all suspect captions of the
+  dataset, with the cost learned from the clean pairs and the original pairing (and the
+  image's other captions, and identical caption text) forbidden; from a scan folder the
+  first split uses the scan's own proposals. A suspect whose proposal reaches
+  ``rematch_min_confidence`` trains as the pair (its image, the proposed caption) with
+  the clean loss weighted by the confidence; the others only serve as negatives. The
+  research code rematches inside a random batch of 128 instead, where a mismatched
+  image's true caption is rarely present; ``suspect_targets="batch"`` (the default
+  when a model trained from random initialisation audits itself: it proposes nothing
+  confident for a long time, and in-batch targets still teach it) keeps that scheme:
+  per batch, an entropic partial plan between the batch's suspect images and
+  captions (mass ``ot_mass``, cost ``1 - s`` of the detached embeddings, the cost
+  L2RM's within-batch cost network starts from and at the paper's learning rate
+  practically keeps); a suspect whose transported mass reaches ``min_plan_mass`` of its
+  marginal and whose target looks like a true pair (its plan-weighted similarity
+  reaches the ``target_quantile`` quantile of the batch's clean-pair similarities) gets
+  the normalised plan row (and column) as a soft target, matched to the model's
+  in-batch distribution with a symmetric KL divergence (Han et al., "Learning to
+  Rematch Mismatched Pairs for Robust Cross-Modal Retrieval", CVPR 2024). On the
+  development setting of ``benchmarks/bench_finetune.py`` (3,000 drawings) with a good
+  audit at 80 % noise the global scheme gave R-sum 294 against 243 in-batch, and at
+  20-60 % it was within 6 points either way (once +15); there most suspects abstain
+  (templated captions leave several equally good partners), so much of the gain is not
+  forcing the in-batch targets (``benchmarks/results/finetune_n3000.md``).
 * **The split** comes from the audit when the dataset is a ``pmpclean scan`` output
   (its ``is_mismatched`` column), otherwise from a two-component Gaussian mixture on
   the per-pair contrastive loss of the current model, after ``split_warmup_epochs``
@@ -214,14 +225,17 @@ class FinetuneConfig:
     #   audits itself), else 0: with a scan folder's split from the first epoch, RINCE's
     #   weaker pull early on leaves the suspects' soft targets in charge and hurts
     #   (benchmarks/results/finetune.md)
-    suspect_targets: str = "global"  # global | batch: where a suspect's new partner comes
+    suspect_targets: str | None = None  # global | batch: where a suspect's new partner comes
     #   from. global: at every split refresh, the dataset-scale partial OT of
     #   pmpclean.rematching over all suspects (learned cost, original pairing forbidden;
     #   with a scan folder, the scan's own proposals at the first split); a suspect whose
     #   proposal reaches rematch_min_confidence trains as a pair with the proposed caption,
     #   weighted by the confidence, and the others only serve as negatives. batch: L2RM's
     #   in-batch plan as soft targets (the research code's scheme: a random batch rarely
-    #   holds a suspect's true partner)
+    #   holds a suspect's true partner). None: batch for method l2rm from random
+    #   initialisation on a manifest (a model that audits itself from scratch proposes
+    #   nothing confident, while in-batch targets still teach it; development runs in
+    #   benchmarks/results/finetune_n3000.md), else global
     rematch_min_confidence: float = 0.6  # global: proposals below this are not trained on
     ot_mass: float = 0.5  # batch: fraction of the batch's suspect mass the plan moves, (0, 1]
     ot_reg: float = 0.05  # entropic regularisation of the plan (cost = cosine distance)
@@ -365,8 +379,8 @@ def _validate(cfg: FinetuneConfig) -> None:
         f"min_plan_mass must be in [0, 1), got {cfg.min_plan_mass!r}.",
     )
     need(
-        cfg.suspect_targets in ("global", "batch"),
-        f"suspect_targets must be 'global' or 'batch', got {cfg.suspect_targets!r}.",
+        cfg.suspect_targets in (None, "global", "batch"),
+        f"suspect_targets must be 'global', 'batch' or None, got {cfg.suspect_targets!r}.",
     )
     need(
         is_num(cfg.rematch_min_confidence) and 0 <= cfg.rematch_min_confidence <= 1,
@@ -1441,11 +1455,15 @@ def _run(
         split_warmup = 0
     else:
         split_warmup = None
+    # RINCE and in-batch targets where they help: l2rm from random init, auditing itself
+    scratch_audit = random_init and cfg.method == "l2rm" and train.audit_clean is None
     robust_q = cfg.robust_q
-    if robust_q is None:  # RINCE where it helps: l2rm from random init, auditing itself
-        self_audit = cfg.method == "l2rm" and train.audit_clean is None
-        robust_q = _ROBUST_Q_RANDOM_INIT if random_init and self_audit else 0.0
-    loss_cfg = cfg.replace(robust_q=robust_q)  # what _batch_loss reads
+    if robust_q is None:
+        robust_q = _ROBUST_Q_RANDOM_INIT if scratch_audit else 0.0
+    suspect_targets = cfg.suspect_targets
+    if suspect_targets is None:
+        suspect_targets = "batch" if scratch_audit else "global"
+    loss_cfg = cfg.replace(robust_q=robust_q, suspect_targets=suspect_targets)  # resolved
 
     # ---- images (decoded once; unusable ones dropped with a warning)
     with timer("load_images"):
@@ -1498,6 +1516,7 @@ def _run(
         "warmup_steps": warmup,
         "split_warmup_epochs": "adaptive" if split_warmup is None else split_warmup,
         "robust_q": robust_q,
+        "suspect_targets": suspect_targets,
         "precision": precision,
         "device": device,
         "total_steps": total_steps,
@@ -1647,7 +1666,7 @@ def _run(
                     state,
                     epoch,
                     state["split_start"],
-                    cfg,
+                    loss_cfg,
                     train,
                     train_images,
                     train_tokens,

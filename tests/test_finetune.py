@@ -97,6 +97,8 @@ def test_l2rm_flags_suspects_and_reports_recall(dataset: Path, tmp_path: Path) -
     hist = m["history"]
     assert hist[0]["split"]["source"].startswith("all pairs")
     assert hist[0]["suspect_pairs"] == 0
+    assert m["resolved"]["suspect_targets"] == "batch"  # random init auditing itself
+    assert "rematch" not in hist[1]["split"] and hist[1]["rematched_pairs"] == 0
     assert hist[1]["split"]["source"] == "loss mixture"
     assert hist[1]["suspect_pairs"] == hist[1]["split"]["n_suspects"] > 0
     assert 0 <= hist[1]["suspects_with_target"] <= hist[1]["suspect_pairs"]
@@ -140,6 +142,7 @@ def test_audit_split_is_used_first(dataset: Path, tmp_path: Path, scan_folder_of
     assert first["suspect_pairs"] == 4
     assert result.metrics["dataset"]["audit_split"] is True
     assert result.metrics["resolved"]["split_warmup_epochs"] == 0
+    assert result.metrics["resolved"]["suspect_targets"] == "global"  # a scan to rematch from
 
 
 def test_audit_weight_keeps_the_scan_in_refreshed_splits(
@@ -219,7 +222,8 @@ def test_global_partners_recover_a_known_shuffle() -> None:
     clean = np.ones(n, dtype=bool)
     clean[sus] = False
     enc = F._Encoded(image=img.astype(np.float32), text=txt.astype(np.float32), logit_scale=10.0)
-    partner, weight, info = F._rematch_partners(clean, enc, train, FinetuneConfig(), seed=0)
+    glob = FinetuneConfig(suspect_targets="global")  # as resolved by finetune
+    partner, weight, info = F._rematch_partners(clean, enc, train, glob, seed=0)
     assert (partner[:50] == -1).all() and (weight[:50] == 0).all()
     assert partner[sus].tolist() == np.roll(sus, -1).tolist()  # image i's caption is in row i+1
     assert (weight[sus] >= 0.6).all() and (weight[sus] <= 1).all()
@@ -674,7 +678,7 @@ def test_cli_finetune_passes_every_option_to_the_library(
     assert isinstance(cfg, FinetuneConfig)
     assert (cfg.split_warmup_epochs, cfg.checkpoint_every, cfg.ot_mass) == (None, None, 0.5)
     assert cfg.robust_q is None  # resolved by the library (0.3 only for a self-audit)
-    assert (cfg.suspect_targets, cfg.rematch_min_confidence) == ("global", 0.6)
+    assert (cfg.suspect_targets, cfg.rematch_min_confidence) == (None, 0.6)  # resolved later
 
 
 @pytest.mark.parametrize(
