@@ -319,20 +319,26 @@ def test_checkpoint_round_trips_through_open_clip(dataset: Path, tmp_path: Path)
 
 
 @pytest.mark.filterwarnings("ignore:No epoch improved validation recall")
-def test_resume_continues_from_the_saved_step(dataset: Path, tmp_path: Path) -> None:
-    opts = _fast(epochs=3, batch_size=6, checkpoint_every=2, split_warmup_epochs=1)
-    full = finetune(dataset, out_dir=tmp_path / "full", **opts)
+def _interrupt_at_step(step: int, data: Path, out: Path, opts: dict[str, object]) -> None:
+    """Run finetune into ``out`` and stop it (an exception) as training reaches ``step``."""
 
     class Interrupt(Exception):
         pass
 
-    def stop_at_step_5(stage: str, done: int, total: int) -> None:
-        if stage.startswith("training") and done == 5:
+    def stop(stage: str, done: int, total: int) -> None:
+        if stage.startswith("training") and done == step:
             raise Interrupt
 
-    out = tmp_path / "cut"
     with pytest.raises(Interrupt):
-        finetune(dataset, out_dir=out, progress=stop_at_step_5, **opts)
+        finetune(data, out_dir=out, progress=stop, **opts)
+
+
+def test_resume_continues_from_the_saved_step(dataset: Path, tmp_path: Path) -> None:
+    opts = _fast(epochs=3, batch_size=6, checkpoint_every=2, split_warmup_epochs=1)
+    full = finetune(dataset, out_dir=tmp_path / "full", **opts)
+
+    out = tmp_path / "cut"
+    _interrupt_at_step(5, dataset, out, opts)
     assert (out / RESUME_NAME).is_file()
     assert not (out / METRICS_NAME).exists()
     with pytest.raises(ConfigError, match="already holds a fine-tuning run"):
@@ -365,16 +371,8 @@ def test_resume_keeps_the_rematched_pairs(dataset: Path, tmp_path: Path, scan_fo
     full = finetune(scan_dir, out_dir=tmp_path / "full", **opts)
     assert full.metrics["history"][0]["rematched_pairs"] == 4
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_step_3(stage: str, done: int, total: int) -> None:
-        if stage.startswith("training") and done == 3:
-            raise Interrupt
-
     out = tmp_path / "cut"
-    with pytest.raises(Interrupt):
-        finetune(scan_dir, out_dir=out, progress=stop_at_step_3, **opts)
+    _interrupt_at_step(3, scan_dir, out, opts)
     resumed = finetune(scan_dir, out_dir=out, resume=True, **opts)
     assert resumed.metrics["history"][0]["rematched_pairs"] == 4
     a, b = _state(full.checkpoint), _state(resumed.checkpoint)
