@@ -23,18 +23,18 @@ shuffled onto other images, in these ways:
     have.
 ``finetune``
     :func:`pmpclean.finetune` with its defaults (``method="l2rm"``) on the noisy
-    manifest: InfoNCE on the pairs the per-epoch loss mixture calls clean; each suspect
-    trains with the caption the dataset-scale partial-OT rematch proposes for its image
-    when the proposal is confident, else only as a negative (``suspect_targets``; the
-    in-batch soft targets of the paper with ``--finetune-option
-    'suspect_targets="batch"'``). One training, no outside audit: the model audits
-    itself while it learns.
+    manifest: RINCE on the pairs the per-epoch loss mixture calls clean, soft targets
+    from the in-batch partial-OT plan for the suspects (``suspect_targets`` resolves to
+    ``"batch"`` for a self-audit from random initialisation). One training, no outside
+    audit: the model audits itself while it learns.
 ``finetune-ref``
     :func:`pmpclean.finetune` with its defaults on the scan folder of ``cleaned-ref``
     (``pmpclean finetune data.pmpclean``): the scan's split seeds the first epoch and
-    its ``match_score`` stays half of the evidence in every refreshed split. The
-    counterpart of ``cleaned-ref``: the same audit, used by the robust loss instead of
-    by deleting rows.
+    its ``match_score`` stays half of the evidence in every refreshed split; a suspect
+    trains with the caption the dataset-scale rematch confidently proposes for its image
+    (first the scan's proposals), else only as a negative (``suspect_targets="global"``).
+    The counterpart of ``cleaned-ref``: the same audit, used by the robust loss instead
+    of by deleting rows.
 
 Every run uses the same data, order seed, epochs, batch size and learning-rate schedule,
 trains for a fixed number of epochs with no model selection (the last epoch is
@@ -83,6 +83,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "pmpclean-small"
 METHODS = ("plain", "cleaned", "cleaned-ref", "finetune", "finetune-ref")
+#: "rows kept" of a finetune run's diagnostics row, by its resolved suspect_targets
+_SUSPECT_ROWS = {
+    "global": "all (suspects: confident rematches, else negatives)",
+    "batch": "all (suspects: in-batch soft targets)",
+}
 NAMES = {
     "plain": "plain InfoNCE",
     "cleaned": "InfoNCE on cleaned manifest (scan with the plain model)",
@@ -260,6 +265,7 @@ def _l2rm_row(noise: float, method: str, run: dict[str, Any], test: Path) -> dic
         "test": evaluate(run["checkpoint"], test),
         "split": splits[-1] if splits else None,
         "split_warmup_epochs": m["resolved"]["split_warmup_epochs"],
+        "suspect_targets": m["resolved"].get("suspect_targets"),
         "split_start_epoch": m["split_start_epoch"],
         "split_history": [
             {"epoch": h["epoch"], **((h["split"] or {}).get("quality") or {})} for h in m["history"]
@@ -557,7 +563,8 @@ def render(
                 "none" if start is None else f"epoch {start}",
             ]
             cells += [g(q, "precision"), g(q, "recall"), g({"f1": f1}, "f1"), g(q, "auroc")]
-            lines.append(_row(cells + ["", "all (suspects: rematched or negatives)", "n/a"]))
+            kept = _SUSPECT_ROWS.get(f.get("suspect_targets"), "all")
+            lines.append(_row(cells + ["", kept, "n/a"]))
         for m in ("cleaned", "cleaned-ref"):
             if (noise, m) not in by:
                 continue
