@@ -684,7 +684,27 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
         if "proposed_row" in frame.columns and "rematch_confidence" in frame.columns:
             partner = pd.to_numeric(frame["proposed_row"], errors="coerce").to_numpy()[data.rows]
             conf = pd.to_numeric(frame["rematch_confidence"], errors="coerce").to_numpy()[data.rows]
-            usable = np.isfinite(partner) & np.isfinite(conf) & (partner >= 0)
+            proposed = np.isfinite(partner) & (partner >= 0)
+            usable = (
+                proposed
+                & (partner == np.floor(np.nan_to_num(partner)))
+                & np.isfinite(conf)
+                & (conf >= 0)
+                & (conf <= 1)
+            )
+            given = frame["proposed_row"].notna().to_numpy()[data.rows]
+            abstained = np.isfinite(partner) & (partner < 0)
+            bad = np.flatnonzero(given & ~abstained & ~usable)
+            if bad.size:
+                first = int(data.rows[bad[0]])
+                warnings.warn(
+                    f"{source}: {bad.size} row(s) have a proposed_row that is not a "
+                    f"row number or a rematch_confidence outside [0, 1] (first: row {first}: "
+                    f"proposed_row={frame['proposed_row'].iloc[first]!r}, rematch_confidence="
+                    f"{frame['rematch_confidence'].iloc[first]!r}); they are kept and train "
+                    "with no proposal. Rerun `pmpclean scan` to regenerate the audit table.",
+                    stacklevel=4,
+                )
             data.audit_partner = np.where(usable, np.nan_to_num(partner), -1).astype(np.int64)
             data.audit_confidence = np.where(usable, np.nan_to_num(conf), 0.0)
     return data

@@ -194,6 +194,30 @@ def test_global_targets_train_suspects_with_the_scans_confident_proposals(
     assert "rematch" not in first_b["split"] and first_b["rematched_pairs"] == 0
 
 
+def test_bad_scan_proposals_warn_and_train_with_no_proposal(
+    dataset: Path, tmp_path: Path, scan_folder_of
+) -> None:
+    """Proposals that are not row numbers, or whose confidence is outside [0, 1], are
+    named in a warning; those suspects stay in training with no proposal."""
+    scan_dir = _with_proposals(scan_folder_of(dataset, tmp_path / "scan"), [0.9] * 4)
+    audit = pd.read_csv(scan_dir / "audit.csv")
+    suspects = np.flatnonzero(audit["is_mismatched"].to_numpy())
+    audit["proposed_row"] = audit["proposed_row"].astype(object)
+    audit.loc[suspects[0], "proposed_row"] = "row seven"
+    audit.loc[suspects[1], "rematch_confidence"] = 3.5
+    audit.to_csv(scan_dir / "audit.csv", index=False)
+    opts = _fast(epochs=1, val_fraction=0.0, truth_col="true_row")
+    with pytest.warns(
+        UserWarning,
+        match=rf"2 row\(s\) .*first: row {suspects[0]}: "
+        r"proposed_row='row seven'",
+    ):
+        result = finetune(scan_dir, out_dir=tmp_path / "m", **opts)
+    first = result.metrics["history"][0]
+    assert first["rematched_pairs"] == 2 and first["split"]["rematch"]["precision"] == 1.0
+    assert first["clean_pairs"] + first["suspect_pairs"] == len(audit)
+
+
 def test_global_partners_recover_a_known_shuffle() -> None:
     """Dataset-scale rematch of the current embeddings: 10 rotated captions among 60
     pairs are each given back to their own image, and clean rows get no partner."""
