@@ -935,7 +935,9 @@ def finetune(
             max=1.0,
             help=(
                 "With --suspect-targets global: proposals whose confidence (share of the "
-                "suspect's transported mass on that caption) is below this are not trained on."
+                "suspect's transported mass on that caption) is below this are not trained on; "
+                "nor is any proposal of an epoch where fewer than this share of planted "
+                "known mismatches (clean pairs, captions deranged) get their caption back."
             ),
         ),
     ] = 0.6,

@@ -24,7 +24,13 @@ open_clip model with a loss that respects what the audit learned:
   image's other captions, and identical caption text) forbidden; from a scan folder the
   first split uses the scan's own proposals. A suspect whose proposal reaches
   ``rematch_min_confidence`` trains as the pair (its image, the proposed caption) with
-  the clean loss weighted by the confidence; the others only serve as negatives. The
+  the clean loss weighted by the confidence; the others only serve as negatives. Each
+  refresh also checks that the current model can rematch at all: a quarter of the
+  clean rows (at most 256), their captions deranged among themselves, are planted
+  among the suspects, and unless at least ``rematch_min_confidence`` of the planted
+  images that get a proposal get their own caption back, no proposal is trained on
+  until the next refresh (``metrics.json``: ``planted_check``; an early model on a
+  degenerate plan once proposed 245 confident, all wrong, pairs). The
   research code rematches inside a random batch of 128 instead, where a mismatched
   image's true caption is rarely present; ``suspect_targets="batch"`` (the default
   when a model trained from random initialisation audits itself: it proposes nothing
@@ -161,6 +167,7 @@ _EPS = 1e-8
 _BELOW_CHANCE = 0.95  # adaptive split warmup: start once the loss is 5% below chance
 _ROBUST_Q_RANDOM_INIT = 0.3  # robust_q=None: l2rm from random init without a scan folder
 _CACHE_LIMIT_BYTES = 1 << 30  # cache_images=None caches preprocessed images up to 1 GiB
+_MAX_PLANTED = 256  # global rematch: clean rows planted as known mismatches to check it
 
 
 # --------------------------------------------------------------------------- config
@@ -2016,30 +2023,78 @@ def _rematch_partners(
     else:
         from .rematching import rematch
 
+        rng = np.random.default_rng(seed)
+        planted = _plant_rows(clean, train, rng)
+        m = planted.size
+        # the planted rows: clean images with their captions deranged among themselves
+        # (fresh image and caption ids), transported together with the real suspects
+        shift = np.roll(np.arange(m), 1)  # planted image t shows the caption of row t-1
+        img = np.concatenate([enc.image, enc.image[planted]])
+        txt = np.concatenate([enc.text, enc.text[planted[shift]]])
+        image_group = np.concatenate(
+            [train.image_index, train.image_index.max() + 1 + np.arange(m)]
+        )
+        text_group = np.concatenate([train.text_group, train.text_group.max() + 1 + np.arange(m)])
+        key_rows = clean.copy()
+        key_rows[planted] = False  # a planted pair must not also be a key point
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rm = rematch(
-                enc.image,
-                enc.text,
-                suspects,
-                image_group=train.image_index,
-                text_group=train.text_group,
-                clean=clean,
+                img,
+                txt,
+                np.concatenate([suspects, np.ones(m, dtype=bool)]),
+                image_group=image_group,
+                text_group=text_group,
+                clean=np.concatenate([key_rows, np.zeros(m, dtype=bool)]),
                 min_confidence=cfg.rematch_min_confidence,
                 seed=seed,
             )
-        ok = np.asarray(rm.proposed_row) >= 0
-        partner[ok] = np.asarray(rm.proposed_row)[ok]
-        weight[ok] = np.asarray(rm.rematch_confidence)[ok]
+        proposed = np.asarray(rm.proposed_row)
+        conf = np.asarray(rm.rematch_confidence)
         info = {"source": "partial OT over all suspects", "cost_used": rm.info.get("cost_used")}
         if caught:
             info["warnings"] = sorted({str(w.message) for w in caught})
+        ok = proposed[:n] >= 0
+        ok &= proposed[:n] < n  # a planted caption belongs to a clean image
+        if m:
+            # the planted image t's own caption text: that of planted row t + 1, or any
+            # row with the same text
+            source_text = np.concatenate([train.text_group, train.text_group[planted[shift]]])
+            got = proposed[n:]
+            answered = got >= 0
+            right = answered & (source_text[np.maximum(got, 0)] == train.text_group[planted])
+            n_answered = int(answered.sum())
+            check = n_answered > 0 and right.sum() >= cfg.rematch_min_confidence * n_answered
+            info["planted_check"] = {
+                "n_planted": int(m),
+                "n_proposed": n_answered,
+                "precision": float(right.sum() / n_answered) if n_answered else None,
+                "passed": bool(check),
+            }
+            if not check:
+                ok[:] = False
+        partner[ok] = proposed[:n][ok]
+        weight[ok] = conf[:n][ok]
     info["n_rematched"] = int(ok.sum())
     info["mean_confidence"] = float(weight[ok].mean()) if ok.any() else None
     if train.image_ref is not None and train.true_ref is not None and ok.any():
         right = train.image_ref[ok] == train.true_ref[partner[ok]]
         info["precision"] = float(right.mean())
     return partner, weight, info
+
+
+def _plant_rows(clean: np.ndarray, train: _Data, rng: np.random.Generator) -> np.ndarray:
+    """Clean rows to plant as known mismatches in the dataset-scale rematch: a quarter of
+    the clean rows, at most 256, one per image and per caption text (so each planted
+    image's true caption is unique among them); none when fewer than 8 qualify."""
+    rows = np.flatnonzero(clean)
+    rows = rows[rng.permutation(rows.size)]
+    _, first = np.unique(train.image_index[rows], return_index=True)
+    rows = rows[np.sort(first)]
+    _, first = np.unique(train.text_group[rows], return_index=True)
+    rows = rows[np.sort(first)]
+    m = min(_MAX_PLANTED, rows.size, int(clean.sum()) // 4)
+    return np.sort(rows[:m]) if m >= 8 else np.zeros(0, dtype=np.int64)
 
 
 def _write_settings(out: Path, settings: dict[str, Any], resolved: dict[str, Any]) -> None:

@@ -252,8 +252,72 @@ def test_global_partners_recover_a_known_shuffle() -> None:
     assert partner[sus].tolist() == np.roll(sus, -1).tolist()  # image i's caption is in row i+1
     assert (weight[sus] >= 0.6).all() and (weight[sus] <= 1).all()
     assert info["n_rematched"] == 10 and info["precision"] == 1.0
+    assert info["planted_check"]["passed"] and info["planted_check"]["precision"] == 1.0
     off = F._rematch_partners(clean, enc, train, FinetuneConfig(suspect_targets="batch"), seed=0)
     assert (off[0] == -1).all() and off[2] is None
+
+
+@pytest.mark.parametrize("planted_right", [True, False])
+def test_global_partners_are_kept_only_when_planted_mismatches_are_recovered(
+    monkeypatch: pytest.MonkeyPatch, planted_right: bool
+) -> None:
+    """Clean pairs deranged among themselves are planted among the suspects: a rematch
+    that gets them wrong (an early model on a degenerate plan proposed 245 wrong pairs
+    with confidence 0.84 in a benchmark run) has its proposals for the real suspects
+    dropped; one that gets them right has its proposals trained on."""
+    from types import SimpleNamespace
+
+    import pmpclean.rematching
+
+    n, n_sus = 200, 40
+    sus = np.arange(n - n_sus, n)
+    true_row = np.arange(n)
+    true_row[sus] = np.roll(sus, 1)  # row i shows the caption of row i-1
+    seen = {}
+
+    def fake_rematch(
+        img: np.ndarray, txt: np.ndarray, suspects: np.ndarray, **kw: object
+    ) -> SimpleNamespace:
+        total = len(img)
+        m = total - n
+        proposed = np.full(total, -1)
+        proposed[sus] = np.roll(sus, -1)  # the real suspects: their true captions
+        shift = 1 if planted_right else 2  # planted image t's caption is in row t + 1
+        proposed[n:] = n + (np.arange(m) + shift) % m
+        seen.update(m=m, suspects=np.asarray(suspects), clean=np.asarray(kw["clean"]))
+        return SimpleNamespace(
+            proposed_row=proposed, rematch_confidence=np.where(proposed >= 0, 0.9, 0.0), info={}
+        )
+
+    monkeypatch.setattr(pmpclean.rematching, "rematch", fake_rematch)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(n, 8)).astype(np.float32)
+    train = SimpleNamespace(
+        image_index=np.arange(n),
+        text_group=np.arange(n),
+        rows=np.arange(n),
+        n_input=n,
+        audit_partner=None,
+        audit_confidence=None,
+        image_ref=np.arange(n),
+        true_ref=true_row,
+    )
+    clean = np.ones(n, dtype=bool)
+    clean[sus] = False
+    enc = F._Encoded(image=emb, text=emb, logit_scale=10.0)
+    cfg = FinetuneConfig(suspect_targets="global")
+    partner, weight, info = F._rematch_partners(clean, enc, train, cfg, seed=0)
+    assert seen["m"] == 40  # a quarter of the 160 clean rows
+    assert seen["suspects"][n:].all() and not seen["clean"][n:].any()
+    assert seen["clean"][:n].sum() == 160 - 40  # planted rows are not key points
+    check = info["planted_check"]
+    assert check["n_planted"] == 40 and check["n_proposed"] == 40
+    assert check["passed"] is planted_right
+    assert check["precision"] == (1.0 if planted_right else 0.0)
+    if planted_right:
+        assert partner[sus].tolist() == np.roll(sus, -1).tolist() and info["precision"] == 1.0
+    else:
+        assert (partner == -1).all() and (weight == 0).all() and info["n_rematched"] == 0
 
 
 def test_early_stopping_on_validation_recall(dataset: Path, tmp_path: Path) -> None:
