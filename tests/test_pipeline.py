@@ -336,7 +336,10 @@ def test_rematch_out_elsewhere_rewrites_relative_image_paths(tmp_path, suffix):
     assert res.info["n_image_paths_rebased"] == 0
     # a model scan (no --embeddings) rewrites missing files too: the column holds paths
     cells = pd.DataFrame({"image": ["a/missing.png", "/abs/x.png", "", None]})
-    assert _rebase_image_paths(
-        cells, "image", base=tmp_path / "m", out_dir=tmp_path / "n" / "o", only_existing=False
-    ) == 1
+    assert (
+        _rebase_image_paths(
+            cells, "image", base=tmp_path / "m", out_dir=tmp_path / "n" / "o", only_existing=False
+        )
+        == 1
+    )
     assert cells["image"].tolist()[:2] == [str(Path("../../m/a/missing.png")), "/abs/x.png"]
