@@ -936,8 +936,9 @@ def finetune(
             help=(
                 "With --suspect-targets global: proposals whose confidence (share of the "
                 "suspect's transported mass on that caption) is below this are not trained on; "
-                "nor is any proposal of an epoch where fewer than this share of planted "
-                "known mismatches (clean pairs, captions deranged) get their caption back."
+                "nor is any proposal of an epoch where the proposals for planted known "
+                "mismatches (clean pairs, captions deranged) are right less often than "
+                "this (90 % lower bound)."
             ),
         ),
     ] = 0.6,

@@ -25,12 +25,14 @@ open_clip model with a loss that respects what the audit learned:
   first split uses the scan's own proposals. A suspect whose proposal reaches
   ``rematch_min_confidence`` trains as the pair (its image, the proposed caption) with
   the clean loss weighted by the confidence; the others only serve as negatives. Each
-  refresh also checks that the current model can rematch at all: a quarter of the
-  clean rows (at most 256), their captions deranged among themselves, are planted
-  among the suspects, and unless at least ``rematch_min_confidence`` of the planted
-  images that get a proposal get their own caption back, no proposal is trained on
-  until the next refresh (``metrics.json``: ``planted_check``; an early model on a
-  degenerate plan once proposed 245 confident, all wrong, pairs). The
+  refresh also checks that the current model can rematch at all: clean rows of images
+  with no suspect row (a quarter of the clean rows, at most 256), their captions
+  deranged among themselves, are planted among the suspects; unless the 90 % lower
+  confidence bound of the share of planted proposals that give the image its own
+  caption back reaches ``rematch_min_confidence``, no proposal is trained on until the
+  next refresh (``metrics.json``: ``planted_check``; an early model on a degenerate
+  plan once proposed 245 confident, all wrong, pairs). With fewer than 8 such rows the
+  proposals are used unchecked. The
   research code rematches inside a random batch of 128 instead, where a mismatched
   image's true caption is rarely present; ``suspect_targets="batch"`` (the default
   when a model trained from random initialisation audits itself: it proposes nothing
@@ -168,6 +170,7 @@ _BELOW_CHANCE = 0.95  # adaptive split warmup: start once the loss is 5% below c
 _ROBUST_Q_RANDOM_INIT = 0.3  # robust_q=None: l2rm from random init without a scan folder
 _CACHE_LIMIT_BYTES = 1 << 30  # cache_images=None caches preprocessed images up to 1 GiB
 _MAX_PLANTED = 256  # global rematch: clean rows planted as known mismatches to check it
+_MIN_PLANTED = 8  # fewer qualifying clean rows: the proposals are used unchecked
 
 
 # --------------------------------------------------------------------------- config
@@ -2026,15 +2029,16 @@ def _rematch_partners(
         rng = np.random.default_rng(seed)
         planted = _plant_rows(clean, train, rng)
         m = planted.size
-        # the planted rows: clean images with their captions deranged among themselves
-        # (fresh image and caption ids), transported together with the real suspects
+        # the planted rows: clean images with their captions deranged among themselves,
+        # transported together with the real suspects. A planted image gets a fresh id
+        # (its own caption must stay allowed); a planted caption keeps its text id, so a
+        # real suspect is still never offered a caption its image already has.
         shift = np.roll(np.arange(m), 1)  # planted image t shows the caption of row t-1
         img = np.concatenate([enc.image, enc.image[planted]])
         txt = np.concatenate([enc.text, enc.text[planted[shift]]])
-        image_group = np.concatenate(
-            [train.image_index, train.image_index.max() + 1 + np.arange(m)]
-        )
-        text_group = np.concatenate([train.text_group, train.text_group.max() + 1 + np.arange(m)])
+        fresh = train.image_index.max() + 1 + np.arange(m)
+        image_group = np.concatenate([train.image_index, fresh])
+        text_group = np.concatenate([train.text_group, train.text_group[planted[shift]]])
         key_rows = clean.copy()
         key_rows[planted] = False  # a planted pair must not also be a key point
         with warnings.catch_warnings(record=True) as caught:
@@ -2057,22 +2061,30 @@ def _rematch_partners(
         ok = proposed[:n] >= 0
         ok &= proposed[:n] < n  # a planted caption belongs to a clean image
         if m:
-            # the planted image t's own caption text: that of planted row t + 1, or any
-            # row with the same text
-            source_text = np.concatenate([train.text_group, train.text_group[planted[shift]]])
             got = proposed[n:]
             answered = got >= 0
-            right = answered & (source_text[np.maximum(got, 0)] == train.text_group[planted])
-            n_answered = int(answered.sum())
-            check = n_answered > 0 and right.sum() >= cfg.rematch_min_confidence * n_answered
+            # right: the caption text of planted image t (in row t + 1, or in a real
+            # suspect row with identical text)
+            right = answered & (text_group[np.maximum(got, 0)] == train.text_group[planted])
+            n_answered, n_right = int(answered.sum()), int(right.sum())
+            lower = _wilson_lower(n_right, n_answered)
+            check = lower >= cfg.rematch_min_confidence
             info["planted_check"] = {
                 "n_planted": int(m),
                 "n_proposed": n_answered,
-                "precision": float(right.sum() / n_answered) if n_answered else None,
+                "precision": n_right / n_answered if n_answered else None,
+                "precision_lower_bound": lower,
                 "passed": bool(check),
             }
             if not check:
                 ok[:] = False
+        else:
+            info["planted_check"] = {
+                "n_planted": 0,
+                "passed": None,
+                "reason": f"fewer than {_MIN_PLANTED} clean rows of images without a suspect "
+                "row: proposals used unchecked",
+            }
         partner[ok] = proposed[:n][ok]
         weight[ok] = conf[:n][ok]
     info["n_rematched"] = int(ok.sum())
@@ -2084,17 +2096,30 @@ def _rematch_partners(
 
 
 def _plant_rows(clean: np.ndarray, train: _Data, rng: np.random.Generator) -> np.ndarray:
-    """Clean rows to plant as known mismatches in the dataset-scale rematch: a quarter of
-    the clean rows, at most 256, one per image and per caption text (so each planted
-    image's true caption is unique among them); none when fewer than 8 qualify."""
-    rows = np.flatnonzero(clean)
+    """Clean rows to plant as known mismatches in the dataset-scale rematch: of images
+    with no suspect row (their other captions must not compete), one row per image and
+    per caption text, a quarter of the clean rows and at most 256; none when fewer than
+    8 qualify."""
+    suspect_image = np.zeros(int(train.image_index.max()) + 1, dtype=bool)
+    suspect_image[train.image_index[~clean]] = True
+    rows = np.flatnonzero(clean & ~suspect_image[train.image_index])
     rows = rows[rng.permutation(rows.size)]
     _, first = np.unique(train.image_index[rows], return_index=True)
     rows = rows[np.sort(first)]
     _, first = np.unique(train.text_group[rows], return_index=True)
     rows = rows[np.sort(first)]
     m = min(_MAX_PLANTED, rows.size, int(clean.sum()) // 4)
-    return np.sort(rows[:m]) if m >= 8 else np.zeros(0, dtype=np.int64)
+    return np.sort(rows[:m]) if m >= _MIN_PLANTED else np.zeros(0, dtype=np.int64)
+
+
+def _wilson_lower(k: int, n: int, z: float = 1.2816) -> float:
+    """One-sided 90 % Wilson lower bound of a proportion k / n (0 when n is 0)."""
+    if n == 0:
+        return 0.0
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float((centre - spread) / (1 + z * z / n))
 
 
 def _write_settings(out: Path, settings: dict[str, Any], resolved: dict[str, Any]) -> None:

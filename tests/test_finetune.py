@@ -281,7 +281,8 @@ def test_global_partners_are_kept_only_when_planted_mismatches_are_recovered(
         total = len(img)
         m = total - n
         proposed = np.full(total, -1)
-        proposed[sus] = np.roll(sus, -1)  # the real suspects: their true captions
+        proposed[sus] = np.roll(sus, -1)  # the real suspects: their true captions ...
+        proposed[sus[0]] = n  # ... but one is offered a planted (clean image's) caption
         shift = 1 if planted_right else 2  # planted image t's caption is in row t + 1
         proposed[n:] = n + (np.arange(m) + shift) % m
         seen.update(m=m, suspects=np.asarray(suspects), clean=np.asarray(kw["clean"]))
@@ -315,9 +316,54 @@ def test_global_partners_are_kept_only_when_planted_mismatches_are_recovered(
     assert check["passed"] is planted_right
     assert check["precision"] == (1.0 if planted_right else 0.0)
     if planted_right:
-        assert partner[sus].tolist() == np.roll(sus, -1).tolist() and info["precision"] == 1.0
+        assert partner[sus[0]] == -1 and weight[sus[0]] == 0
+        assert partner[sus[1:]].tolist() == np.roll(sus, -1)[1:].tolist()
+        assert info["precision"] == 1.0 and check["precision_lower_bound"] > 0.9
     else:
         assert (partner == -1).all() and (weight == 0).all() and info["n_rematched"] == 0
+
+
+def test_planted_check_with_several_captions_per_image() -> None:
+    """120 images x 5 captions, 30 % of the rows shuffled among themselves: planted rows
+    come only from images with no suspect row (their other captions would also be right
+    answers), planted captions never reach a real suspect, and the check passes."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    groups, per, d = 120, 5, 32
+    n = groups * per
+    image_index = np.repeat(np.arange(groups), per)
+    centre = rng.normal(size=(groups, d))
+    img = centre[image_index]
+    cap = centre[image_index] + 0.6 * rng.normal(size=(n, d))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    cap /= np.linalg.norm(cap, axis=1, keepdims=True)
+    sus = np.sort(rng.choice(n, size=n * 3 // 10, replace=False))
+    true_row = np.arange(n)
+    true_row[sus] = np.roll(sus, 1)  # row i shows the caption of the previous suspect
+    clean = np.ones(n, dtype=bool)
+    clean[sus] = False
+    train = SimpleNamespace(
+        image_index=image_index,
+        text_group=np.arange(n),
+        rows=np.arange(n),
+        n_input=n,
+        audit_partner=None,
+        audit_confidence=None,
+        image_ref=image_index,
+        true_ref=image_index[true_row],  # right: any caption of the same image
+    )
+    enc = F._Encoded(
+        image=img.astype(np.float32), text=cap[true_row].astype(np.float32), logit_scale=10.0
+    )
+    cfg = FinetuneConfig(suspect_targets="global")
+    planted = F._plant_rows(clean, train, np.random.default_rng(0))
+    assert planted.size >= 8 and not np.isin(image_index[planted], image_index[sus]).any()
+    assert np.unique(image_index[planted]).size == planted.size
+    partner, weight, info = F._rematch_partners(clean, enc, train, cfg, seed=0)
+    check = info["planted_check"]
+    assert check["passed"] and check["precision"] == 1.0
+    assert (partner < n).all() and info["n_rematched"] >= 100 and info["precision"] >= 0.7
 
 
 def test_early_stopping_on_validation_recall(dataset: Path, tmp_path: Path) -> None:
