@@ -698,6 +698,7 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
             usable = (
                 proposed
                 & (partner == np.floor(np.nan_to_num(partner)))
+                & (partner < len(frame))
                 & np.isfinite(conf)
                 & (conf >= 0)
                 & (conf <= 1)
@@ -708,8 +709,9 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
             if bad.size:
                 first = int(data.rows[bad[0]])
                 warnings.warn(
-                    f"{source}: {bad.size} row(s) have a proposed_row that is not a "
-                    f"row number or a rematch_confidence outside [0, 1] (first: row {first}: "
+                    f"{source}: {bad.size} row(s) have a proposed_row that is not a row "
+                    f"number of the table or a rematch_confidence outside [0, 1] (first: row "
+                    f"{first}: "
                     f"proposed_row={frame['proposed_row'].iloc[first]!r}, rematch_confidence="
                     f"{frame['rematch_confidence'].iloc[first]!r}); they are kept and train "
                     "with no proposal. Rerun `pmpclean scan` to regenerate the audit table.",

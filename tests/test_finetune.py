@@ -197,24 +197,25 @@ def test_global_targets_train_suspects_with_the_scans_confident_proposals(
 def test_bad_scan_proposals_warn_and_train_with_no_proposal(
     dataset: Path, tmp_path: Path, scan_folder_of
 ) -> None:
-    """Proposals that are not row numbers, or whose confidence is outside [0, 1], are
-    named in a warning; those suspects stay in training with no proposal."""
+    """Proposals that are not row numbers of the table, or whose confidence is outside
+    [0, 1], are named in a warning; those suspects stay in training with no proposal."""
     scan_dir = _with_proposals(scan_folder_of(dataset, tmp_path / "scan"), [0.9] * 4)
     audit = pd.read_csv(scan_dir / "audit.csv")
     suspects = np.flatnonzero(audit["is_mismatched"].to_numpy())
     audit["proposed_row"] = audit["proposed_row"].astype(object)
     audit.loc[suspects[0], "proposed_row"] = "row seven"
     audit.loc[suspects[1], "rematch_confidence"] = 3.5
+    audit.loc[suspects[2], "proposed_row"] = len(audit)  # past the end of the table
     audit.to_csv(scan_dir / "audit.csv", index=False)
     opts = _fast(epochs=1, val_fraction=0.0, truth_col="true_row")
     with pytest.warns(
         UserWarning,
-        match=rf"2 row\(s\) .*first: row {suspects[0]}: "
+        match=rf"3 row\(s\) .*first: row {suspects[0]}: "
         r"proposed_row='row seven'",
     ):
         result = finetune(scan_dir, out_dir=tmp_path / "m", **opts)
     first = result.metrics["history"][0]
-    assert first["rematched_pairs"] == 2 and first["split"]["rematch"]["precision"] == 1.0
+    assert first["rematched_pairs"] == 1 and first["split"]["rematch"]["precision"] == 1.0
     assert first["clean_pairs"] + first["suspect_pairs"] == len(audit)
 
 
