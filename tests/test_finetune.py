@@ -219,10 +219,28 @@ def test_bad_scan_proposals_warn_and_train_with_no_proposal(
     assert first["clean_pairs"] + first["suspect_pairs"] == len(audit)
 
 
+def _fake_train(true_row: np.ndarray, image_index: np.ndarray | None = None) -> object:
+    """The fields of a training set that ``_rematch_partners`` reads: row i shows image
+    ``image_index[i]`` (default: its own) and the caption of row ``true_row[i]``."""
+    from types import SimpleNamespace
+
+    n = true_row.size
+    image = np.arange(n) if image_index is None else image_index
+    return SimpleNamespace(
+        image_index=image,
+        text_group=np.arange(n),
+        rows=np.arange(n),
+        n_input=n,
+        audit_partner=None,
+        audit_confidence=None,
+        image_ref=image,
+        true_ref=image[true_row],
+    )
+
+
 def test_global_partners_recover_a_known_shuffle() -> None:
     """Dataset-scale rematch of the current embeddings: 10 rotated captions among 60
     pairs are each given back to their own image, and clean rows get no partner."""
-    from types import SimpleNamespace
 
     rng = np.random.default_rng(0)
     n, d = 60, 16
@@ -234,16 +252,7 @@ def test_global_partners_recover_a_known_shuffle() -> None:
     true_row = np.arange(n)
     true_row[sus] = np.roll(sus, 1)  # row i shows the caption of row i-1
     txt = txt[true_row]
-    train = SimpleNamespace(
-        image_index=np.arange(n),
-        text_group=np.arange(n),
-        rows=np.arange(n),
-        n_input=n,
-        audit_partner=None,
-        audit_confidence=None,
-        image_ref=np.arange(n),
-        true_ref=true_row,
-    )
+    train = _fake_train(true_row)
     clean = np.ones(n, dtype=bool)
     clean[sus] = False
     enc = F._Encoded(image=img.astype(np.float32), text=txt.astype(np.float32), logit_scale=10.0)
@@ -294,16 +303,7 @@ def test_global_partners_are_kept_only_when_planted_mismatches_are_recovered(
     monkeypatch.setattr(pmpclean.rematching, "rematch", fake_rematch)
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(n, 8)).astype(np.float32)
-    train = SimpleNamespace(
-        image_index=np.arange(n),
-        text_group=np.arange(n),
-        rows=np.arange(n),
-        n_input=n,
-        audit_partner=None,
-        audit_confidence=None,
-        image_ref=np.arange(n),
-        true_ref=true_row,
-    )
+    train = _fake_train(true_row)
     clean = np.ones(n, dtype=bool)
     clean[sus] = False
     enc = F._Encoded(image=emb, text=emb, logit_scale=10.0)
@@ -328,7 +328,6 @@ def test_planted_check_with_several_captions_per_image() -> None:
     """120 images x 5 captions, 30 % of the rows shuffled among themselves: planted rows
     come only from images with no suspect row (their other captions would also be right
     answers), planted captions never reach a real suspect, and the check passes."""
-    from types import SimpleNamespace
 
     rng = np.random.default_rng(0)
     groups, per, d = 120, 5, 32
@@ -344,16 +343,7 @@ def test_planted_check_with_several_captions_per_image() -> None:
     true_row[sus] = np.roll(sus, 1)  # row i shows the caption of the previous suspect
     clean = np.ones(n, dtype=bool)
     clean[sus] = False
-    train = SimpleNamespace(
-        image_index=image_index,
-        text_group=np.arange(n),
-        rows=np.arange(n),
-        n_input=n,
-        audit_partner=None,
-        audit_confidence=None,
-        image_ref=image_index,
-        true_ref=image_index[true_row],  # right: any caption of the same image
-    )
+    train = _fake_train(true_row, image_index)  # right: any caption of the same image
     enc = F._Encoded(
         image=img.astype(np.float32), text=cap[true_row].astype(np.float32), logit_scale=10.0
     )
