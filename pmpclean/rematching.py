@@ -203,6 +203,46 @@ def _check_settings(
         raise ConfigError(f"tol={tol!r} must be a positive number (marginal error).")
 
 
+def plantable_rows(
+    clean: np.ndarray,
+    suspects: np.ndarray,
+    image_group: np.ndarray,
+    text_group: np.ndarray,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Clean rows whose truth stays unique when planted among the suspects.
+
+    The rows of ``clean`` whose image has no suspect row (its other captions must not
+    compete), then the first row per image group and per caption text, so that each
+    planted image has exactly one right caption. Serves the key points of the learned
+    cost and the planted check of ``pmpclean finetune``.
+
+    Parameters
+    ----------
+    clean, suspects : ndarray of bool, shape (n,)
+        Candidate rows and suspect rows.
+    image_group, text_group : ndarray of int, shape (n,)
+        Rows showing the same image / carrying identical caption text share a value.
+    rng : numpy Generator, optional
+        Shuffle the candidates before keeping the first per group (random rows);
+        without it the lowest row index of each group is kept.
+
+    Returns
+    -------
+    ndarray of int
+        Row indices, in ascending order without ``rng``, else in the shuffled order.
+    """
+    suspect_image = np.zeros(int(image_group.max()) + 1, dtype=bool)
+    suspect_image[image_group[suspects]] = True
+    rows = np.flatnonzero(clean & ~suspect_image[image_group])
+    if rng is not None:
+        rows = rows[rng.permutation(rows.size)]
+    _, first = np.unique(image_group[rows], return_index=True)
+    rows = rows[np.sort(first)]
+    _, first = np.unique(text_group[rows], return_index=True)
+    return rows[np.sort(first)]
+
+
 def _as_mask(x: np.ndarray | None, n: int, name: str) -> np.ndarray | None:
     if x is None:
         return None
@@ -1178,14 +1218,7 @@ def _rematch_graph(
     if cost == "learned":
         clean_mask = _as_mask(clean, n, "clean")
         clean_mask = (val & ~sus) if clean_mask is None else (clean_mask & val & ~sus)
-        sus_groups = np.zeros(int(ig.max()) + 1, dtype=bool)
-        sus_groups[ig[sus]] = True
-        cand_keys = np.flatnonzero(clean_mask & ~sus_groups[ig])
-        # one key per image group and per caption text keeps every key's truth unique
-        _, first = np.unique(ig[cand_keys], return_index=True)
-        cand_keys = cand_keys[np.sort(first)]
-        _, first = np.unique(tg[cand_keys], return_index=True)
-        cand_keys = cand_keys[np.sort(first)]
+        cand_keys = plantable_rows(clean_mask, sus, ig, tg)
         n_keys = min(cand_keys.size, max(16, int(round(key_fraction * img.size))), _MAX_KEYS)
         if n_keys < 16:
             warnings.warn(

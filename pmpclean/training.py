@@ -711,8 +711,8 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
                 warnings.warn(
                     f"{source}: {bad.size} row(s) have a proposed_row that is not a row "
                     f"number of the table or a rematch_confidence outside [0, 1] (first: row "
-                    f"{first}: "
-                    f"proposed_row={frame['proposed_row'].iloc[first]!r}, rematch_confidence="
+                    f"{first}: proposed_row={frame['proposed_row'].iloc[first]!r}, "
+                    "rematch_confidence="
                     f"{frame['rematch_confidence'].iloc[first]!r}); they are kept and train "
                     "with no proposal. Rerun `pmpclean scan` to regenerate the audit table.",
                     stacklevel=4,
@@ -2102,14 +2102,9 @@ def _plant_rows(clean: np.ndarray, train: _Data, rng: np.random.Generator) -> np
     with no suspect row (their other captions must not compete), one row per image and
     per caption text, a quarter of the clean rows and at most 256; none when fewer than
     8 qualify."""
-    suspect_image = np.zeros(int(train.image_index.max()) + 1, dtype=bool)
-    suspect_image[train.image_index[~clean]] = True
-    rows = np.flatnonzero(clean & ~suspect_image[train.image_index])
-    rows = rows[rng.permutation(rows.size)]
-    _, first = np.unique(train.image_index[rows], return_index=True)
-    rows = rows[np.sort(first)]
-    _, first = np.unique(train.text_group[rows], return_index=True)
-    rows = rows[np.sort(first)]
+    from .rematching import plantable_rows
+
+    rows = plantable_rows(clean, ~clean, train.image_index, train.text_group, rng=rng)
     m = min(_MAX_PLANTED, rows.size, int(clean.sum()) // 4)
     return np.sort(rows[:m]) if m >= _MIN_PLANTED else np.zeros(0, dtype=np.int64)
 
