@@ -146,7 +146,7 @@ def flickr8k_pairs(
     ----------
     noise_rate : float
         Fraction of rows whose text side is replaced.
-    mode : {"shuffle", "hard"}
+    mode : {"shuffle", "hard", "mixed"}
         ``pmpclean.noise.corrupt_indices`` mode; "hard" swaps with the text of the
         most similar photo (by the image-side embedding).
     seed : int
@@ -175,7 +175,7 @@ def flickr8k_pairs(
         rate=noise_rate,
         mode=mode,
         groups=image_group,
-        embeddings=image_emb if mode == "hard" else None,
+        embeddings=image_emb if mode != "shuffle" else None,
         seed=seed,
     )
     return _finish(

@@ -638,7 +638,8 @@ def corrupt(
             "--mode",
             help=(
                 "shuffle: captions of random other images (the L2RM protocol); "
-                "hard: captions of similar images (needs --embeddings)."
+                "hard: captions of similar images (needs --embeddings); "
+                "mixed: half hard, half shuffle (needs --embeddings)."
             ),
         ),
     ] = "shuffle",

@@ -7,6 +7,9 @@ image has several captions the caption it receives comes from a different image.
 ``mode="hard"`` is the realistic variant: each chosen row receives the caption of a
 chosen row whose image is most similar to its own (nearest neighbour among the
 chosen rows, by the embeddings you pass), which is much harder to detect.
+``mode="mixed"`` is what scraped data tends to hold: half of the chosen rows get the
+caption of a similar image (as ``"hard"``, among themselves) and the other half a
+random shuffle (as ``"shuffle"``, among themselves).
 
 The result is a ``true_row`` permutation: ``true_row[i]`` is the input row whose
 caption now sits at row ``i`` (``true_row[i] == i`` for untouched rows). Row ``i`` is
@@ -30,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["NOISE_MODES", "corrupt_indices", "corrupt_frame", "mismatch_truth"]
 
 #: Documented noise modes of :func:`corrupt_indices`.
-NOISE_MODES = ("shuffle", "hard")
+NOISE_MODES = ("shuffle", "hard", "mixed")
 
 _MAX_DRAWS = 20
 
@@ -129,10 +132,14 @@ def _hard_targets(
     rest_src = np.flatnonzero(target < 0)
     if rest_src.size:
         rest_tgt = np.flatnonzero(~used)
-        if not _feasible(g[rest_src], g[rest_tgt]):
-            # Undo enough greedy choices to make the remainder solvable: fall back to
-            # a random group derangement of all chosen rows.
-            return chosen[_group_bijection(np.arange(chosen.size), np.arange(chosen.size), g, rng)]
+        # Undo random greedy choices until the remainder is solvable (a lone row left
+        # with only its own caption is not); everything else keeps its similar caption.
+        for p in rng.permutation(np.flatnonzero(target >= 0)).tolist():
+            if _feasible(g[rest_src], g[rest_tgt]):
+                break
+            used[target[p]] = False
+            target[p] = -1
+            rest_src, rest_tgt = np.flatnonzero(target < 0), np.flatnonzero(~used)
         target[rest_src] = _group_bijection(rest_src, rest_tgt, g, rng)
     return chosen[target]
 
@@ -155,16 +162,18 @@ def corrupt_indices(
         Number of rows.
     rate : float
         Fraction of rows whose caption is replaced, in [0, 1].
-    mode : {"shuffle", "hard"}
+    mode : {"shuffle", "hard", "mixed"}
         ``"shuffle"``: a uniform random group derangement of the chosen rows (the paper
         protocol). ``"hard"``: each chosen row receives the caption of one of its
         ``hard_k`` nearest chosen rows by ``embeddings`` (a similar image), greedily and
-        without reuse; rows left over are deranged at random.
+        without reuse; rows left over are deranged at random. ``"mixed"``: the chosen
+        rows are cut at random into two halves; the first half is corrupted as
+        ``"hard"`` among itself, the second as ``"shuffle"`` among itself.
     groups : array-like, shape (n,), optional
         Image id of each row (rows showing the same image share a value). A row never
         receives a caption of its own image. Default: every row is its own image.
     embeddings : ndarray, shape (n, d), optional
-        Image-side embeddings; required by ``mode="hard"``.
+        Image-side embeddings; required by ``mode="hard"`` and ``"mixed"``.
     hard_k : int
         Neighbourhood size of the hard mode.
     seed : int, Generator or None
@@ -202,17 +211,19 @@ def corrupt_indices(
         raise ConfigError(f"hard_k must be at least 1, got {hard_k}.")
     rng = check_random_state(seed)
     g = _group_ids(groups, n)
-    if mode == "hard":
+    if mode in ("hard", "mixed"):
         if embeddings is None:
             raise ConfigError(
-                "mode='hard' needs embeddings of shape (n, d) to find similar images; "
+                f"mode={mode!r} needs embeddings of shape (n, d) to find similar images; "
                 "pass embeddings= or use mode='shuffle'."
             )
         emb = np.asarray(embeddings)
         if emb.ndim != 2 or emb.shape[0] != n:
             raise ConfigError(f"embeddings must have shape ({n}, d), got {emb.shape}.")
         if not np.all(np.isfinite(emb)):
-            raise ConfigError("embeddings contain NaN or inf; mode='hard' needs finite embeddings.")
+            raise ConfigError(
+                f"embeddings contain NaN or inf; mode={mode!r} needs finite embeddings."
+            )
     true_row = np.arange(n, dtype=np.int64)
     m = int(round(r * n))
     if m == 0:
@@ -233,9 +244,40 @@ def corrupt_indices(
         )
     if mode == "shuffle":
         true_row[chosen] = _group_bijection(chosen, chosen, g, rng)
-    else:
+    elif mode == "hard":
         true_row[chosen] = _hard_targets(chosen, g, emb, rng, hard_k)
+    else:
+        true_row[chosen] = _mixed_targets(chosen, g, emb, rng, hard_k)
     return true_row
+
+
+def _mixed_targets(
+    chosen: np.ndarray,
+    groups: np.ndarray,
+    emb: np.ndarray,
+    rng: np.random.Generator,
+    hard_k: int,
+) -> np.ndarray:
+    """Half of ``chosen`` corrupted as "hard" among itself, the rest as "shuffle".
+
+    Falls back to one random derangement of all chosen rows when a half cannot be
+    corrupted on its own (fewer than 2 rows, or one image holding most of it).
+    """
+    order = rng.permutation(chosen.size)
+    half = chosen.size // 2
+    hard, rand = np.sort(chosen[order[:half]]), np.sort(chosen[order[half:]])
+    if (
+        hard.size < 2
+        or not _feasible(groups[hard], groups[hard])
+        or not _feasible(groups[rand], groups[rand])
+    ):
+        return _group_bijection(chosen, chosen, groups, rng)
+    target = np.empty(chosen.size, dtype=np.int64)
+    pos = np.searchsorted(chosen, hard)
+    target[pos] = _hard_targets(hard, groups, emb, rng, hard_k)
+    pos = np.searchsorted(chosen, rand)
+    target[pos] = _group_bijection(rand, rand, groups, rng)
+    return target
 
 
 def mismatch_truth(

@@ -140,7 +140,7 @@ def clip_like_pairs(
         Embedding width d.
     noise_rate : float
         Fraction of rows whose caption is replaced (see :func:`pmpclean.noise.corrupt_indices`).
-    noise_mode : {"shuffle", "hard"}
+    noise_mode : {"shuffle", "hard", "mixed"}
         Random shuffle or swaps with the most similar images.
     captions_per_image : int
         Caption rows per image (COCO has 5).
@@ -231,7 +231,7 @@ def clip_like_pairs(
         mode=noise_mode,
         groups=image_group,
         # similar images = similar semantic content (image noise is not topical)
-        embeddings=content[image_group] if noise_mode == "hard" else None,
+        embeddings=content[image_group] if noise_mode != "shuffle" else None,
         seed=rng,
     )
     return SyntheticPairs(

@@ -79,6 +79,32 @@ def test_hard_mode_swaps_with_similar_images() -> None:
     moved_r = t_rand != np.arange(400)
     assert same_cluster > 0.9
     assert np.mean(cluster[t_rand[moved_r]] == cluster[moved_r]) < 0.3
+    # A greedy pass that leaves one row with only its own caption is repaired locally,
+    # not by reshuffling every chosen row at random (which made "hard" noise random).
+    for seed in range(8):
+        t = corrupt_indices(400, rate=0.25, mode="hard", embeddings=emb, seed=seed)
+        moved = t != np.arange(400)
+        assert np.mean(cluster[t[moved]] == cluster[moved]) > 0.9, seed
+
+
+def test_mixed_mode_is_half_hard_half_shuffle() -> None:
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((10, 16))
+    cluster = np.repeat(np.arange(10), 40)
+    emb = centers[cluster] + 0.05 * rng.standard_normal((400, 16))
+    t = corrupt_indices(400, rate=0.5, mode="mixed", embeddings=emb, seed=0)
+    moved = np.flatnonzero(t != np.arange(400))
+    _check_permutation(t, np.arange(400), 200)
+    # The two halves are closed under the permutation: hard rows trade captions among
+    # themselves, shuffled rows among themselves.
+    same = cluster[t[moved]] == cluster[moved]
+    # hard half: nearly all within the cluster; shuffled half: about 1 in 10
+    assert 0.5 + 0.0 < same.mean() < 0.5 + 0.2
+    assert corrupt_indices(400, rate=0.5, mode="mixed", embeddings=emb, seed=0).tolist() == (
+        t.tolist()
+    )
+    with pytest.raises(ConfigError, match="mode='mixed' needs embeddings"):
+        corrupt_indices(10, rate=0.5, mode="mixed")
 
 
 def test_corrupt_frame_moves_captions_and_records_truth() -> None:
@@ -107,7 +133,7 @@ def test_corrupt_frame_moves_captions_and_records_truth() -> None:
         ({"rate": -0.1}, r"rate must be in \[0, 1\]"),
         (
             {"rate": 0.2, "mode": "swap"},
-            "Unknown method 'swap' for mode: expected one of shuffle, hard",
+            "Unknown method 'swap' for mode: expected one of shuffle, hard, mixed",
         ),
         ({"rate": 0.2, "mode": "hard"}, "mode='hard' needs embeddings"),
         ({"rate": 0.1}, "selects a single row of 10"),
