@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["SCORE_METHODS", "PairScores", "pair_scores"]
+__all__ = ["SCORE_METHODS", "PairScores", "pair_scores", "planted_scores"]
 
 #: Documented methods of :func:`pair_scores`.
 SCORE_METHODS = ("csls", "margin", "infonce", "cosine")
@@ -228,6 +228,38 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
         return np.squeeze(np.log(s) + m, axis=axis)
 
 
+def _combine(
+    method: str,
+    sim: np.ndarray,
+    alt_i: np.ndarray,
+    alt_t: np.ndarray,
+    ref_i: np.ndarray,
+    ref_t: np.ndarray,
+    temperature: float,
+) -> np.ndarray:
+    """The pair statistic of ``method`` from the pair cosine and its alternatives."""
+    if method == "cosine":
+        return sim.copy()
+    if method == "csls":
+        return 2.0 * sim - ref_i - ref_t
+    if method == "margin":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+            best_i = np.nanmax(alt_i, axis=1)
+            best_t = np.nanmax(alt_t, axis=1)
+        bi = np.where(np.isfinite(best_i), best_i, best_t)
+        bt = np.where(np.isfinite(best_t), best_t, best_i)
+        return sim - 0.5 * (bi + bt)
+    tau = float(temperature)  # infonce
+    pos = sim / tau
+
+    def nce(alt: np.ndarray) -> np.ndarray:
+        logits = np.concatenate([pos[:, None], alt / tau], axis=1)
+        return pos - _logsumexp(logits, axis=1)
+
+    return nce(alt_i) + nce(alt_t)
+
+
 def pair_scores(
     image_emb: np.ndarray,
     text_emb: np.ndarray,
@@ -416,8 +448,6 @@ def pair_scores(
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (no alternatives)
         mean_i = np.nanmean(alt_i, axis=1)
         mean_t = np.nanmean(alt_t, axis=1)
-        best_i = np.nanmax(alt_i, axis=1)
-        best_t = np.nanmax(alt_t, axis=1)
     out.image_alt[rows] = mean_i
     out.text_alt[rows] = mean_t
     out.image_rank[rows] = np.sum(alt_i > sim[:, None], axis=1)
@@ -433,26 +463,137 @@ def pair_scores(
     ref_i = np.where(np.isfinite(mean_i), mean_i, mean_t)
     ref_t = np.where(np.isfinite(mean_t), mean_t, mean_i)
 
-    if method == "cosine":
-        score = sim.copy()
-    elif method == "csls":
-        score = 2.0 * sim - ref_i - ref_t
-    elif method == "margin":
-        bi = np.where(np.isfinite(best_i), best_i, best_t)
-        bt = np.where(np.isfinite(best_t), best_t, best_i)
-        score = sim - 0.5 * (bi + bt)
-    else:  # infonce
-        tau = float(temperature)
-        pos = sim / tau
-
-        def nce(alt: np.ndarray) -> np.ndarray:
-            logits = np.concatenate([pos[:, None], alt / tau], axis=1)
-            return pos - _logsumexp(logits, axis=1)
-
-        score = nce(alt_i) + nce(alt_t)
+    score = _combine(method, sim, alt_i, alt_t, ref_i, ref_t, float(temperature))
     if no_alt.any():
         score = np.where(no_alt, sim, score)
     out.score[rows] = score
     if progress:
         progress("scoring pairs", 3, 3)
     return out
+
+
+def planted_scores(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    source_row: np.ndarray,
+    caption_row: np.ndarray,
+    *,
+    image_group: np.ndarray | None = None,
+    text_group: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    k: int = 3,
+    method: str = "csls",
+    temperature: float = 0.05,
+    exact_max: int | None = None,
+    nprobe: int | None = None,
+    seed: int | np.random.Generator | None = None,
+) -> np.ndarray:
+    """Score planted mismatches exactly as :func:`pair_scores` scores the real rows.
+
+    Plant ``i`` is the pair (image of row ``source_row[i]``, caption of row
+    ``caption_row[i]``), scored as if that caption had been moved onto that row and
+    nothing else had changed: the image's own caption (now "elsewhere") becomes an
+    alternative of the image, the caption's own image an alternative of the caption,
+    and the planted pair is excluded from both neighbourhoods, as the dataset's
+    alternatives are for its real rows. That is what a real mismatch looks like to
+    :func:`pair_scores`, so plant scores are a labelled sample of the mismatched
+    population of *this* dataset under *this* model.
+
+    Parameters
+    ----------
+    image_emb, text_emb, image_group, text_group, valid, k, method, temperature,
+    exact_max, nprobe, seed
+        As in :func:`pair_scores` (the same values give comparable scores).
+    source_row, caption_row : ndarray of int, shape (m,)
+        Valid rows; ``image_group`` of the two must differ.
+
+    Returns
+    -------
+    ndarray, shape (m,), float64
+        The statistic of ``method`` for each plant (higher = more likely a true pair).
+    """
+    if method not in SCORE_METHODS:
+        raise ConfigError(
+            f"Unknown method {method!r} for pair scores: "
+            f"expected one of {', '.join(SCORE_METHODS)}."
+        )
+    from .neighbors import EXACT_MAX, NPROBE
+
+    img = _as_emb(image_emb, "image_emb")
+    txt = _as_emb(text_emb, "text_emb")
+    n = img.shape[0]
+    src = np.asarray(source_row, dtype=np.int64).ravel()
+    dst = np.asarray(caption_row, dtype=np.int64).ravel()
+    if src.shape != dst.shape:
+        raise ConfigError("source_row and caption_row must have the same length.")
+    m = src.size
+    if m == 0:
+        return np.empty(0)
+    norm_i, ok_i = _row_norms(img)
+    norm_t, ok_t = _row_norms(txt)
+    ok = ok_i & ok_t
+    if valid is not None:
+        ok &= np.asarray(valid, dtype=bool)
+    if not (ok[src].all() and ok[dst].all()):
+        raise ConfigError("planted pairs must come from valid (scoreable) rows.")
+    ig = _codes(image_group, n, "image_group")
+    tg = _codes(text_group, n, "text_group")
+    if np.any(ig[src] == ig[dst]):
+        raise ConfigError("a planted pair must join an image with another image's caption.")
+    rows = np.flatnonzero(ok)
+    _, a = np.unique(ig[rows], return_inverse=True)
+    _, b = np.unique(tg[rows], return_inverse=True)
+    a, b = a.ravel(), b.ravel()
+    n_a, n_b = int(a.max()) + 1, int(b.max()) + 1
+    pos = np.full(n, -1, dtype=np.int64)
+    pos[rows] = np.arange(rows.size)
+    pa, pb = a[pos[src]], b[pos[dst]]  # planted image node, planted text node
+    ra, rb = a[pos[dst]], b[pos[src]]  # the caption's own image, the image's own caption
+    codes, counts = np.unique(a.astype(np.int64) * n_b + b, return_counts=True)
+    img_nodes = _nodes(img, norm_i, rows, a, n_a)
+    txt_nodes = _nodes(txt, norm_t, rows, b, n_b)
+    knn_seed = None if seed is None or isinstance(seed, np.random.Generator) else int(seed)
+    exact = EXACT_MAX if exact_max is None else int(exact_max)
+    probe = NPROBE if nprobe is None else int(nprobe)
+
+    def alternatives(
+        query: np.ndarray,
+        base: np.ndarray,
+        q_node: np.ndarray,
+        planted: np.ndarray,
+        own: np.ndarray,
+        excluded_code: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        per_query: np.ndarray,
+    ) -> np.ndarray:
+        from .neighbors import knn_search
+
+        kk = min(base.shape[0], k + int(per_query.max()) + 1)
+        sims, idx = knn_search(query, base, kk, seed=knn_seed, exact_max=exact, nprobe=probe)
+        code = excluded_code(q_node[:, None], np.where(idx < 0, 0, idx))
+        at = np.minimum(np.searchsorted(codes, code), codes.size - 1)
+        paired = codes[at] == code
+        # the row that paired them is the planted row: that pairing is gone
+        lone = paired & (counts[at] == 1) & (idx == own[:, None])
+        bad = (idx < 0) | (paired & ~lone) | (idx == planted[:, None])
+        keep = ~bad
+        rank = np.cumsum(keep, axis=1) - 1
+        out = np.full((query.shape[0], k), np.nan)
+        r_idx, c_idx = np.nonzero(keep & (rank < k))
+        out[r_idx, rank[r_idx, c_idx]] = sims[r_idx, c_idx]
+        return out
+
+    per_a = np.bincount(codes // n_b, minlength=n_a)
+    per_b = np.bincount(codes % n_b, minlength=n_b)
+    alt_i = alternatives(img_nodes[pa], txt_nodes, pa, pb, rb, lambda q, j: q * n_b + j, per_a[pa])
+    alt_t = alternatives(txt_nodes[pb], img_nodes, pb, pa, ra, lambda q, j: j * n_b + q, per_b[pb])
+    sim = np.einsum("nd,nd->n", _unit_rows(img, norm_i, src), _unit_rows(txt, norm_t, dst))
+    sim = np.clip(sim.astype(np.float64), -1.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_i = np.nanmean(alt_i, axis=1)
+        mean_t = np.nanmean(alt_t, axis=1)
+    ref_i = np.where(np.isfinite(mean_i), mean_i, mean_t)
+    ref_t = np.where(np.isfinite(mean_t), mean_t, mean_i)
+    score = _combine(method, sim, alt_i, alt_t, ref_i, ref_t, float(temperature))
+    no_alt = ~np.isfinite(mean_i) & ~np.isfinite(mean_t)
+    return np.where(no_alt, sim, score)

@@ -202,3 +202,37 @@ def test_several_captions_per_image_use_group_means() -> None:
     alt = ps.image_alt.reshape(-1, 3)
     np.testing.assert_allclose(alt, alt[:, :1].repeat(3, axis=1), atol=1e-7)
     assert ps.info["n_image_groups"] == 200
+
+
+@pytest.mark.parametrize("captions_per_image", [1, 3])
+@pytest.mark.parametrize("method", ["csls", "margin", "infonce"])
+def test_planted_scores_equal_the_score_of_a_real_swap(
+    method: str, captions_per_image: int
+) -> None:
+    """A plant is scored exactly as that caption would be if it really sat on that row."""
+    from pmpclean.score import planted_scores
+    from pmpclean.synthetic import clip_like_pairs
+
+    d = clip_like_pairs(300, dim=32, noise_rate=0.0, captions_per_image=captions_per_image, seed=0)
+    n = d.image_emb.shape[0]
+    rng = np.random.default_rng(0)
+    src = rng.choice(n, 12, replace=False)
+    dst = np.roll(src, 1)  # random plants, and below, the caption that fits the image best
+    near = d.image_emb[src] @ d.text_emb.T
+    near[d.image_group[src][:, None] == d.image_group[None, :]] = -np.inf
+    src, dst = np.r_[src, src], np.r_[dst, near.argmax(axis=1)]
+    keep = d.image_group[src] != d.image_group[dst]
+    src, dst = src[keep], dst[keep]
+    kw = {"image_group": d.image_group, "text_group": d.text_group, "method": method}
+    plant = planted_scores(d.image_emb, d.text_emb, src, dst, **kw)
+    for i, (r, s) in enumerate(zip(src, dst, strict=True)):
+        txt = d.text_emb.copy()
+        tg = d.text_group.copy()
+        txt[[r, s]] = txt[[s, r]]
+        tg[[r, s]] = tg[[s, r]]
+        real = pair_scores(d.image_emb, txt, **{**kw, "text_group": tg})
+        assert real.score[r] == pytest.approx(plant[i], abs=1e-5)  # float32 sums
+    # a random plant is a mismatch: it scores below the true pairs it was made from
+    rand = np.flatnonzero(keep[:12])
+    true = pair_scores(d.image_emb, d.text_emb, **kw).score[src[rand]]
+    assert np.median(plant[rand]) < np.median(true)
