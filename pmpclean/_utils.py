@@ -7,8 +7,8 @@ import datetime as _dt
 import math
 import os
 import random
+import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -104,18 +104,35 @@ class Timer:
             self.spans.append((stage, wall, time.time()))
 
 
+def _new_file_beside(target: Path) -> Path:
+    """Create an empty, uniquely named file beside ``target`` and return its path.
+
+    Created with mode 0666 filtered by the process umask, as ``open(path, "w")``
+    would: the written file gets the permissions any other tool's output gets
+    (0644 under umask 022). ``tempfile.mkstemp`` would force 0600.
+    """
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {target}")  # pragma: no cover
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     Readers never see a half-written file, and a failed write leaves any previous
-    file untouched.
+    file untouched. The file gets the permissions the umask gives a new file (0644
+    under umask 022, 0640 under 027), like any other tool's output.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_file_beside(target)
     try:
         yield tmp_path
         os.replace(tmp_path, target)

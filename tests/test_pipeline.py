@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +345,31 @@ def test_rematch_out_elsewhere_rewrites_relative_image_paths(tmp_path, suffix):
         == 1
     )
     assert cells["image"].tolist()[:2] == [str(Path("../../m/a/missing.png")), "/abs/x.png"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_output_files_honour_the_umask(dataset, tmp_path, umask, mode):
+    """Every file scan and rematch write gets 0666 & ~umask, as any other tool's output."""
+    _, manifest, emb = dataset
+    old = os.umask(umask)
+    try:
+        pmpclean.scan(manifest, config=_cfg(emb), out_dir=tmp_path / "scan")
+        pmpclean.rematch(manifest, out=tmp_path / "clean" / "c.csv", config=_cfg(emb))
+        pmpclean.rematch(manifest, out=tmp_path / "clean" / "c.parquet", config=_cfg(emb))
+    finally:
+        os.umask(old)
+    written = sorted((tmp_path / "scan").iterdir()) + sorted((tmp_path / "clean").iterdir())
+    assert {p.name for p in written} >= {
+        "audit.parquet",
+        "audit.csv",
+        "summary.json",
+        "config.yaml",
+        "report.html",
+        "c.csv",
+        "c.dropped.csv",
+        "c.parquet",
+        "c.dropped.parquet",
+    }
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == {
+        p.name: mode for p in written
+    }
