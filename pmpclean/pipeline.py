@@ -291,10 +291,14 @@ def _actions(
     review_margin: float,
     min_confidence: float,
 ) -> np.ndarray:
-    """keep / rematch / drop / review for every row (rows that could not be scored: drop)."""
+    """keep / rematch / drop / review for every row.
+
+    Rows that could not be scored (status not ``ok``) get ``review``: nothing is known
+    about their pair, so a person decides.
+    """
     action = np.full(len(status), "keep", dtype=object)
     scored = status == "ok"
-    action[~scored] = "drop"
+    action[~scored] = "review"
     proposal = is_mismatched & (proposed_row >= 0) & (confidence >= min_confidence)
     action[proposal] = "rematch"
     no_proposal = is_mismatched & ~proposal

@@ -126,12 +126,24 @@ def test_bad_rows_are_kept_and_counted(tmp_path):
     assert audit.loc[7, "status"] == "missing_embedding"
     for r in (3, 7):
         assert np.isnan(audit.loc[r, "match_score"])
-        assert audit.loc[r, "action"] == "drop"
+        # nothing is known about an unscored pair: a person decides (the report's legend)
+        assert audit.loc[r, "action"] == "review"
         assert not audit.loc[r, "is_mismatched"]
     assert res.summary["status_counts"]["empty_caption"] == 1
     assert res.summary["status_counts"]["missing_embedding"] == 1
+    assert sum(res.summary["action_counts"].values()) == N
     # no other row proposes the caption of a row that could not be scored
     assert not np.isin(audit["proposed_row"], [3, 7]).any()
+    # rematch leaves them out of the cleaned manifest, named with their status
+    out = tmp_path / "clean.csv"
+    rem = pmpclean.rematch(manifest, out=out, config=_cfg(emb), audit_dir=tmp_path / "out")
+    assert not rem.info["scanned_now"]
+    dropped = pd.read_csv(tmp_path / "clean.dropped.csv").set_index("pmpclean_row")
+    assert dropped.loc[3, "pmpclean_action"] == dropped.loc[7, "pmpclean_action"] == "review"
+    assert dropped.loc[3, "pmpclean_reason"] == "empty_caption"
+    assert dropped.loc[7, "pmpclean_reason"] == "missing_embedding"
+    assert 3 not in set(pd.read_csv(out)["pmpclean_row"])
+    assert rem.info["action_counts"]["review"] == res.summary["action_counts"]["review"]
 
 
 def test_scan_is_deterministic_and_config_repeats_it(dataset, tmp_path):
