@@ -897,9 +897,16 @@ def rematch(
     if policy == "rematch":
         keep = np.isin(action, ["keep", "rematch"])
         rem = action == "rematch"
-        new_caps = base[text_col].astype(object).to_numpy().copy()
+        old_caps = base[text_col].astype(object).to_numpy()
+        new_caps = old_caps.copy()
         new_caps[rem] = audit["proposed_caption"].to_numpy(dtype=object)[rem]
         base[text_col] = new_caps
+        # what a rematch replaced, so that it can be reviewed or undone; other columns
+        # that describe the caption (a caption_id, ...) still describe the old one
+        base["pmpclean_original_caption"] = np.where(rem, old_caps, None)
+        from_row = pd.array(audit["proposed_row"].to_numpy(dtype=np.int64), dtype="Int64")
+        from_row[~rem] = pd.NA
+        base["pmpclean_caption_from_row"] = from_row
     elif policy == "drop":
         keep = action == "keep"
     else:

@@ -175,6 +175,34 @@ def test_rematch_accounts_for_every_row(dataset, tmp_path):
     assert _sha(manifest) == before
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_rematched_rows_keep_the_caption_they_had(dataset, tmp_path, suffix):
+    """pmpclean_original_caption / pmpclean_caption_from_row say what a rematch replaced."""
+    _, manifest, emb = dataset
+    given = pd.read_csv(manifest)["caption"].to_numpy(dtype=object)
+    out = tmp_path / f"clean{suffix}"
+    pmpclean.rematch(manifest, out=out, config=_cfg(emb), audit_dir=tmp_path / "audit")
+    read = pd.read_csv if suffix == ".csv" else pd.read_parquet
+    cleaned, dropped = read(out), read(pmpclean.pipeline._dropped_path(out))
+    audit = pd.read_parquet(tmp_path / "audit" / "audit.parquet")
+    rem = (cleaned["pmpclean_action"] == "rematch").to_numpy()
+    assert rem.sum() > 10
+    rows = cleaned["pmpclean_row"].to_numpy()
+    from_row = cleaned["pmpclean_caption_from_row"]
+    assert (
+        from_row[rem].astype(int).tolist() == audit["proposed_row"].to_numpy()[rows[rem]].tolist()
+    )
+    # the new caption is the given caption of that row; the old one is kept beside it
+    assert cleaned["caption"][rem].tolist() == given[from_row[rem].astype(int)].tolist()
+    assert cleaned["pmpclean_original_caption"][rem].tolist() == given[rows[rem]].tolist()
+    assert (cleaned["caption"][rem] != cleaned["pmpclean_original_caption"][rem]).all()
+    # every other row: empty, and its caption unchanged
+    for frame in (cleaned[~rem], dropped):
+        assert frame["pmpclean_caption_from_row"].isna().all()
+        assert frame["pmpclean_original_caption"].isna().all()
+        assert frame["caption"].tolist() == given[frame["pmpclean_row"]].tolist()
+
+
 def test_rematch_policies_and_refusals(dataset, tmp_path):
     _, manifest, emb = dataset
     cfg = _cfg(emb)
