@@ -825,7 +825,10 @@ def rematch(
     --------
     ``rematch``
         keep clean pairs, replace the caption of each confident rematch, drop the
-        rest of the flagged pairs (``drop`` and ``review`` actions).
+        rest of the flagged pairs (``drop`` and ``review`` actions). Adds
+        ``pmpclean_original_caption`` (the caption a rematched row had) and
+        ``pmpclean_caption_from_row`` (the input row whose caption it got), empty on
+        the other rows.
     ``drop``
         keep clean pairs only.
     ``flag``
