@@ -24,12 +24,14 @@ among image problems the one found earliest without touching the file):
     other than ``file://``). pmpclean never downloads; see :func:`remote_image_hint`.
     Only with ``check_files=True``: with precomputed embeddings a URL is just an id.
 ``missing_image``
-    The image cell names a local file that does not exist (or is not a regular file).
+    The image cell names a local file that does not exist.
+``image_is_directory``
+    The image cell names a folder, not an image file.
 ``unreadable_image``
     The file exists but cannot be decoded. :func:`read_manifest` only detects empty
-    (0-byte) files, because decoding every image is the embedding stage's job: it
-    calls :func:`check_image` and records failures with
-    :meth:`Manifest.set_image_status`.
+    (0-byte) files and special files (a FIFO, a device), because decoding every image
+    is the embedding stage's job: it decodes with :func:`decode_image` and records
+    failures with :meth:`Manifest.set_image_status`.
 ``empty_caption``
     The caption cell is null, blank (only whitespace) or not a string. Numbers,
     lists and other non-string values are *not* turned into text: a number in the
@@ -60,7 +62,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -69,16 +71,23 @@ import pandas as pd
 from ._utils import atomic_path, to_jsonable
 from .errors import DatasetError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 __all__ = [
     "STATUSES",
     "STATUS_HELP",
     "SUPPORTED_SUFFIXES",
     "Manifest",
+    "IMAGE_BACKGROUND",
     "check_image",
+    "decode_image",
     "image_fingerprint",
     "read_manifest",
     "read_table",
+    "open_image",
     "remote_image_hint",
+    "to_rgb",
     "write_table",
 ]
 
@@ -86,6 +95,7 @@ __all__ = [
 STATUSES: tuple[str, ...] = (
     "ok",
     "missing_image",
+    "image_is_directory",
     "unreadable_image",
     "remote_image",
     "empty_caption",
@@ -96,6 +106,7 @@ STATUSES: tuple[str, ...] = (
 STATUS_HELP: dict[str, str] = {
     "ok": "usable pair: the image exists (or is an identifier) and the caption is non-empty",
     "missing_image": "the image file does not exist",
+    "image_is_directory": "the image path names a folder, not an image file",
     "unreadable_image": "the image file exists but cannot be decoded",
     "remote_image": "the image is a URL; download it first (pmpclean never downloads)",
     "empty_caption": "the caption is empty, blank, null or not a string",
@@ -510,8 +521,10 @@ def _stat_image(path: str) -> str:
         st = os.stat(path)
     except (OSError, ValueError):  # ValueError: embedded NUL byte
         return "missing_image"
+    if stat.S_ISDIR(st.st_mode):
+        return "image_is_directory"
     if not stat.S_ISREG(st.st_mode):
-        return "missing_image"
+        return "unreadable_image"  # a FIFO, socket or device: exists, but is no image file
     if st.st_size == 0:
         return "unreadable_image"
     return "ok"
@@ -722,9 +735,7 @@ def _check_usable(
     """Raise when the manifest as a whole cannot be used (not one usable image/caption)."""
     status = manifest.status
     n = len(status)
-    image_bad = np.isin(
-        status, ("missing_value", "remote_image", "missing_image", "unreadable_image")
-    )
+    image_bad = ~np.isin(status, ("ok", "empty_caption"))  # no usable image
     if image_bad.all():
         n_remote = int((status == "remote_image").sum())
         if n_remote == n:
@@ -769,13 +780,124 @@ def _status_summary(manifest: Manifest) -> str:
 # --------------------------------------------------------------------------- images
 
 
-def check_image(path: str) -> str:
-    """Decode an image fully and report whether it is usable.
+#: Colour that transparent pixels are composited onto when an image is flattened to
+#: RGB (white, as a browser shows a transparent PNG on a page).
+IMAGE_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
-    Opens the file with PIL, loads every pixel and converts to RGB, so truncated or
-    corrupt files are caught here rather than inside a batch. Truncated JPEGs are
-    detected as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is ``False`` (PIL's
-    default, which pmpclean never changes). Never raises.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image, *, background: tuple[int, int, int] = IMAGE_BACKGROUND) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB, keeping what it shows.
+
+    ``PIL.Image.convert("RGB")`` clips wide integer and float modes at 255, so a
+    16-bit PNG becomes a white image; here each mode's range is scaled instead:
+
+    - 16-bit (``I;16``, ``I;16B``, ...): ``[0, 65535]`` to ``[0, 255]``.
+    - ``I`` (32-bit integers): ``[0, 65535]`` when the values fit (how 16-bit files
+      are often opened), else the image's own ``[min, max]``.
+    - ``F`` (float): ``[0, 1]`` when the values fit, ``[0, 255]`` when those fit, else
+      the image's own ``[min, max]``; NaN is black.
+    - Transparency (``RGBA``, ``LA``, ``PA``, a palette or colour key with a
+      transparent entry) is composited onto ``background`` (:data:`IMAGE_BACKGROUND`).
+    - Everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``RGBX``, ...) goes
+      through Pillow's own conversion.
+
+    Raises whatever Pillow raises for a mode it cannot convert.
+    """
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode in _SIXTEEN_BIT_MODES or im.mode in ("I", "F"):
+        return _scaled_to_8bit(im).convert("RGB")
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(flat, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _scaled_to_8bit(im: Image.Image) -> Image.Image:
+    """A one-band 16-bit, ``I`` or ``F`` image as mode ``L``, scaled (see :func:`to_rgb`)."""
+    from PIL import Image
+
+    values = np.asarray(im).astype(np.float64)
+    finite = values[np.isfinite(values)]
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 0.0
+    if im.mode in _SIXTEEN_BIT_MODES or (im.mode == "I" and lo >= 0 and hi <= 65535):
+        lo, hi = 0.0, 65535.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    elif im.mode == "F" and lo >= 0 and hi <= 255:
+        lo, hi = 0.0, 255.0
+    scaled = (np.nan_to_num(values, nan=lo) - lo) * (255.0 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def open_image(path: str, *, draft_size: int | None = None) -> Image.Image:
+    """Decode an image file as it is meant to be seen: upright, 8-bit RGB.
+
+    The one image decoder of pmpclean: embedding, fine-tuning and the report's
+    thumbnails all read images through it. Every pixel is loaded, so truncated or
+    corrupt files fail here rather than inside a batch (truncated JPEGs are caught
+    as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is ``False``, Pillow's default,
+    which pmpclean never changes). The EXIF orientation is applied (a phone photo
+    stored sideways comes out upright), then :func:`to_rgb`.
+
+    Parameters
+    ----------
+    path : str
+        Local image file.
+    draft_size : int, optional
+        Only a small version is needed: JPEGs may then be decoded at a reduced scale
+        (at least this many pixels on each side), which is much faster.
+
+    Raises
+    ------
+    OSError, ValueError, ...
+        Whatever opening or decoding raises; :func:`decode_image` turns it into a status.
+    """
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EXIF/palette chatter; failures raise anyway
+        with Image.open(path) as im:
+            if draft_size is not None:
+                im.draft(None, (draft_size, draft_size))
+            im.load()
+            try:
+                upright = ImageOps.exif_transpose(im)  # a new image, even when upright
+            except Exception:  # noqa: BLE001 - malformed EXIF: keep the pixels as stored
+                upright = im.copy()
+    return to_rgb(upright)
+
+
+def decode_image(path: str, *, draft_size: int | None = None) -> tuple[str, Image.Image | None]:
+    """Decode with :func:`open_image` and return ``(status, RGB image or None)``. Never raises.
+
+    Returns
+    -------
+    tuple
+        ``("ok", image)``; ``("missing_image", None)`` if the file does not exist;
+        ``("image_is_directory", None)`` if the path names a folder;
+        ``("unreadable_image", None)`` for anything that cannot be decoded.
+    """
+    try:
+        return "ok", open_image(path, draft_size=draft_size)
+    except IsADirectoryError:
+        return "image_is_directory", None
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing_image", None
+    except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
+        if os.path.isdir(path):  # e.g. Windows raises PermissionError for a folder
+            return "image_is_directory", None
+        return "unreadable_image", None
+
+
+def check_image(path: str) -> str:
+    """Decode an image fully with :func:`decode_image` and return its status. Never raises.
 
     Parameters
     ----------
@@ -785,22 +907,10 @@ def check_image(path: str) -> str:
     Returns
     -------
     str
-        ``"ok"``, ``"missing_image"`` if the file is gone, or ``"unreadable_image"``
-        for anything that cannot be decoded.
+        ``"ok"``, ``"missing_image"`` if the file is gone, ``"image_is_directory"``
+        for a folder, or ``"unreadable_image"`` for anything that cannot be decoded.
     """
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # EXIF/palette chatter; failures raise anyway
-            with Image.open(path) as im:
-                im.load()
-                im.convert("RGB")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return "missing_image"
-    except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
-        return "unreadable_image"
-    return "ok"
+    return decode_image(path)[0]
 
 
 def image_fingerprint(path: str) -> str:

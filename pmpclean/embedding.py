@@ -872,6 +872,12 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "pmpclean"
 
 
+# Cache key prefix of an image's vector. Bump the number when the decoder changes what a
+# file decodes to, so that vectors of the old decoding are not reused (2: EXIF
+# orientation applied, 16-bit and float images scaled, transparency onto white).
+_IMAGE_KEY = "img2:"
+
+
 class _VectorCache:
     """One SQLite file per (model, weights, precision): ``key -> (status, float32 vector)``.
 
@@ -951,27 +957,6 @@ def _text_key(text: str) -> str:
 # --------------------------------------------------------------------------- image loading
 
 
-def _decode_image(path: str) -> tuple[str, Any]:
-    """Decode like :func:`pmpclean.data.check_image` and return ``(status, RGB image)``.
-
-    Same semantics (open, load every pixel, convert to RGB; missing file ->
-    ``missing_image``, anything else -> ``unreadable_image``) but keeps the decoded
-    image, so that each file is decoded exactly once.
-    """
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                im.load()
-                return "ok", im.convert("RGB")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return "missing_image", None
-    except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
-        return "unreadable_image", None
-
-
 class _ImageDataset:
     """``i -> (i, status, tensor or None)``: decoding and preprocessing run in the worker."""
 
@@ -983,7 +968,9 @@ class _ImageDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, str, Any]:
-        status, image = _decode_image(self.paths[i])
+        from .data import decode_image
+
+        status, image = decode_image(self.paths[i])
         if image is None:
             return i, status, None
         try:
@@ -1128,7 +1115,7 @@ def embed_manifest(
         keys: dict[int, str] = {}
         for idx in needed:
             try:
-                keys[idx] = "img:" + image_fingerprint(manifest.unique_images[idx])
+                keys[idx] = _IMAGE_KEY + image_fingerprint(manifest.unique_images[idx])
             except Exception:  # noqa: BLE001 - the file vanished since read_manifest
                 manifest.set_image_status(idx, "missing_image")
         hits = cache.get_many(list(keys.values()))

@@ -48,6 +48,7 @@ __all__ = ["render_report", "write_report"]
 _STATUS_REASONS: dict[str, str] = {
     "ok": "scored",
     "missing_image": "image file not found",
+    "image_is_directory": "image path is a folder, not a file",
     "unreadable_image": "image file could not be decoded",
     "remote_image": "image is a remote URL (never fetched)",
     "empty_caption": "caption is empty",
@@ -66,6 +67,7 @@ _ACTION_ORDER = ("keep", "rematch", "drop", "review")
 # Placeholder text for a thumbnail that cannot be shown, by row status.
 _PLACEHOLDERS: dict[str, str] = {
     "missing_image": "image missing",
+    "image_is_directory": "folder, not an image",
     "unreadable_image": "unreadable image",
     "remote_image": "remote image (not fetched)",
 }
@@ -195,30 +197,22 @@ def _is_local_path(path: str) -> bool:
 def _thumbnail(path: str, px: int) -> tuple[str, int, int] | None:
     """Return ``(data_uri, width, height)`` of a small JPEG thumbnail, or None.
 
-    Only local, readable image files are used; the aspect ratio is kept and the
-    longest side is at most ``px`` pixels.
+    Only local, readable image files are used, decoded as the audit saw them (the one
+    decoder, :func:`pmpclean.data.open_image`: upright, 8-bit RGB); the aspect ratio
+    is kept and the longest side is at most ``px`` pixels.
     """
     if not _is_local_path(path):
         return None
     try:
         if not os.path.isfile(path):
             return None
-        from PIL import Image, ImageOps
+        from .data import open_image
 
-        with Image.open(path) as im:
-            im.draft("RGB", (px, px))  # JPEG: decode at reduced scale, much faster
-            im = ImageOps.exif_transpose(im)
-            im.thumbnail((px, px))
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                flat = Image.new("RGB", rgba.size, (255, 255, 255))
-                flat.paste(rgba, mask=rgba.getchannel("A"))
-                im = flat
-            else:
-                im = im.convert("RGB")
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=78, optimize=True)
-            width, height = im.size
+        im = open_image(path, draft_size=px)  # JPEG: decode at reduced scale, much faster
+        im.thumbnail((px, px))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=78, optimize=True)
+        width, height = im.size
     except Exception:  # unreadable, truncated, bomb, permission... -> placeholder
         return None
     data = base64.b64encode(buf.getvalue()).decode("ascii")
@@ -532,7 +526,7 @@ class _Renderer:
         path = "" if _missing(path) else str(path)
         result = None
         status = str(rec.get("status") or "ok")
-        if path and status not in ("missing_image", "remote_image"):
+        if path and status not in ("missing_image", "image_is_directory", "remote_image"):
             if path not in self.thumbs:
                 self.thumbs[path] = _thumbnail(path, self.px)
             result = self.thumbs[path]

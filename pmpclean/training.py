@@ -847,10 +847,9 @@ class _ImageRows:
         return len(self.image_index)
 
     def __getitem__(self, row: int) -> Any:
-        from PIL import Image
+        from .data import open_image
 
-        with Image.open(self.paths[int(self.image_index[row])]) as im:
-            return self.preprocess(im.convert("RGB"))
+        return self.preprocess(open_image(self.paths[int(self.image_index[row])]))
 
 
 class _Images:
@@ -897,14 +896,14 @@ class _Images:
         return bad
 
     def _decode(self, path: str) -> torch.Tensor | None:
-        from PIL import Image
+        from .data import decode_image
 
+        image = decode_image(path)[1]
+        if image is None:
+            return None
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # EXIF/palette chatter; failures raise anyway
-                with Image.open(path) as im:
-                    return self.preprocess(im.convert("RGB"))
-        except Exception:  # noqa: BLE001 - any decoding failure makes the image unusable
+            return self.preprocess(image)
+        except Exception:  # noqa: BLE001 - e.g. degenerate sizes: the image is unusable
             return None
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:

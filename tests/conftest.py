@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import settings as _hyp_settings
 
@@ -109,3 +111,129 @@ def drawn_captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     frame["true_row"] = true_row
     frame.to_csv(root / "captions.csv", index=False)
     return root / "captions.csv"
+
+
+# --------------------------------------------------------------------------- image twins
+
+# EXIF orientation -> how a camera stored the upright picture (numpy, independent of PIL)
+_EXIF_STORED = {
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # upside down
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.swapaxes(0, 1),  # transposed
+    6: lambda a: np.rot90(a, 1),  # phone held upright: stored turned 90 degrees left
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # transverse
+    8: lambda a: np.rot90(a, -1),  # stored turned 90 degrees right
+}
+
+
+def write_image_twins(folder: Path) -> dict[str, tuple[Path, Path]]:
+    """Image files in unusual modes or orientations, each with its 8-bit RGB twin.
+
+    Returns ``{name: (file, twin)}``: ``twin`` is a plain RGB PNG of what ``file``
+    shows (upright, transparency on white, 16-bit and float ranges scaled), so a
+    faithful decoder gives the same pixels for both, up to rounding (1 level).
+    The picture is 16 x 10 and asymmetric, so that any rotation or flip shows.
+    """
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    h, w = 10, 16
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[-1, -1] = 0, 255  # the extremes of the range are present
+    gray = rgb[..., 0].copy()
+    alpha = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    alpha[:, 0], alpha[:, 1] = 0, 255  # fully transparent and fully opaque columns
+
+    def on_white(color: np.ndarray, a: np.ndarray) -> np.ndarray:
+        f = a.astype(np.float64)[..., None] / 255
+        out = color.astype(np.float64).reshape(h, w, -1) * f + 255 * (1 - f)
+        return np.broadcast_to(np.rint(out), (h, w, 3)).astype(np.uint8)
+
+    def as_rgb(g: np.ndarray) -> np.ndarray:
+        return np.repeat(g[..., None], 3, axis=2)
+
+    pairs: dict[str, tuple[Any, np.ndarray, str]] = {}  # name -> (image, twin pixels, suffix)
+    wide = gray.astype(np.uint16) * 257
+    pairs["I;16 png"] = (Image.fromarray(wide), as_rgb(gray), ".png")
+    pairs["I;16B tiff"] = (
+        Image.frombytes("I;16B", (w, h), wide.astype(">u2").tobytes()),
+        as_rgb(gray),
+        ".tiff",
+    )
+    pairs["I tiff"] = (Image.fromarray(wide.astype(np.int32)), as_rgb(gray), ".tiff")
+    unit = gray.astype(np.float32) / 255
+    pairs["F [0,1] tiff"] = (Image.fromarray(unit), as_rgb(gray), ".tiff")
+    pairs["F [0,255] tiff"] = (
+        Image.fromarray(gray.astype(np.float32)),
+        as_rgb(gray),
+        ".tiff",
+    )
+    pairs["1 png"] = (
+        Image.fromarray(gray >= 128),
+        as_rgb(np.where(gray >= 128, 255, 0).astype(np.uint8)),
+        ".png",
+    )
+    pairs["L png"] = (Image.fromarray(gray), as_rgb(gray), ".png")
+    pairs["LA png"] = (
+        Image.fromarray(np.stack([gray, alpha], axis=2), mode="LA"),
+        on_white(gray, alpha),
+        ".png",
+    )
+    pairs["RGBA png"] = (
+        Image.fromarray(np.concatenate([rgb, alpha[..., None]], axis=2), mode="RGBA"),
+        on_white(rgb, alpha),
+        ".png",
+    )
+    cmyk = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    ink = cmyk.astype(np.float64)
+    pairs["CMYK tiff"] = (
+        Image.frombytes("CMYK", (w, h), cmyk.tobytes()),
+        np.rint((255 - ink[..., :3]) * (255 - ink[..., 3:]) / 255).astype(np.uint8),
+        ".tiff",
+    )
+    palette = rng.integers(0, 256, (6, 3), dtype=np.uint8)
+    index = rng.integers(0, 6, (h, w), dtype=np.uint8)
+    index[0, 0] = 5
+    pal = Image.fromarray(index, mode="P")
+    pal.putpalette(palette.ravel().tolist())
+    pairs["P png"] = (pal, palette[index], ".png")
+    pal_t = pal.copy()
+    pal_t.info["transparency"] = 5  # palette entry 5 is transparent
+    pairs["P transparent png"] = (
+        pal_t,
+        np.where((index == 5)[..., None], 255, palette[index]).astype(np.uint8),
+        ".png",
+    )
+    pa = np.stack([index, alpha], axis=2)
+    pa_im = Image.frombytes("PA", (w, h), pa.tobytes())
+    pa_im.putpalette(palette.ravel().tolist())
+    pairs["PA tiff"] = (pa_im, on_white(palette[index], alpha), ".tiff")
+    for orientation, stored in _EXIF_STORED.items():
+        pairs[f"EXIF orientation {orientation} png"] = (
+            Image.fromarray(np.ascontiguousarray(stored(rgb))),
+            rgb,
+            ".png",
+        )
+
+    out: dict[str, tuple[Path, Path]] = {}
+    for i, (name, (image, twin, suffix)) in enumerate(pairs.items()):
+        path, twin_path = folder / f"m{i}{suffix}", folder / f"m{i}-twin.png"
+        kwargs: dict[str, Any] = {}
+        if name.startswith("EXIF"):
+            exif = Image.Exif()
+            exif[0x0112] = int(name.split()[2])
+            kwargs["exif"] = exif
+        if "transparency" in image.info:
+            kwargs["transparency"] = image.info["transparency"]
+        image.save(path, **kwargs)
+        Image.fromarray(np.ascontiguousarray(twin), mode="RGB").save(twin_path)
+        out[name] = (path, twin_path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_twins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """:func:`write_image_twins` in a session folder (read-only)."""
+    return write_image_twins(tmp_path_factory.mktemp("twins"))

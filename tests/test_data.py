@@ -12,15 +12,19 @@ import pytest
 from PIL import Image, ImageFile
 
 from pmpclean.data import (
+    IMAGE_BACKGROUND,
     STATUS_HELP,
     STATUSES,
     SUPPORTED_SUFFIXES,
     Manifest,
     check_image,
+    decode_image,
     image_fingerprint,
+    open_image,
     read_manifest,
     read_table,
     remote_image_hint,
+    to_rgb,
     write_table,
 )
 from pmpclean.errors import DatasetError
@@ -289,7 +293,7 @@ def test_statuses_and_precedence(tmp_path: Path, images: list[Path]) -> None:
                 "images/gone.png",  # missing image wins over empty caption
                 "",  # missing value wins over empty caption
                 "images/zero.png",  # 0-byte file -> unreadable
-                "images/adir.png",  # a directory is not an image file
+                "images/adir.png",  # a directory: said so, not "not found"
                 "HTTP://EXAMPLE.COM/B.JPG",  # scheme is case-insensitive
                 "s3://bucket/c.jpg",  # any scheme:// is remote
                 f"file://{images[2]}",  # file:// is local
@@ -309,7 +313,7 @@ def test_statuses_and_precedence(tmp_path: Path, images: list[Path]) -> None:
         "missing_image",
         "missing_value",
         "unreadable_image",
-        "missing_image",
+        "image_is_directory",
         "remote_image",
         "remote_image",
         "ok",
@@ -324,7 +328,8 @@ def test_statuses_and_precedence(tmp_path: Path, images: list[Path]) -> None:
     assert list(counts) == list(STATUSES)
     assert counts == {
         "ok": 3,
-        "missing_image": 3,
+        "missing_image": 2,
+        "image_is_directory": 1,
         "unreadable_image": 1,
         "remote_image": 3,
         "empty_caption": 1,
@@ -531,7 +536,7 @@ def test_check_image(tmp_path: Path, images: list[Path]) -> None:
     text.write_text("not an image")
     assert check_image(str(text)) == "unreadable_image"
     assert check_image(str(tmp_path / "gone.png")) == "missing_image"
-    assert check_image(str(tmp_path)) == "missing_image"  # a directory
+    assert check_image(str(tmp_path)) == "image_is_directory"
     palette = tmp_path / "p.gif"
     Image.new("P", (8, 8)).save(palette)
     assert check_image(str(palette)) == "ok"
@@ -581,6 +586,94 @@ def test_write_table_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         write_table(_frame(), path, force=True)
     assert path.read_bytes() == before  # the old file is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet"]  # no temp file left
+
+
+# --------------------------------------------------------------------------- decoding
+
+TWINS = [
+    "I;16 png",
+    "I;16B tiff",
+    "I tiff",
+    "F [0,1] tiff",
+    "F [0,255] tiff",
+    "1 png",
+    "L png",
+    "LA png",
+    "RGBA png",
+    "CMYK tiff",
+    "P png",
+    "P transparent png",
+    "PA tiff",
+    *(f"EXIF orientation {o} png" for o in range(2, 9)),
+]
+
+
+def test_every_twin_is_tested(image_twins: dict[str, tuple[Path, Path]]) -> None:
+    assert sorted(image_twins) == sorted(TWINS)
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_open_image_matches_the_8bit_rgb_twin(
+    name: str, image_twins: dict[str, tuple[Path, Path]]
+) -> None:
+    """Each mode Pillow opens decodes to what it shows: its 8-bit RGB twin, +-1 level."""
+    path, twin = image_twins[name]
+    mode = name.rsplit(" ", 1)[0].split(" ")[0]
+    if not name.startswith("EXIF"):
+        with Image.open(path) as raw:  # the file really is in that mode
+            assert raw.mode == mode
+    got = open_image(str(path))
+    assert got.mode == "RGB"
+    expected = np.asarray(Image.open(twin))
+    assert np.asarray(got).shape == expected.shape
+    diff = np.abs(np.asarray(got).astype(int) - expected.astype(int))
+    assert diff.max() <= 1, (name, diff.max())
+    assert decode_image(str(path))[0] == "ok"
+
+
+def test_to_rgb_scales_the_full_range_of_wide_modes() -> None:
+    # a 16-bit ramp uses the whole 8-bit range instead of clipping to white
+    ramp = np.linspace(0, 65535, 256).astype(np.uint16)[None, :]
+    got = np.asarray(to_rgb(Image.fromarray(ramp)))[0, :, 0]
+    assert got[0] == 0 and got[-1] == 255 and (np.diff(got.astype(int)) >= 0).all()
+    assert len(np.unique(got)) > 250
+    # int32 and float beyond 16-bit / [0, 255]: the image's own range; NaN is black
+    big = Image.fromarray(np.array([[-5, 0, 100_000]], dtype=np.int32))
+    assert np.asarray(to_rgb(big))[0, :, 0].tolist() == [0, 0, 255]
+    floats = Image.fromarray(np.array([[np.nan, -1.0, 0.0, 1000.0]], dtype=np.float32))
+    assert np.asarray(to_rgb(floats))[0, :, 0].tolist() == [0, 0, 0, 255]
+    # transparency goes onto the documented background
+    clear = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
+    assert np.asarray(to_rgb(clear))[0, 0].tolist() == list(IMAGE_BACKGROUND)
+    assert np.asarray(to_rgb(clear, background=(0, 0, 0)))[0, 0].tolist() == [0, 0, 0]
+
+
+def test_open_image_keeps_pixels_when_exif_is_malformed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import ImageOps
+
+    path = _png(tmp_path / "a.png", (1, 2, 3))
+
+    def broken(image: Image.Image) -> Image.Image:
+        raise SyntaxError("bad EXIF")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    assert np.asarray(open_image(str(path)))[0, 0].tolist() == [1, 2, 3]
+
+
+def test_a_directory_is_named_as_such(tmp_path: Path, images: list[Path]) -> None:
+    folder = tmp_path / "images" / "holiday.jpg"
+    folder.mkdir()
+    assert decode_image(str(folder)) == ("image_is_directory", None)
+    frame = pd.DataFrame(
+        {"image": ["images/img0.png", "images/holiday.jpg"], "caption": ["red", "a beach"]}
+    )
+    m = read_manifest(frame, root=tmp_path)
+    assert m.status.tolist() == ["ok", "image_is_directory"]
+    assert "folder" in STATUS_HELP["image_is_directory"]
+    with pytest.raises(DatasetError, match=r"image_is_directory: 1"):
+        read_manifest(frame.tail(1), root=tmp_path)
 
 
 # --------------------------------------------------------------------------- real data

@@ -374,6 +374,39 @@ def test_embeddings_match_a_direct_forward_pass(tiny: LoadedModel, dataset: Path
     np.testing.assert_allclose(emb.text[4], txt, atol=1e-5)
 
 
+def test_images_as_users_have_them_embed_like_their_8bit_rgb_twin(
+    tiny: LoadedModel, image_twins: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """A 16-bit PNG is not embedded white, a phone photo stored sideways not sideways..."""
+    names = ["I;16 png", "F [0,1] tiff", "P transparent png", "CMYK tiff"]
+    names += ["EXIF orientation 6 png", "EXIF orientation 8 png", "EXIF orientation 3 png"]
+    rows = []
+    for name in names:
+        path, twin = image_twins[name]
+        rows += [(str(path), name), (str(twin), name + " twin")]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(manifest, index=False)
+    m = read_manifest(manifest)
+    emb = embed_manifest(m, loaded=tiny, batch_size=4, workers=0, use_cache=False)
+    assert list(m.status) == ["ok"] * len(rows)
+    # the same picture decoded two ways gives the same vector (different pictures give
+    # cosines of 0.95-0.998 with this random-weight model)
+    same = {name: float(emb.image[2 * i] @ emb.image[2 * i + 1]) for i, name in enumerate(names)}
+    assert min(same.values()) > 1 - 1e-4, same
+
+
+def test_a_cache_of_an_older_decoder_is_not_reused(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    kw = {"model": TINY, "pretrained": "none", "workers": 0, "cache_dir": cache}
+    monkeypatch.setattr(E, "_IMAGE_KEY", "img:")  # the key of pmpclean <= 0.x's decoder
+    embed_manifest(read_manifest(dataset), **kw)
+    monkeypatch.undo()
+    again = embed_manifest(read_manifest(dataset), **kw)
+    assert again.n_model_images == N_GOOD_IMAGES  # re-decoded, not read from the cache
+
+
 def test_worker_processes_give_the_same_result(tiny: LoadedModel, dataset: Path) -> None:
     m0, m2 = read_manifest(dataset), read_manifest(dataset)
     e0 = embed_manifest(m0, loaded=tiny, batch_size=2, workers=0, use_cache=False)

@@ -410,6 +410,23 @@ def test_unreadable_images_are_skipped_and_streaming_matches_the_cache(
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.parametrize("name", ["I;16 png", "EXIF orientation 6 png", "P transparent png"])
+def test_training_decodes_images_like_the_scan(
+    name: str, image_twins: dict[str, tuple[Path, Path]]
+) -> None:
+    """Cached and streamed training images go through the one decoder (data.open_image)."""
+    path, twin = (str(p) for p in image_twins[name])
+
+    def pixels(im: object) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(im).astype(np.int16))
+
+    cached = F._Images(None, pixels, cache=True, workers=0)  # type: ignore[arg-type]
+    streamed = F._ImageRows([path, twin], np.array([0, 1]), pixels)
+    for a, b in ((cached._decode(path), cached._decode(twin)), (streamed[0], streamed[1])):
+        assert a is not None and b is not None
+        assert a.shape == b.shape and int((a - b).abs().max()) <= 1
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

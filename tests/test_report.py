@@ -434,6 +434,36 @@ def test_thumbnails_inline_aspect_and_placeholders(
         assert "no preview" in page.text_by_id[f"row-{r}"]
 
 
+@pytest.mark.parametrize(
+    "name", ["I;16 png", "EXIF orientation 6 png", "EXIF orientation 8 png", "RGBA png"]
+)
+def test_thumbnail_shows_what_the_scan_embedded(
+    name: str, image_twins: dict[str, tuple[Path, Path]]
+) -> None:
+    """The report decodes with the scan's decoder: upright, 16-bit scaled, alpha on white."""
+    path, twin = image_twins[name]
+    got, want = report_mod._thumbnail(str(path), 64), report_mod._thumbnail(str(twin), 64)
+    assert got is not None and want is not None
+    assert got[1:] == want[1:] == (16, 10)
+
+    def pixels(uri: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+    assert np.abs(pixels(got[0]).astype(int) - pixels(want[0]).astype(int)).mean() < 2
+
+
+def test_a_directory_row_says_it_is_a_folder(
+    sample: tuple[pd.DataFrame, dict[str, Any]], tmp_path: Path
+) -> None:
+    audit, summary = sample
+    audit = audit.copy()
+    audit.loc[3, "status"] = "image_is_directory"
+    audit.loc[3, "image_path"] = str(tmp_path)
+    page = Page(render_report(audit, summary))
+    table = {r[0]: r for r in page.rows if len(r) == 6 and r[0].isdigit()}
+    assert table["3"][1:3] == ["image_is_directory", "image path is a folder, not a file"]
+
+
 def test_unscored_rows_listed_with_reason(sample: tuple[pd.DataFrame, dict[str, Any]]) -> None:
     audit, summary = sample
     page = Page(render_report(audit, summary))
