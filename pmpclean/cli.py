@@ -865,7 +865,8 @@ def finetune(
             max=0.5,
             help=(
                 "Fraction of images held out to measure recall before/after and "
-                "pick the best epoch (0: no validation, the last epoch is saved)."
+                "pick the best epoch (0: no validation, the last epoch is saved). At least "
+                "2 images are held out; a dataset under 10 images trains without validation."
             ),
         ),
     ] = 0.1,

@@ -214,7 +214,8 @@ class FinetuneConfig:
     seed: int = 0  # seeds the validation split, data order and mixture fits (random init
     #   always uses pmpclean.embedding.RANDOM_SEED)
     # -- validation ----------------------------------------------------------------------
-    val_fraction: float = 0.1  # fraction of images held out for validation (0: none)
+    val_fraction: float = 0.1  # fraction of images held out for validation (0: none); at
+    #   least 2 when 8 remain for training, else none, with a warning (small datasets)
     val_dataset: str | None = None  # separate manifest to validate on (val_fraction unused)
     patience: int | None = None  # stop after this many epochs without a better validation
     #   R-sum (None: train all epochs); the best epoch's weights are the output
@@ -811,15 +812,57 @@ def _subset(data: _Data, rows: np.ndarray) -> _Data:
     )
 
 
-def _split_holdout(data: _Data, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of training and validation rows; all rows of an image stay together."""
+#: Fewest images validation measures recall on (with one, every recall is 1).
+_MIN_VAL_IMAGES = 2
+#: Fewest images left for training before ``val_fraction`` is raised to hold out
+#: :data:`_MIN_VAL_IMAGES`. From 8 on, the two held-out images cost at most a fifth of
+#: the data (2 of 10); below, validation would take more than that from a dataset too
+#: small to spare it, to rank captions among 2 images, where R@1 is right half the time
+#: by chance: too noisy to pick an epoch by. Such a dataset trains without validation.
+_MIN_TRAIN_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class _Holdout:
+    """The validation split: row positions, and what it held out and why."""
+
+    train: np.ndarray  # (n_train,) row positions
+    val: np.ndarray  # (n_val,) row positions, empty without validation
+    source: str | None  # how the validation images were chosen (None: no validation)
+    skipped: str | None  # why val_fraction > 0 gave no validation (None: it did not)
+
+
+def _split_holdout(data: _Data, fraction: float, seed: int) -> _Holdout:
+    """Hold out ``round(fraction * images)`` images for validation, with their rows.
+
+    All rows of an image stay together. When that is fewer than 2 images (a small first
+    sample), 2 are held out if at least 8 remain for training (see
+    :data:`_MIN_TRAIN_IMAGES`); otherwise the dataset trains without validation and
+    ``skipped`` says why.
+    """
     n_img = len(data.paths)
+    rows = np.arange(len(data.image_index))
+    if fraction <= 0:
+        return _Holdout(rows, rows[:0], None, None)
     n_val = int(round(fraction * n_img))
-    if fraction > 0 and n_val < 2:
-        raise ConfigError(
-            f"val_fraction={fraction} holds out {n_val} of {n_img} images; validation needs "
-            "at least 2. Raise val_fraction, pass val_dataset, or set val_fraction=0."
+    source = f"held out {n_val} of {n_img} images (val_fraction {fraction:g}, seed {seed})"
+    if n_val < _MIN_VAL_IMAGES:
+        if n_img - _MIN_VAL_IMAGES < _MIN_TRAIN_IMAGES:
+            return _Holdout(
+                rows,
+                rows[:0],
+                None,
+                f"val_fraction={fraction:g} holds out {n_val} of {n_img} images, and holding "
+                f"out {_MIN_VAL_IMAGES} (the fewest validation can rank) would leave fewer "
+                f"than {_MIN_TRAIN_IMAGES} for training: training on all {n_img} images "
+                "without validation, and the last epoch is saved. Pass val_dataset to "
+                "validate on other data.",
+            )
+        source = (
+            f"held out {_MIN_VAL_IMAGES} of {n_img} images (val_fraction {fraction:g} gives "
+            f"{n_val}; validation needs {_MIN_VAL_IMAGES}; seed {seed})"
         )
+        n_val = _MIN_VAL_IMAGES
     if n_img - n_val < 2:
         raise ConfigError(
             f"Only {n_img - n_val} training image(s) left after holding out {n_val}; "
@@ -829,7 +872,7 @@ def _split_holdout(data: _Data, fraction: float, seed: int) -> tuple[np.ndarray,
     val_imgs = np.zeros(n_img, dtype=bool)
     val_imgs[rng.permutation(n_img)[:n_val]] = True
     is_val = val_imgs[data.image_index]
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    return _Holdout(np.flatnonzero(~is_val), np.flatnonzero(is_val), source, None)
 
 
 # --------------------------------------------------------------------------- images
@@ -1462,12 +1505,21 @@ def _run(
     with timer("read"):
         data = _read_dataset(dataset, cfg)
         if cfg.val_dataset is not None:
-            train_pos = np.arange(len(data.captions))
+            holdout = _Holdout(np.arange(len(data.captions)), np.arange(0), cfg.val_dataset, None)
             val_data: _Data | None = _read_dataset(cfg.val_dataset, cfg, what="val_dataset")
         else:
-            train_pos, val_pos = _split_holdout(data, cfg.val_fraction, cfg.seed)
-            val_data = _subset(data, val_pos) if val_pos.size else None
-        train = _subset(data, train_pos)
+            holdout = _split_holdout(data, cfg.val_fraction, cfg.seed)
+            val_data = _subset(data, holdout.val) if holdout.val.size else None
+        if holdout.skipped is not None:
+            if cfg.patience is not None:
+                raise ConfigError(
+                    f"patience={cfg.patience} (early stopping) needs validation, but "
+                    f"{data.source} has only {len(data.paths)} images: too few to hold out "
+                    f"{_MIN_VAL_IMAGES} and keep {_MIN_TRAIN_IMAGES} for training. Pass "
+                    "val_dataset, or leave patience unset."
+                )
+            warnings.warn(holdout.skipped, stacklevel=3)
+        train = _subset(data, holdout.train)
 
     # ---- model
     with timer("load_model"):
@@ -1869,12 +1921,11 @@ def _run(
         "validation": None
         if val_data is None
         else {
-            "source": cfg.val_dataset
-            if cfg.val_dataset is not None
-            else f"held-out {cfg.val_fraction:g} of the images (seed {cfg.seed})",
+            "source": holdout.source,
             "n_pairs": len(val_data.captions),
             "n_images": len(val_data.paths),
         },
+        "validation_skipped": holdout.skipped,  # why val_fraction > 0 gave no validation
         "before": state["before"],
         "after": after,
         "best_epoch": state["best_epoch"],

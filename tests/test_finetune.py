@@ -577,12 +577,58 @@ def test_bad_inputs_fail_clearly(dataset: Path, tmp_path: Path) -> None:
         finetune(tmp_path, out_dir=tmp_path / "m", **_fast())
     with pytest.raises(DatasetError, match="truth column 'truth' not found"):
         finetune(dataset, out_dir=tmp_path / "m", **_fast(truth_col="truth"))
-    with pytest.raises(ConfigError, match="holds out 1 of 24 images"):
-        finetune(dataset, out_dir=tmp_path / "m", **_fast(val_fraction=0.05))
     with pytest.raises(PmpcleanError, match="unknown model 'ViT-Q-99'"):
         finetune(dataset, out_dir=tmp_path / "m", **_fast(model="ViT-Q-99"))
     with pytest.raises(TypeError, match="config must be a FinetuneConfig"):
         finetune(dataset, out_dir=tmp_path / "m", config={"epochs": 1})  # type: ignore[arg-type]
+
+
+def _sample(dataset: Path, folder: Path, n_images: int, n_rows: int) -> Path:
+    """A user's first try: ``n_rows`` rows over the first ``n_images`` drawings."""
+    frame = pd.read_csv(dataset).head(n_images)
+    frame["image"] = [str(dataset.parent / p) for p in frame["image"]]
+    rows = [
+        {"image": r.image, "caption": f"{r.caption}, take {k}"}
+        for k in range(math.ceil(n_rows / n_images))
+        for r in frame.itertuples()
+    ]
+    folder.mkdir()
+    pd.DataFrame(rows[:n_rows]).to_csv(folder / "sample.csv", index=False)
+    return folder / "sample.csv"
+
+
+@pytest.mark.filterwarnings("ignore:No epoch improved validation recall")
+def test_small_sample_holds_out_two_images(dataset: Path, tmp_path: Path) -> None:
+    """63 rows of 13 images: 10 % of 13 is 1 image; 2 are held out, 11 train."""
+    sample = _sample(dataset, tmp_path / "s", 13, 63)
+    opts = _fast(epochs=1, val_fraction=0.1)
+    result = finetune(sample, out_dir=tmp_path / "m", **opts)
+    val = result.metrics["validation"]
+    assert val["n_images"] == 2 and result.metrics["dataset"]["n_train_images"] == 11
+    assert val["n_pairs"] + result.metrics["dataset"]["n_train_pairs"] == 63
+    assert "held out 2 of 13 images (val_fraction 0.1 gives 1" in val["source"]
+    assert result.metrics["validation_skipped"] is None
+    assert result.metrics["before"] is not None
+
+
+@pytest.mark.filterwarnings("ignore:No epoch improved validation recall")
+def test_too_small_sample_trains_without_validation_and_says_so(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """9 images: holding out 2 would leave 7 (< 8) to train on, so none are held out."""
+    sample = _sample(dataset, tmp_path / "s", 9, 30)
+    opts = _fast(epochs=1, val_fraction=0.1)
+    with pytest.warns(UserWarning, match="training on all 9 images without validation"):
+        result = finetune(sample, out_dir=tmp_path / "m", **opts)
+    on_disk = json.loads((tmp_path / "m" / METRICS_NAME).read_text())
+    assert on_disk["validation"] is None and on_disk["before"] is None
+    assert "holds out 1 of 9 images" in on_disk["validation_skipped"]
+    assert result.metrics["dataset"]["n_train_pairs"] == 30
+    with pytest.raises(ConfigError, match="patience=2 .* has only 9 images"):
+        finetune(sample, out_dir=tmp_path / "p", **{**opts, "patience": 2})
+    # ten images leave 8 to train on: validation again
+    ten = finetune(_sample(dataset, tmp_path / "t", 10, 10), out_dir=tmp_path / "n", **opts)
+    assert ten.metrics["validation"]["n_images"] == 2
 
 
 def test_config_replace_rejects_unknown_names() -> None:
