@@ -267,6 +267,19 @@ class Output:
             f"{_fmt_int(n_flag)} (estimated noise rate "
             f"{_fmt_pct(summary.get('estimated_noise_rate'))})",
         )
+        verdict = summary.get("verdict")
+        if verdict:
+            interval = summary.get("estimated_noise_rate_interval") or []
+            lo, hi = (_num(v) for v in (list(interval) + [None, None])[:2])
+            span = (
+                f" (noise rate 90 % interval {_fmt_pct(lo)} to {_fmt_pct(hi)})"
+                if lo is not None and hi is not None
+                else ""
+            )
+            style = {"clean": "green", "noisy": "red"}.get(str(verdict), "yellow")
+            _add_row(head, "Verdict", Text.assemble((str(verdict), f"bold {style}"), span))
+            if summary.get("verdict_reason"):
+                _add_row(head, "", str(summary["verdict_reason"]))
         if _num(summary.get("threshold")) is not None:
             _add_row(head, "Threshold", f"match_score < {_fmt_float(summary['threshold'], 3)}")
         model = _mapping(summary.get("model"))

@@ -78,6 +78,10 @@ class AuditConfig:
     # Most scores the two-component mixture is fitted on; above it EM runs on a seeded
     # subsample and every row still gets its posterior. None fits on every row.
     mixture_fit_max: int | None = 200_000
+    # Known mismatches of each kind (random caption, caption of a similar image) planted
+    # among the dataset's confident pairs to calibrate the split, check that the model
+    # sees, and bound the noise rate. 0: the bimodality mixture alone (no verdict check).
+    plants: int = 2000
 
 
 @dataclass(frozen=True)

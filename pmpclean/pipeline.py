@@ -207,6 +207,11 @@ def _validate_audit_config(cfg: ScanConfig) -> None:
             f"audit.mixture_fit_max must be an integer >= 100 or null, got {fit_max!r}: it is "
             "the most scores the mixture is fitted on (null fits on every row)."
         )
+    if not _is_int(a.plants) or a.plants < 0:
+        raise ConfigError(
+            f"audit.plants must be an integer >= 0, got {a.plants!r}: it is the number of "
+            "known mismatches of each kind planted to calibrate the split (0 turns it off)."
+        )
 
 
 def _opt(**kwargs: Any) -> dict[str, Any]:
@@ -463,7 +468,6 @@ def scan(
     if pair_audit:
         from .rematching import rematch as _rematch
         from .score import pair_scores
-        from .split import split_pairs
 
         with timer("score"):
             ps = pair_scores(
@@ -481,23 +485,30 @@ def scan(
         similarity = np.asarray(ps.similarity, dtype=np.float64)
         pair_score = np.asarray(ps.score, dtype=np.float64)
         with timer("split"):
-            sp = split_pairs(
-                pair_score,
-                threshold=cfg.audit.threshold,
-                max_fit=cfg.audit.mixture_fit_max,
-                seed=cfg.seed,
-            )
+            sp = _split(img, txt, pair_score, image_group, text_group, valid, cfg)
         match_score = np.asarray(sp.match_score, dtype=np.float64)
         is_mismatched = np.asarray(sp.is_mismatched, dtype=bool) & valid
         mix = sp.mixture or {}
-        if mix.get("bimodal") is False and mix.get("reason"):
+        if sp.verdict == "undecided":
+            warn_list.append(
+                f"Undecided: {sp.verdict_reason}. No pair is dropped or rematched; every "
+                "scored pair is set to review. Try a model that knows this kind of image "
+                "(--model/--pretrained, a domain checkpoint), or fine-tune one first "
+                "(pmpclean finetune)."
+            )
+        elif sp.verdict == "clean" and mix.get("method") == "planted":
+            warn_list.append(f"No pair was flagged: {sp.verdict_reason}.")
+        elif mix.get("bimodal") is False and mix.get("reason"):
             warn_list.append(f"No pair was flagged: {mix['reason']}")
         split_info = {
             "threshold": float(sp.threshold),
-            "estimated_noise_rate": float(sp.noise_rate),
+            "estimated_noise_rate": _finite_or_none(sp.noise_rate),
+            "estimated_noise_rate_interval": [_finite_or_none(v) for v in sp.noise_interval],
+            "verdict": sp.verdict,
+            "verdict_reason": sp.verdict_reason,
             "mixture": sp.mixture,
         }
-        if cfg.audit.rematch:
+        if cfg.audit.rematch and sp.verdict != "undecided":
             with timer("rematch"):
                 rm = _rematch(
                     img,
@@ -536,6 +547,8 @@ def scan(
         review_margin=cfg.audit.review_margin,
         min_confidence=cfg.audit.min_confidence,
     )
+    if split_info.get("verdict") == "undecided":
+        action[status == "ok"] = "review"  # the model cannot tell; a person decides
 
     audit = frame.copy()
     audit["row"] = np.arange(n, dtype=np.int64)
@@ -573,7 +586,10 @@ def scan(
         "status_counts": _counts(status),
         "action_counts": {a: int((action == a).sum()) for a in ACTIONS},
         "n_mismatched": int(is_mismatched.sum()),
+        "verdict": split_info.get("verdict") or None,
+        "verdict_reason": split_info.get("verdict_reason") or None,
         "estimated_noise_rate": split_info.get("estimated_noise_rate"),
+        "estimated_noise_rate_interval": split_info.get("estimated_noise_rate_interval"),
         "threshold": cfg.audit.threshold,
         "pair_audit": pair_audit,
         "mixture": split_info.get("mixture"),
@@ -596,6 +612,72 @@ def scan(
     if write:
         write_json(target / "summary.json", summary)
     return result
+
+
+def _finite_or_none(value: float) -> float | None:
+    v = float(value)
+    return v if np.isfinite(v) else None
+
+
+def _split(
+    img: np.ndarray,
+    txt: np.ndarray,
+    pair_score: np.ndarray,
+    image_group: np.ndarray,
+    text_group: np.ndarray,
+    valid: np.ndarray,
+    cfg: ScanConfig,
+) -> Any:
+    """The clean/suspect split: calibrated by planted mismatches when there are enough.
+
+    With ``audit.plants`` > 0 and at least 20 plants of each kind (about 40 scored rows),
+    :func:`pmpclean.split.calibrated_split`; otherwise the bimodality mixture of
+    :func:`pmpclean.split.split_pairs`.
+    """
+    from .score import plant_pairs, planted_scores
+    from .split import Split, calibrated_split, split_pairs
+
+    scored = valid & np.isfinite(pair_score)
+    for what, groups in (("caption text", text_group), ("image", image_group)):
+        if np.unique(groups[scored]).size < 2:
+            # e.g. a scraper's template caption ("image") on every row: nothing to compare
+            return Split(
+                np.full(pair_score.size, np.nan),
+                np.zeros(pair_score.size, dtype=bool),
+                cfg.audit.threshold,
+                float("nan"),
+                {"bimodal": False, "reason": f"every scored row has the same {what}"},
+                "undecided",
+                f"every scored row has the same {what}, so there is nothing to tell pairs apart by",
+            )
+    if cfg.audit.plants > 0:
+        plants = plant_pairs(
+            pair_score, img, image_group=image_group, n_plants=cfg.audit.plants, seed=cfg.seed
+        )
+        if min(src.size for src, _ in plants.values()) >= 20:
+            kw = {
+                "image_group": image_group,
+                "text_group": text_group,
+                "valid": valid,
+                "k": cfg.audit.k,
+                "exact_max": cfg.audit.exact_search_max,
+                "nprobe": cfg.audit.search_nprobe,
+                "seed": cfg.seed,
+            }
+            planted = {kind: planted_scores(img, txt, *rows, **kw) for kind, rows in plants.items()}
+            return calibrated_split(
+                pair_score,
+                random_plants=planted["random"],
+                hard_plants=planted["similar"],
+                threshold=cfg.audit.threshold,
+                seed=cfg.seed,
+            )
+    return split_pairs(
+        pair_score,
+        threshold=cfg.audit.threshold,
+        max_fit=cfg.audit.mixture_fit_max,
+        seed=cfg.seed,
+    )
 
 
 def _counts(values: np.ndarray) -> dict[str, int]:

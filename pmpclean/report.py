@@ -681,7 +681,32 @@ class _Renderer:
         return (
             "<header class='top'><div class='brand'>pmpclean audit report</div>"
             f"<h1>{_e(name)}</h1><div class='sub'>{''.join(subs)}</div>"
-            f"<div class='kpis'>{self.kpis()}</div></header>"
+            f"{self.verdict()}<div class='kpis'>{self.kpis()}</div></header>"
+        )
+
+    def verdict(self) -> str:
+        """The audit's verdict, its reason and the noise-rate interval (every run)."""
+        s = self.summary
+        verdict = str(s.get("verdict") or "")
+        interval = s.get("estimated_noise_rate_interval") or []
+        lo, hi = (_num(v) for v in (list(interval) + [None, None])[:2])
+        span = (
+            f" · noise rate {_fmt_pct(s.get('estimated_noise_rate'))} "
+            f"(90 % interval {_fmt_pct(lo)} to {_fmt_pct(hi)})"
+            if lo is not None and hi is not None
+            else ""
+        )
+        if not verdict:
+            return ""
+        cls = {"clean": "v-clean", "noisy": "v-noisy"}.get(verdict, "v-undecided warn")
+        title = {
+            "clean": "Verdict: clean",
+            "noisy": "Verdict: noisy",
+            "undecided": "Verdict: undecided — this model cannot audit this data",
+        }.get(verdict, f"Verdict: {verdict}")
+        return (
+            f"<div class='verdict {cls}' id='verdict'><b>{_e(title)}</b>{_e(span)}"
+            f"<div class='s'>{_e(s.get('verdict_reason') or '')}</div></div>"
         )
 
     def kpis(self) -> str:

@@ -26,9 +26,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._utils import check_random_state
 from .errors import ConfigError
 
-__all__ = ["SCORE_METHODS", "PairScores", "pair_scores", "planted_scores"]
+__all__ = [
+    "SCORE_METHODS",
+    "PLANT_KINDS",
+    "PairScores",
+    "pair_scores",
+    "plant_pairs",
+    "planted_scores",
+]
 
 #: Documented methods of :func:`pair_scores`.
 SCORE_METHODS = ("csls", "margin", "infonce", "cosine")
@@ -597,3 +605,89 @@ def planted_scores(
     score = _combine(method, sim, alt_i, alt_t, ref_i, ref_t, float(temperature))
     no_alt = ~np.isfinite(mean_i) & ~np.isfinite(mean_t)
     return np.where(no_alt, sim, score)
+
+
+#: Kinds of planted mismatch made by :func:`plant_pairs`.
+PLANT_KINDS = ("random", "similar")
+
+
+def plant_pairs(
+    score: np.ndarray,
+    image_emb: np.ndarray,
+    *,
+    image_group: np.ndarray | None = None,
+    n_plants: int = 2000,
+    similar_k: int = 10,
+    seed: int | np.random.Generator | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Choose known mismatches to plant: (source row, caption row) pairs of two kinds.
+
+    Sources are drawn from the better-scoring half of the scored rows (pairs most
+    likely right, so that the image's own caption, which a mismatch leaves "elsewhere",
+    is its true one). ``"random"`` gives each source the caption of a random other
+    source row; ``"similar"`` the caption of one of the ``similar_k`` sources whose
+    image is nearest to its own (another image in both cases).
+
+    Parameters
+    ----------
+    score : ndarray, shape (n,)
+        :attr:`PairScores.score` (NaN rows are never used).
+    image_emb : ndarray, shape (n, d)
+        Image embeddings (for the similar kind).
+    image_group : array-like, optional
+        Image id per row (default: every row its own image).
+    n_plants : int
+        Plants of each kind, at most half the scored rows.
+    similar_k : int
+        Neighbourhood the similar caption is drawn from.
+    seed : int, Generator or None
+
+    Returns
+    -------
+    dict
+        ``{"random": (source_row, caption_row), "similar": (...)}``, int64 arrays; empty
+        when fewer than 4 rows are scored or all scored rows show one image.
+    """
+    from .neighbors import knn_search
+
+    rng = check_random_state(seed)
+    s = np.asarray(score, dtype=np.float64)
+    n = s.size
+    g = _codes(image_group, n, "image_group")
+    empty = np.empty(0, dtype=np.int64)
+    out = dict.fromkeys(PLANT_KINDS, (empty, empty))
+    scored = np.flatnonzero(np.isfinite(s))
+    if scored.size < 4:
+        return out
+    pool = scored[s[scored] >= np.median(s[scored])]
+    if np.unique(g[pool]).size < 2:
+        return out
+    m = int(min(n_plants, pool.size))
+    src = np.sort(rng.choice(pool, size=m, replace=False))
+    # random: another pool row of another image (redraw clashes; pool has >= 2 images)
+    dst = rng.choice(pool, size=m)
+    for _ in range(100):
+        bad = g[dst] == g[src]
+        if not bad.any():
+            break
+        dst[bad] = rng.choice(pool, size=int(bad.sum()))
+    keep = g[dst] != g[src]
+    out["random"] = (src[keep], dst[keep])
+    # similar: one of the nearest pool images of another image
+    x = np.asarray(image_emb, dtype=np.float32)
+    norms, ok = _row_norms(x)
+    base = _unit_rows(x, norms, pool)
+    per_group = int(np.bincount(g[pool]).max())
+    kk = min(pool.size, similar_k + per_group)
+    _, idx = knn_search(_unit_rows(x, norms, src), base, kk, seed=None)
+    cand = np.where(idx >= 0, pool[np.maximum(idx, 0)], -1)
+    allowed = (idx >= 0) & (g[np.maximum(cand, 0)] != g[src][:, None])
+    rank = np.cumsum(allowed, axis=1)
+    n_allowed = np.minimum(rank[:, -1], similar_k)
+    has = n_allowed > 0
+    pick = np.zeros(m, dtype=np.int64)
+    pick[has] = rng.integers(0, n_allowed[has]) + 1  # the pick-th allowed neighbour
+    col = np.argmax(allowed & (rank == pick[:, None]), axis=1)
+    sim_dst = cand[np.arange(m), col]
+    out["similar"] = (src[has], sim_dst[has])
+    return out
