@@ -174,3 +174,27 @@ def test_command_line_options_win_over_config_file(dataset, tmp_path):
     assert used["seed"] == 8 and used["audit"]["threshold"] == 0.6
     # only in the file: the file's value, not the option's default (k=3)
     assert used["audit"]["k"] == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("- audit\n- threshold: 0.3\n", "expected a mapping of settings"),
+        ("audit:\n  k: three\n", "audit.k must be an integer"),
+        ('audit:\n  threshold: "0.3"\n', "audit.threshold must be a number"),
+        ("seed: [1, 2]\n", "seed must be an integer"),
+        ("embed:\n  - model\n", "section 'embed' must be a mapping"),
+    ],
+)
+def test_config_file_of_the_wrong_shape_is_one_line_naming_the_key(dataset, tmp_path, text, named):
+    manifest, emb = dataset
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text, encoding="utf-8")
+    args = ["scan", str(manifest), "--embeddings", str(emb), "--out", str(tmp_path / "out")]
+    res = runner.invoke(app, [*args, "--config", str(cfg)])
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    message = " ".join(res.stderr.split())
+    assert named in message and "cfg.yaml" in message, message
+    assert "Unexpected" not in message and "bug" not in message
