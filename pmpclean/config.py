@@ -234,8 +234,11 @@ def _kind_of(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def load_config(path: str | Path) -> ScanConfig:
-    """Read a ``config.yaml`` or ``config.json`` written by an earlier run (or by hand)."""
+def load_config(path: str | Path, *, base: ScanConfig | None = None) -> ScanConfig:
+    """Read a ``config.yaml`` or ``config.json`` written by an earlier run (or by hand).
+
+    Settings the file leaves out take their value in ``base`` (default: the defaults).
+    """
     import json
 
     import yaml
@@ -255,4 +258,6 @@ def load_config(path: str | Path) -> ScanConfig:
     if isinstance(raw, dict):
         # a config.yaml written by pmpclean carries provenance keys next to the settings
         raw = {k: v for k, v in raw.items() if k not in {"pmpclean_version", "manifest"}}
+        if base is not None:
+            raw = _merge(config_to_dict(base), raw)
     return config_from_dict(raw, source=f"Config file {p}", check_types=True)
