@@ -272,6 +272,14 @@ def test_rematch_rescans_a_stale_scan_and_says_what_changed(dataset, tmp_path):
     assert not same["scanned_now"] and same["scanned_because"] is None
     # a setting that only chooses the action does not need a new scan
     assert not apply("cut", "--min-confidence", "0.9")["scanned_now"]
+    action_only = tmp_path / "action.yaml"
+    action_only.write_text("audit:\n  min_confidence: 0.9\n  review_margin: 0.5\n")
+    by_file = apply("cut2", "--config", str(action_only))
+    assert not by_file["scanned_now"] and by_file["min_confidence"] == 0.9
+    # margin 0.5 below the threshold 0.5: every flagged pair without a proposal is review
+    assert same["action_counts"]["review"] == 0 and same["action_counts"]["drop"] > 0
+    counts = by_file["action_counts"]
+    assert counts["drop"] == 0 and counts["review"] > same["action_counts"]["drop"]
     # the same embeddings under another name are the same input
     copy = tmp_path / "copy.npz"
     copy.write_bytes(emb.read_bytes())
@@ -382,7 +390,7 @@ def test_a_second_writer_of_an_output_fails_at_once_until_the_first_ends(dataset
             f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
             "print('locked', flush=True)\n"
-            "time.sleep(120)\n",
+            "time.sleep(60)\n",
         ],
         stdout=subprocess.PIPE,
         text=True,
