@@ -35,6 +35,8 @@ __all__ = [
     "embed",
     "corrupt",
     "default_out_dir",
+    "scan_fingerprint",
+    "saved_scan_config",
     "AUDIT_COLUMNS",
     "ACTIONS",
     "POLICIES",
