@@ -1264,6 +1264,9 @@ def corrupt(
     the original row of the caption now at each row, so ``scan --truth-col`` can score
     the audit.
     """
+    from .data import read_table, write_table
+    from .noise import corrupt_frame
+
     src = Path(source)
     out_path = Path(out)
     if out_path.resolve() == src.resolve():
@@ -1275,74 +1278,43 @@ def corrupt(
     if not 0.0 <= rate <= 1.0:
         raise ConfigError(f"rate must lie in [0, 1], got {rate}.")
     with claim_output(out_path, folder=False):  # writable and ours before any work
-        return _corrupt(
-            src,
-            out_path,
+        frame = read_table(src)
+        for col in (image_col, text_col):
+            if col not in frame.columns:
+                raise DatasetError(
+                    f"Column {col!r} not found in {src}; columns present: "
+                    f"{', '.join(map(str, frame.columns))}."
+                )
+        if truth_col in frame.columns:
+            raise DatasetError(
+                f"{src} already has a {truth_col!r} column; "
+                "pass --truth-col NAME to choose another name."
+            )
+        kwargs: dict[str, Any] = {}
+        if embeddings is not None:
+            from .embedding import load_embeddings
+
+            kwargs["embeddings"] = load_embeddings(embeddings, len(frame))
+        noisy = corrupt_frame(
+            frame,
             rate=rate,
             mode=mode,
-            seed=seed,
-            image_col=image_col,
             text_col=text_col,
+            image_col=image_col,
             truth_col=truth_col,
-            force=force,
-            embeddings=embeddings,
+            seed=seed,
+            **kwargs,
         )
-
-
-def _corrupt(
-    src: Path,
-    out_path: Path,
-    *,
-    rate: float,
-    mode: str,
-    seed: int | None,
-    image_col: str,
-    text_col: str,
-    truth_col: str,
-    force: bool,
-    embeddings: str | Path | None,
-) -> CorruptResult:
-    """The work of :func:`corrupt` once ``out`` is claimed."""
-    from .data import read_table, write_table
-    from .noise import corrupt_frame
-
-    frame = read_table(src)
-    for col in (image_col, text_col):
-        if col not in frame.columns:
-            raise DatasetError(
-                f"Column {col!r} not found in {src}; columns present: "
-                f"{', '.join(map(str, frame.columns))}."
-            )
-    if truth_col in frame.columns:
-        raise DatasetError(
-            f"{src} already has a {truth_col!r} column; "
-            "pass --truth-col NAME to choose another name."
-        )
-    kwargs: dict[str, Any] = {}
-    if embeddings is not None:
-        from .embedding import load_embeddings
-
-        kwargs["embeddings"] = load_embeddings(embeddings, len(frame))
-    noisy = corrupt_frame(
-        frame,
-        rate=rate,
-        mode=mode,
-        text_col=text_col,
-        image_col=image_col,
-        truth_col=truth_col,
-        seed=seed,
-        **kwargs,
-    )
-    write_table(noisy, out_path, force=force)
-    truth = noisy[truth_col].to_numpy()
-    info = {
-        "manifest": str(src),
-        "file": str(out_path),
-        "n_rows": int(len(noisy)),
-        "n_corrupted": int((truth != np.arange(len(noisy))).sum()),
-        "rate": rate,
-        "mode": mode,
-        "seed": seed,
-        "truth_col": truth_col,
-    }
-    return CorruptResult(frame=noisy, info=info, path=out_path)
+        write_table(noisy, out_path, force=force)
+        truth = noisy[truth_col].to_numpy()
+        info = {
+            "manifest": str(src),
+            "file": str(out_path),
+            "n_rows": int(len(noisy)),
+            "n_corrupted": int((truth != np.arange(len(noisy))).sum()),
+            "rate": rate,
+            "mode": mode,
+            "seed": seed,
+            "truth_col": truth_col,
+        }
+        return CorruptResult(frame=noisy, info=info, path=out_path)
