@@ -432,9 +432,13 @@ def test_a_failed_command_removes_the_output_folder_it_created(dataset, tmp_path
     )
     assert res.exit_code == 1 and "picture" in res.stderr
     assert not (tmp_path / "n").exists()
+    args = ["finetune", str(tmp_path / "none.csv"), "--out", str(tmp_path / "f" / "model")]
+    res = runner.invoke(app, [*args, "--model", "pmpclean-tiny", "--pretrained", "none"])
+    assert res.exit_code == 1 and "none.csv" in res.stderr
+    assert not (tmp_path / "f").exists()
 
 
-@pytest.mark.parametrize("command", ["rematch", "corrupt", "embed"])
+@pytest.mark.parametrize("command", ["rematch", "corrupt", "embed", "finetune"])
 def test_an_unwritable_out_is_one_line_before_any_work(dataset, tmp_path, monkeypatch, command):
     import pmpclean.pipeline as pipeline
 
@@ -446,13 +450,14 @@ def test_an_unwritable_out_is_one_line_before_any_work(dataset, tmp_path, monkey
     monkeypatch.setattr(pipeline, "_embeddings", no_work)
     monkeypatch.setattr(pipeline, "_read", no_work)
     monkeypatch.setattr("pmpclean.data.read_table", no_work)
+    monkeypatch.setattr("pmpclean.training._run", no_work)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    out = blocker / ("out.npz" if command == "embed" else "out.csv")
+    out = blocker / {"embed": "out.npz", "finetune": "model"}.get(command, "out.csv")
     args = [command, str(manifest), "--out", str(out)]
     if command == "rematch":
         args += ["--embeddings", str(emb), "--audit-dir", str(tmp_path / "audit")]
-    if command == "embed":
+    if command in ("embed", "finetune"):
         args += ["--model", "pmpclean-tiny", "--pretrained", "none"]
     res = runner.invoke(app, args)
     assert res.exit_code == 1
