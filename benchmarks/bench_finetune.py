@@ -217,7 +217,7 @@ def clean_manifest(
     cfg = ScanConfig(embed=embed, seed=seed)
     t0 = time.perf_counter()
     scan_dir = work / f"scan-{name}"
-    res = scan(noisy, config=cfg, out_dir=scan_dir)
+    res = scan(noisy, config=cfg, out_dir=scan_dir, force=True)  # --work may hold a run
     cleaned = noisy.parent / f"{name}.csv"
     rm = rematch(noisy, out=cleaned, policy="rematch", audit_dir=scan_dir, config=cfg, force=True)
     mix = res.summary.get("mixture") or {}

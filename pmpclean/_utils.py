@@ -16,12 +16,13 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, DatasetError
 
 __all__ = [
     "to_jsonable",
     "atomic_path",
     "atomic_open",
+    "claim_output",
     "check_random_state",
     "resolve_device",
     "seed_everything",
@@ -147,6 +148,108 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
     with atomic_path(path) as tmp:
         with open(tmp, mode, **kwargs) as fh:
             yield fh
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those created, deepest first."""
+    missing: list[Path] = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for p in reversed(missing):
+        p.mkdir()
+    return missing
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """Remove the folders a command created (deepest first) while they are empty."""
+    for p in created:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def _lock(lock_file: Path, target: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file``; fail at once when another process does.
+
+    The kernel releases the lock when its holder dies, so a crashed run leaves at most
+    an unlocked file behind, which the next run takes over. The file is removed on
+    release; a writer that opened it just before checks it still holds the file at
+    that path (else it retries on the new one).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, no protection
+        yield
+        return
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DatasetError(
+                f"{target} is being written by another pmpclean command (it holds the lock "
+                f"file {lock_file}); wait for that command to finish, or choose another --out."
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_file))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file after we opened it: lock the new one
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock_file.unlink()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def claim_output(path: str | os.PathLike[str], *, folder: bool) -> Iterator[Path]:
+    """Make ``path`` ready to be written, before any work, and hold it while writing.
+
+    ``path`` is an output folder (``folder=True``) or an output file. Its folder is
+    created when missing, a probe file checks that it is writable, and a lock file
+    (``.pmpclean.lock`` in an output folder, ``.<name>.pmpclean.lock`` beside an
+    output file) keeps a second pmpclean command from writing the same output at the
+    same time. When the block fails, the folders created here are removed again if
+    nothing was written into them.
+
+    Raises
+    ------
+    DatasetError
+        The folder cannot be created or written, or another command holds the lock.
+    """
+    target = Path(path).expanduser()
+    where = target if folder else target.parent
+    try:
+        created = _make_folders(where)
+    except OSError as exc:
+        raise DatasetError(
+            f"Cannot write to output folder {where}: it cannot be created "
+            f"({exc.strerror or exc}); pass --out with a writable folder."
+        ) from exc
+    try:
+        try:
+            _new_file_beside(where / "pmpclean-write-test").unlink()
+        except OSError as exc:
+            raise DatasetError(
+                f"Cannot write to output folder {where} ({exc.strerror or exc}); "
+                "pass --out with a writable folder."
+            ) from exc
+        lock_name = ".pmpclean.lock" if folder else f".{target.name}.pmpclean.lock"
+        with _lock(where / lock_name, target):
+            yield target
+    except BaseException:
+        _remove_if_empty(created)
+        raise
 
 
 def to_jsonable(obj: Any) -> Any:

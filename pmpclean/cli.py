@@ -203,16 +203,27 @@ _SETTINGS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
 }
 
 
-def _build_config(ctx: typer.Context, config_file: Path | None, **options: Any) -> ScanConfig:
+def _build_config(
+    ctx: typer.Context,
+    config_file: Path | None,
+    *,
+    base: ScanConfig | None = None,
+    **options: Any,
+) -> ScanConfig:
     """The ScanConfig of a command's options, passed by parameter name (see _SETTINGS).
 
-    Defaults < --config file < options given on the command line. Without a config
-    file every option passed is applied, given or defaulted.
+    Defaults < ``base`` (rematch: the settings of the scan it applies) < --config
+    file < options given on the command line. Without a base or a config file every
+    option passed is applied, given or defaulted.
     """
-    cfg = load_config(config_file) if config_file is not None else ScanConfig()
+    if config_file is not None:
+        cfg = load_config(config_file, base=base)
+    else:
+        cfg = base or ScanConfig()
+    only_given = config_file is not None or base is not None
     changes: dict[str, Any] = {}
     for param, value in options.items():
-        if config_file is None or _explicit(ctx, param):
+        if not only_given or _explicit(ctx, param):
             key, convert = _SETTINGS[param]
             changes[key] = value if convert is None else convert(value)
     return cfg.replace(**changes) if changes else cfg
@@ -367,6 +378,9 @@ def scan(
     ] = 24,
     seed: SeedOpt = 0,
     config_file: ConfigOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an audit already in the output folder.")
+    ] = False,
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
@@ -409,7 +423,7 @@ def scan(
         seed_everything(cfg.seed)
         _warn_remote_images(output)
         with output.progress() as progress:
-            result = run_scan(manifest, config=cfg, out_dir=out, progress=progress)
+            result = run_scan(manifest, config=cfg, out_dir=out, force=force, progress=progress)
         for message in result.summary.get("warnings", []):
             output.warning(message)
         output.scan_summary(result.summary, result.audit)
@@ -510,16 +524,24 @@ def rematch(
     """Write a cleaned manifest from the latest scan (scanning first when needed).
 
     Every input row lands in exactly one of the cleaned manifest and the dropped file.
-    The input is never modified; existing outputs are kept unless --force.
+    The input is never modified; existing outputs are kept unless --force. Options not
+    given keep the values of the scan in --audit-dir; when the manifest, the embeddings,
+    the model or a setting that changes the audit differs from that scan's, the
+    manifest is scanned again and the summary says which. --min-confidence never needs
+    a new scan.
     """
     from ._utils import seed_everything
+    from .pipeline import default_out_dir, saved_scan_config
     from .pipeline import rematch as run_rematch
 
     output = _output(fmt, quiet)
     with _run(output):
+        # options not given keep the values of the scan being applied
+        scanned = saved_scan_config(audit_dir if audit_dir else default_out_dir(manifest))
         cfg = _build_config(
             ctx,
             config_file,
+            base=scanned,
             image_col=image_col,
             text_col=text_col,
             label_col=label_col,

@@ -8,6 +8,7 @@ below. Every output folder gets a ``config.yaml`` holding the resolved settings,
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -137,40 +138,111 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 _SECTIONS = {"data": DataConfig, "embed": EmbedConfig, "audit": AuditConfig, "labels": LabelConfig}
 
 
-def config_from_dict(raw: dict[str, Any], *, source: str = "settings") -> ScanConfig:
-    """Build a :class:`ScanConfig` from a nested dict, rejecting unknown keys by name."""
+_KINDS: dict[type, str] = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+}
+
+
+def _field_kinds(cls: type) -> dict[str, tuple[tuple[type, ...], bool]]:
+    """Each field's accepted plain types (from its annotation) and whether null is allowed."""
+    out: dict[str, tuple[tuple[type, ...], bool]] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) or (hint,)
+        kinds = tuple(a for a in args if a in _KINDS)
+        if kinds:  # nested sections (dataclasses) are checked by config_from_dict itself
+            out[name] = (kinds, type(None) in args)
+    return out
+
+
+def _checked(value: Any, kinds: tuple[tuple[type, ...], bool], key: str, source: str) -> Any:
+    """``value`` if it has one of the field's types (an integer counts as a number)."""
+    types, nullable = kinds
+    if value is None and nullable:
+        return value
+    if isinstance(value, bool):
+        ok = bool in types
+    elif isinstance(value, int):
+        ok = int in types or float in types
+        if ok and int not in types:
+            value = float(value)
+    else:
+        ok = isinstance(value, tuple(t for t in types if t is not bool and t is not int))
+    if not ok:
+        expected = " or ".join(_KINDS[t] for t in types) + (" or null" if nullable else "")
+        raise ConfigError(
+            f"{source}: {key} must be {expected}, got {value!r} ({type(value).__name__}); "
+            "fix or remove that line (a setting left out takes its default)."
+        )
+    return value
+
+
+def config_from_dict(
+    raw: dict[str, Any], *, source: str = "settings", check_types: bool = False
+) -> ScanConfig:
+    """Build a :class:`ScanConfig` from a nested dict, rejecting unknown keys by name.
+
+    With ``check_types`` (a settings file) every value must have its field's type
+    (``k: three`` is refused naming ``audit.k`` and ``source``); values given from
+    Python are range-checked where they are used.
+    """
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}.")
+        raise ConfigError(
+            f"{source}: expected a mapping of settings (e.g. 'audit:' then '  threshold: 0.5'), "
+            f"got {_kind_of(raw)}; pass the config.yaml of an earlier scan."
+        )
     top_names = {f.name for f in fields(ScanConfig)}
-    unknown = sorted(set(raw) - top_names)
+    unknown = sorted(set(raw) - top_names, key=str)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown setting(s) {', '.join(unknown)}; "
+            f"{source}: unknown setting(s) {', '.join(map(str, unknown))}; "
             f"known: {', '.join(sorted(top_names))}."
         )
+    top_kinds = _field_kinds(ScanConfig) if check_types else {}
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         cls = _SECTIONS.get(name)
         if cls is None:
-            kwargs[name] = value
+            kinds = top_kinds.get(name)
+            kwargs[name] = value if kinds is None else _checked(value, kinds, name, source)
             continue
         if value is None:
             continue
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: section {name!r} must be a mapping.")
+            raise ConfigError(
+                f"{source}: section {name!r} must be a mapping of settings "
+                f"(e.g. '{name}:' then indented 'key: value' lines), got {_kind_of(value)}."
+            )
         known = {f.name for f in fields(cls)}
-        bad = sorted(set(value) - known)
+        bad = sorted(set(value) - known, key=str)
         if bad:
             raise ConfigError(
                 f"{source}: unknown setting(s) {', '.join(f'{name}.{b}' for b in bad)}; "
                 f"known in {name}: {', '.join(sorted(known))}."
             )
+        if check_types:
+            kinds_of = _field_kinds(cls)
+            value = {
+                k: _checked(v, kinds_of[k], f"{name}.{k}", source) if k in kinds_of else v
+                for k, v in value.items()
+            }
         kwargs[name] = cls(**value)
     return ScanConfig(**kwargs)
 
 
-def load_config(path: str | Path) -> ScanConfig:
-    """Read a ``config.yaml`` or ``config.json`` written by an earlier run (or by hand)."""
+def _kind_of(value: Any) -> str:
+    """'a list', 'a string', ... for messages about YAML content."""
+    names = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+    return names.get(type(value), type(value).__name__)
+
+
+def load_config(path: str | Path, *, base: ScanConfig | None = None) -> ScanConfig:
+    """Read a ``config.yaml`` or ``config.json`` written by an earlier run (or by hand).
+
+    Settings the file leaves out take their value in ``base`` (default: the defaults).
+    """
     import json
 
     import yaml
@@ -185,7 +257,11 @@ def load_config(path: str | Path) -> ScanConfig:
         raw = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"Config file {p} could not be parsed: {exc}") from exc
-    raw = raw or {}
-    # a config.yaml written by pmpclean carries provenance keys next to the settings
-    raw = {k: v for k, v in raw.items() if k not in {"pmpclean_version", "manifest"}}
-    return config_from_dict(raw, source=str(p))
+    if raw is None:  # an empty file: every default
+        raw = {}
+    if isinstance(raw, dict):
+        # a config.yaml written by pmpclean carries provenance keys next to the settings
+        raw = {k: v for k, v in raw.items() if k not in {"pmpclean_version", "manifest"}}
+        if base is not None:
+            raw = _merge(config_to_dict(base), raw)
+    return config_from_dict(raw, source=f"Config file {p}", check_types=True)

@@ -7,6 +7,7 @@ the optional ``progress(stage, done, total)`` callback.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -20,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from ._utils import Timer, atomic_open, atomic_path, to_jsonable
-from .config import ScanConfig, config_to_dict
+from ._utils import Timer, atomic_open, atomic_path, claim_output, to_jsonable
+from .config import ScanConfig, config_from_dict, config_to_dict
 from .errors import ConfigError, DatasetError
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "embed",
     "corrupt",
     "default_out_dir",
+    "scan_fingerprint",
+    "saved_scan_config",
     "AUDIT_COLUMNS",
     "ACTIONS",
     "POLICIES",
@@ -53,6 +56,8 @@ AUDIT_COLUMNS = (
     "proposed_row",
     "proposed_caption",
     "rematch_confidence",
+    "candidate_row",
+    "candidate_confidence",
     "action",
 )
 ACTIONS = ("keep", "rematch", "drop", "review")
@@ -144,19 +149,6 @@ def _versions() -> dict[str, str]:
             except metadata.PackageNotFoundError:
                 continue
     return out
-
-
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".pmpclean-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise DatasetError(
-            f"Cannot write to output folder {out_dir} ({exc.strerror or exc}); "
-            "pass --out DIR with a writable folder."
-        ) from exc
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -369,6 +361,7 @@ def scan(
     config: ScanConfig | None = None,
     out_dir: str | Path | None = None,
     write: bool = True,
+    force: bool = False,
     progress: Progress | None = None,
 ) -> ScanResult:
     """Audit a dataset: score every pair, flag mismatches, propose rematches, audit labels.
@@ -383,6 +376,8 @@ def scan(
         Where to write the audit (default: ``<manifest stem>.pmpclean/`` beside it).
     write : bool
         Write audit.parquet, audit.csv, summary.json, config.yaml and report.html.
+    force : bool
+        Replace an audit already in ``out_dir`` (without it, that is an error).
     progress : callable, optional
         ``progress(stage, done, total)`` for progress bars.
 
@@ -392,13 +387,13 @@ def scan(
         ``audit`` has one row per input row, in input order: the input columns
         unchanged, then ``row``, ``status``, ``match_score`` ([0, 1], higher = more
         likely a true pair), ``is_mismatched``, ``proposed_row`` (-1 when none),
-        ``proposed_caption``, ``rematch_confidence`` ([0, 1], 0 when none) and
+        ``proposed_caption``, ``rematch_confidence`` ([0, 1], 0 when none),
+        ``candidate_row`` and ``candidate_confidence`` (the proposal before the
+        ``min_confidence`` cut, so that ``rematch`` can apply another cut) and
         ``action`` (keep / rematch / drop / review).
     """
     cfg = config or ScanConfig()
     _validate_audit_config(cfg)
-    timer = Timer()
-    warn_list: list[str] = []
 
     if isinstance(source, pd.DataFrame):
         manifest_path: Path | None = None
@@ -406,9 +401,36 @@ def scan(
             raise ConfigError("scan() of a DataFrame needs out_dir=... (or write=False).")
     else:
         manifest_path = Path(source)
-    if write:
-        target = Path(out_dir) if out_dir is not None else default_out_dir(manifest_path)  # type: ignore[arg-type]
-        _check_writable(target)
+    if not write:
+        return _scan(source, manifest_path, cfg, None, progress)
+    target = Path(out_dir) if out_dir is not None else default_out_dir(manifest_path)  # type: ignore[arg-type]
+    with claim_output(target, folder=True):  # writable and ours before any work
+        _refuse_existing_scan(target, force=force)
+        return _scan(source, manifest_path, cfg, target, progress)
+
+
+_SCAN_FILES = ("audit.parquet", "audit.csv", "summary.json", "config.yaml", "report.html")
+
+
+def _refuse_existing_scan(target: Path, *, force: bool) -> None:
+    found = [name for name in _SCAN_FILES if (target / name).exists()]
+    if found and not force:
+        raise DatasetError(
+            f"{target} already holds an audit ({', '.join(found)}); pass --force to replace "
+            "it, or --out with another folder."
+        )
+
+
+def _scan(
+    source: str | Path | pd.DataFrame,
+    manifest_path: Path | None,
+    cfg: ScanConfig,
+    target: Path | None,
+    progress: Progress | None,
+) -> ScanResult:
+    """The work of :func:`scan`; writes the audit to ``target`` unless it is None."""
+    timer = Timer()
+    warn_list: list[str] = []
 
     with timer("read"):
         manifest = _read(source, cfg)
@@ -441,6 +463,8 @@ def scan(
     is_mismatched = np.zeros(n, dtype=bool)
     proposed_row = np.full(n, -1, dtype=np.int64)
     confidence = np.zeros(n, dtype=np.float64)
+    candidate_row = np.full(n, -1, dtype=np.int64)  # every proposal, before the cut
+    candidate_confidence = np.zeros(n, dtype=np.float64)
     split_info: dict[str, Any] = {}
     rematch_info: dict[str, Any] | None = None
     pair_audit = True
@@ -530,6 +554,8 @@ def scan(
                 )
             proposed_row = np.asarray(rm.proposed_row, dtype=np.int64)
             confidence = np.asarray(rm.rematch_confidence, dtype=np.float64)
+            candidate_row = np.asarray(rm.candidate_row, dtype=np.int64)
+            candidate_confidence = np.asarray(rm.candidate_confidence, dtype=np.float64)
             rematch_info = dict(rm.info)
             rematch_info["n_suspects"] = int(is_mismatched.sum())
             rematch_info["n_proposed"] = int((proposed_row >= 0).sum())
@@ -561,6 +587,8 @@ def scan(
     audit["proposed_row"] = proposed_row
     audit["proposed_caption"] = proposed_caption.astype(object)
     audit["rematch_confidence"] = confidence
+    audit["candidate_row"] = candidate_row
+    audit["candidate_confidence"] = candidate_confidence
     audit["action"] = action
 
     labels_summary = None
@@ -579,6 +607,7 @@ def scan(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "manifest": str(manifest_path.resolve()) if manifest_path else None,
         "manifest_sha256": _file_sha256(manifest_path) if manifest_path else None,
+        "fingerprint": scan_fingerprint(manifest_path, cfg) if manifest_path else None,
         "n_rows": n,
         "input_columns": [str(c) for c in frame.columns],
         "n_scored": n_valid if pair_audit else 0,
@@ -604,12 +633,12 @@ def scan(
         "warnings": warn_list,
     }
     result = ScanResult(audit=audit, summary=summary, out_dir=None)
-    if write:
+    if target is not None:
         with timer("write"):
             _write_scan(result, target, cfg)
     summary["timings"] = {k: round(v, 4) for k, v in timer.seconds.items()}
     summary["stage_spans"] = [[name, round(a, 3), round(b, 3)] for name, a, b in timer.spans]
-    if write:
+    if target is not None:
         write_json(target / "summary.json", summary)
     return result
 
@@ -813,19 +842,146 @@ def _dropped_path(out: Path) -> Path:
     return out.with_name(f"{name[:first]}.dropped{name[first:]}")
 
 
-def _load_audit(source: Path, audit_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]] | None:
-    """The latest scan of ``source`` in ``audit_dir``, or None when absent or stale."""
-    summary_path = audit_dir / "summary.json"
-    audit_path = audit_dir / "audit.parquet"
-    if not (summary_path.is_file() and audit_path.is_file()):
+# Settings that leave the audit table as it is, so a scan made with other values is
+# still the scan to apply: how the work is done (device, batch size, workers, cache),
+# what report.html shows (gallery_size), the metrics against ground truth (truth_col,
+# summary.json only), and how rematch acts on the table (min_confidence, review_margin:
+# the action is chosen when the scan is applied). The embeddings file and the model
+# weights enter the fingerprint by what they are, not by their names.
+_NOT_FINGERPRINTED = frozenset(
+    {
+        "embed.embeddings",
+        "embed.model",
+        "embed.pretrained",
+        "embed.device",
+        "embed.batch_size",
+        "embed.workers",
+        "embed.cache_dir",
+        "embed.use_cache",
+        "data.truth_col",
+        "gallery_size",
+        "audit.min_confidence",
+        "audit.review_margin",
+    }
+)
+
+
+def _flat_settings(cfg: ScanConfig) -> dict[str, Any]:
+    """``{"audit.k": 3, ..., "seed": 0}``: every setting under its dotted name."""
+    out: dict[str, Any] = {}
+    for key, value in config_to_dict(cfg).items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def scan_fingerprint(manifest: str | Path, config: ScanConfig) -> dict[str, Any]:
+    """What determines a scan of ``manifest`` with ``config`` (stored in summary.json).
+
+    The manifest's SHA-256; the embeddings file's SHA-256 (with
+    ``embed.embeddings``) or else the model and its weights (an open_clip tag, or a
+    checkpoint file by path, size and modification time, as the embedding cache keys
+    it); every setting that changes the audit table (all but those in
+    ``_NOT_FINGERPRINTED``); and pmpclean's version. :func:`rematch` applies a scan
+    only when the fingerprint it would make now is the same.
+    """
+    e = config.embed
+    fingerprint: dict[str, Any] = {
+        "pmpclean_version": __version__,
+        "manifest_sha256": _file_sha256(Path(manifest)),
+    }
+    if e.embeddings is not None:
+        emb_path = Path(e.embeddings).expanduser()
+        if not emb_path.is_file():
+            raise DatasetError(
+                f"Embeddings file {emb_path} does not exist; pass --embeddings with the .npz "
+                "(or .parquet) written by 'pmpclean embed'."
+            )
+        fingerprint["embeddings_sha256"] = _file_sha256(emb_path)
+    else:
+        from .embedding import weights_fingerprint
+
+        fingerprint["model"] = weights_fingerprint(e.model, e.pretrained)
+    fingerprint["settings"] = {
+        k: v for k, v in _flat_settings(config).items() if k not in _NOT_FINGERPRINTED
+    }
+    return fingerprint
+
+
+def _fingerprint_changes(stored: Any, now: dict[str, Any]) -> list[str]:
+    """What differs between the fingerprint of a scan and the one of a scan made now."""
+    if not isinstance(stored, dict):
+        return ["it records no fingerprint of its inputs (an older pmpclean made it)"]
+    changes: list[str] = []
+    if stored.get("manifest_sha256") != now["manifest_sha256"]:
+        changes.append("the manifest changed since")
+    then_emb, now_emb = stored.get("embeddings_sha256"), now.get("embeddings_sha256")
+    if then_emb is not None and now_emb is not None:
+        if then_emb != now_emb:
+            changes.append("the embeddings file differs from the one it read")
+    elif then_emb is not None:
+        changes.append(f"it read an embeddings file, now model {now.get('model')} embeds")
+    elif now_emb is not None:
+        changes.append(f"model {stored.get('model')} embedded, now an embeddings file is given")
+    elif stored.get("model") != now.get("model"):
+        changes.append(f"model {stored.get('model')} embedded, now {now.get('model')}")
+    then_set, now_set = stored.get("settings") or {}, now["settings"]
+    for key in sorted(set(then_set) | set(now_set)):
+        if then_set.get(key, "(unset)") != now_set.get(key, "(unset)"):
+            changes.append(
+                f"{key} was {then_set.get(key, '(unset)')!r}, now {now_set.get(key, '(unset)')!r}"
+            )
+    if stored.get("pmpclean_version") != now["pmpclean_version"]:
+        changes.append(
+            f"pmpclean {stored.get('pmpclean_version')} made it, this is {now['pmpclean_version']}"
+        )
+    return changes
+
+
+def _read_summary(audit_dir: Path) -> dict[str, Any] | None:
+    """summary.json of a scan folder, or None when absent or unreadable."""
+    try:
+        summary = json.loads((audit_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def saved_scan_config(audit_dir: str | Path) -> ScanConfig | None:
+    """The settings of the scan in ``audit_dir``, or None when there is no readable scan.
+
+    ``pmpclean rematch`` starts from them: an option it is not given keeps the scan's
+    value, so applying a scan needs none of the options that made it.
+    """
+    summary = _read_summary(Path(audit_dir))
+    settings = summary.get("settings") if summary else None
+    if not isinstance(settings, dict):
         return None
     try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except ValueError:
+        return config_from_dict(settings)
+    except (ConfigError, TypeError):  # settings of another pmpclean version
         return None
-    if summary.get("manifest_sha256") != _file_sha256(source):
-        return None  # the manifest changed since that scan
-    return pd.read_parquet(audit_path), summary
+
+
+def _reusable_scan(
+    source: Path, audit_dir: Path, cfg: ScanConfig
+) -> tuple[tuple[pd.DataFrame, dict[str, Any]] | None, str]:
+    """The scan in ``audit_dir`` when a scan of ``source`` with ``cfg`` would repeat it.
+
+    Returns ``((audit, summary), "")``, or ``(None, why)`` when it is absent or stale.
+    """
+    audit_path = audit_dir / "audit.parquet"
+    if not (audit_dir / "summary.json").is_file() or not audit_path.is_file():
+        return None, f"there was no scan in {audit_dir}"
+    summary = _read_summary(audit_dir)
+    if summary is None:
+        return None, f"{audit_dir / 'summary.json'} could not be read"
+    changes = _fingerprint_changes(summary.get("fingerprint"), scan_fingerprint(source, cfg))
+    if changes:
+        return None, f"the scan in {audit_dir} is stale: " + "; ".join(changes)
+    return (pd.read_parquet(audit_path), summary), ""
 
 
 def _rebase_image_paths(
@@ -899,6 +1055,14 @@ def rematch(
     and ``<out stem>.dropped<ext>`` beside it. Both keep the input columns and add
     ``pmpclean_row`` (0-based input row) and ``pmpclean_action``.
 
+    The scan in ``audit_dir`` is applied when a scan made now would repeat it (same
+    :func:`scan_fingerprint`: manifest, embeddings or model weights, every setting
+    that changes the audit, pmpclean version); otherwise ``source`` is scanned again
+    into ``audit_dir`` and ``info["scanned_because"]`` says why. ``config=None``
+    takes the settings of the scan in ``audit_dir`` (the defaults when there is none).
+    The confidence cut and ``review_margin`` only choose the action, so a scan made at
+    another cut is applied as it is: the audit keeps every candidate proposal.
+
     Relative image paths are rewritten to resolve from the folder of ``out`` (they
     resolved from the manifest's folder, or ``root``), so the cleaned manifest can be
     read from where it is written; absolute paths and URLs are kept as they are.
@@ -924,9 +1088,8 @@ def rematch(
         raise DatasetError(f"Manifest {src} does not exist.")
     out_path = Path(out)
     dropped_path = _dropped_path(out_path)
-    import os
 
-    from .data import SUPPORTED_SUFFIXES, _table_format, write_table
+    from .data import SUPPORTED_SUFFIXES, _table_format
 
     if _table_format(out_path)[0] is None:
         raise ConfigError(
@@ -942,13 +1105,54 @@ def rematch(
             raise DatasetError(f"{p} already exists; pass --force to replace it.")
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"min_confidence must lie in [0, 1], got {min_confidence}.")
-
-    cfg = config or ScanConfig()
     a_dir = Path(audit_dir) if audit_dir is not None else default_out_dir(src)
-    loaded = None if rescan else _load_audit(src, a_dir)
+    # --out is writable and ours before any work (a dry run writes no --out)
+    with contextlib.nullcontext() if dry_run else claim_output(out_path, folder=False):
+        return _apply_scan(
+            src,
+            out_path,
+            dropped_path,
+            policy=policy,
+            min_confidence=min_confidence,
+            fix_labels=fix_labels,
+            force=force,
+            config=config,
+            audit_dir=a_dir,
+            rescan=rescan,
+            dry_run=dry_run,
+            progress=progress,
+        )
+
+
+def _apply_scan(
+    src: Path,
+    out_path: Path,
+    dropped_path: Path,
+    *,
+    policy: str,
+    min_confidence: float | None,
+    fix_labels: bool,
+    force: bool,
+    config: ScanConfig | None,
+    audit_dir: Path,
+    rescan: bool,
+    dry_run: bool,
+    progress: Progress | None,
+) -> RematchResult:
+    """The work of :func:`rematch` once its arguments are checked and ``out`` is claimed."""
+    import os
+
+    from .data import write_table
+
+    a_dir = audit_dir
+    cfg = config or saved_scan_config(a_dir) or ScanConfig()
+    if rescan:
+        loaded, why = None, "--rescan was given"
+    else:
+        loaded, why = _reusable_scan(src, a_dir, cfg)
     scanned = loaded is None
     if loaded is None:
-        res = scan(src, config=cfg, out_dir=a_dir, progress=progress)
+        res = scan(src, config=cfg, out_dir=a_dir, force=True, progress=progress)
         audit, summary = res.audit, res.summary
     else:
         audit, summary = loaded
@@ -959,19 +1163,28 @@ def rematch(
     text_col = settings.get("data", {}).get("text_col", cfg.data.text_col)
     label_col = settings.get("data", {}).get("label_col", cfg.data.label_col)
     threshold = float(settings.get("audit", {}).get("threshold", cfg.audit.threshold))
-    margin = float(settings.get("audit", {}).get("review_margin", cfg.audit.review_margin))
-    cut = (
-        float(min_confidence)
-        if min_confidence is not None
-        else float(settings.get("audit", {}).get("min_confidence", cfg.audit.min_confidence))
+    # the cut and the margin choose the action only: this call's values, not the scan's
+    margin = float(cfg.audit.review_margin)
+    cut = float(min_confidence) if min_confidence is not None else cfg.audit.min_confidence
+
+    # every candidate proposal is in the audit; the cut picks those applied
+    has_candidates = "candidate_row" in audit.columns
+    cand_row = audit["candidate_row" if has_candidates else "proposed_row"].to_numpy(np.int64)
+    cand_conf = audit["candidate_confidence" if has_candidates else "rematch_confidence"].to_numpy(
+        np.float64
     )
+    take = (cand_row >= 0) & (cand_conf >= cut)
+    proposed_row = np.where(take, cand_row, -1)
+    confidence = np.where(take, cand_conf, 0.0)
+    captions = audit[text_col].to_numpy(dtype=object)
+    proposed_caption = np.where(take, captions[np.maximum(cand_row, 0)], "")
 
     action = _actions(
         audit["status"].to_numpy(dtype=object),
         audit["match_score"].to_numpy(dtype=np.float64),
         audit["is_mismatched"].to_numpy(dtype=bool),
-        audit["proposed_row"].to_numpy(dtype=np.int64),
-        audit["rematch_confidence"].to_numpy(dtype=np.float64),
+        proposed_row,
+        confidence,
         threshold=threshold,
         review_margin=margin,
         min_confidence=cut,
@@ -984,20 +1197,22 @@ def rematch(
         rem = action == "rematch"
         old_caps = base[text_col].astype(object).to_numpy()
         new_caps = old_caps.copy()
-        new_caps[rem] = audit["proposed_caption"].to_numpy(dtype=object)[rem]
+        new_caps[rem] = proposed_caption[rem]
         base[text_col] = new_caps
         # what a rematch replaced, so that it can be reviewed or undone; other columns
         # that describe the caption (a caption_id, ...) still describe the old one
         base["pmpclean_original_caption"] = np.where(rem, old_caps, None)
-        from_row = pd.array(audit["proposed_row"].to_numpy(dtype=np.int64), dtype="Int64")
+        from_row = pd.array(proposed_row, dtype="Int64")  # the proposal at this cut
         from_row[~rem] = pd.NA
         base["pmpclean_caption_from_row"] = from_row
     elif policy == "drop":
         keep = action == "keep"
     else:
         keep = np.ones(len(base), dtype=bool)
-        for col in ("match_score", "is_mismatched", "proposed_caption", "rematch_confidence"):
-            base[f"pmpclean_{col}"] = audit[col].to_numpy()
+        base["pmpclean_match_score"] = audit["match_score"].to_numpy()
+        base["pmpclean_is_mismatched"] = audit["is_mismatched"].to_numpy()
+        base["pmpclean_proposed_caption"] = proposed_caption
+        base["pmpclean_rematch_confidence"] = confidence
     n_labels_fixed = 0
     if fix_labels:
         if not label_col or "is_label_issue" not in audit.columns:
@@ -1049,6 +1264,7 @@ def rematch(
         "n_image_paths_rebased": n_rebased,
         "action_counts": {a: int((action == a).sum()) for a in ACTIONS},
         "scanned_now": scanned,
+        "scanned_because": why if scanned else None,
         "audit_dir": str(a_dir),
         "dry_run": dry_run,
     }
@@ -1087,14 +1303,15 @@ def embed(
     if out_path.exists() and not force:
         raise DatasetError(f"{out_path} already exists; pass --force to replace it.")
     timer = Timer()
-    with timer("read"):
-        manifest = _read(src, cfg)
-    with timer("embed"):
-        emb, info = _embeddings(manifest, cfg, progress)
-    status = np.asarray(manifest.status, dtype=object)
-    with atomic_path(out_path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, image=emb.image, text=emb.text, status=status.astype(str))
+    with claim_output(out_path, folder=False):  # writable and ours before the model work
+        with timer("read"):
+            manifest = _read(src, cfg)
+        with timer("embed"):
+            emb, info = _embeddings(manifest, cfg, progress)
+        status = np.asarray(manifest.status, dtype=object)
+        with atomic_path(out_path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, image=emb.image, text=emb.text, status=status.astype(str))
     info.update(
         {
             "manifest": str(src),
@@ -1142,43 +1359,44 @@ def corrupt(
         raise DatasetError(f"{out_path} already exists; pass --force to replace it.")
     if not 0.0 <= rate <= 1.0:
         raise ConfigError(f"rate must lie in [0, 1], got {rate}.")
-    frame = read_table(src)
-    for col in (image_col, text_col):
-        if col not in frame.columns:
+    with claim_output(out_path, folder=False):  # writable and ours before any work
+        frame = read_table(src)
+        for col in (image_col, text_col):
+            if col not in frame.columns:
+                raise DatasetError(
+                    f"Column {col!r} not found in {src}; columns present: "
+                    f"{', '.join(map(str, frame.columns))}."
+                )
+        if truth_col in frame.columns:
             raise DatasetError(
-                f"Column {col!r} not found in {src}; columns present: "
-                f"{', '.join(map(str, frame.columns))}."
+                f"{src} already has a {truth_col!r} column; "
+                "pass --truth-col NAME to choose another name."
             )
-    if truth_col in frame.columns:
-        raise DatasetError(
-            f"{src} already has a {truth_col!r} column; "
-            "pass --truth-col NAME to choose another name."
-        )
-    kwargs: dict[str, Any] = {}
-    if embeddings is not None:
-        from .embedding import load_embeddings
+        kwargs: dict[str, Any] = {}
+        if embeddings is not None:
+            from .embedding import load_embeddings
 
-        kwargs["embeddings"] = load_embeddings(embeddings, len(frame))
-    noisy = corrupt_frame(
-        frame,
-        rate=rate,
-        mode=mode,
-        text_col=text_col,
-        image_col=image_col,
-        truth_col=truth_col,
-        seed=seed,
-        **kwargs,
-    )
-    write_table(noisy, out_path, force=force)
-    truth = noisy[truth_col].to_numpy()
-    info = {
-        "manifest": str(src),
-        "file": str(out_path),
-        "n_rows": int(len(noisy)),
-        "n_corrupted": int((truth != np.arange(len(noisy))).sum()),
-        "rate": rate,
-        "mode": mode,
-        "seed": seed,
-        "truth_col": truth_col,
-    }
-    return CorruptResult(frame=noisy, info=info, path=out_path)
+            kwargs["embeddings"] = load_embeddings(embeddings, len(frame))
+        noisy = corrupt_frame(
+            frame,
+            rate=rate,
+            mode=mode,
+            text_col=text_col,
+            image_col=image_col,
+            truth_col=truth_col,
+            seed=seed,
+            **kwargs,
+        )
+        write_table(noisy, out_path, force=force)
+        truth = noisy[truth_col].to_numpy()
+        info = {
+            "manifest": str(src),
+            "file": str(out_path),
+            "n_rows": int(len(noisy)),
+            "n_corrupted": int((truth != np.arange(len(noisy))).sum()),
+            "rate": rate,
+            "mode": mode,
+            "seed": seed,
+            "truth_col": truth_col,
+        }
+        return CorruptResult(frame=noisy, info=info, path=out_path)

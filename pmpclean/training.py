@@ -106,7 +106,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ._utils import Timer, atomic_open, atomic_path, resolve_device, to_jsonable
+from ._utils import Timer, atomic_open, atomic_path, claim_output, resolve_device, to_jsonable
 from .errors import ConfigError, DatasetError, ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1483,7 +1483,9 @@ def finetune(
     fork_devices: list[int] = []
     if device.startswith("cuda"):
         fork_devices = [torch.device(device).index or 0]
-    with torch.random.fork_rng(devices=fork_devices):
+    # out_dir is writable and ours (locked) before any work; removed again if created
+    # here and the run fails before writing into it
+    with torch.random.fork_rng(devices=fork_devices), claim_output(out_dir, folder=True):
         torch.manual_seed(cfg.seed)
         return _run(dataset, Path(out_dir), cfg, device, precision, progress)
 
