@@ -287,15 +287,20 @@ def _actions(
     threshold: float,
     review_margin: float,
     min_confidence: float,
+    undecided: bool = False,
 ) -> np.ndarray:
     """keep / rematch / drop / review for every row.
 
     Rows that could not be scored (status not ``ok``) get ``review``: nothing is known
-    about their pair, so a person decides.
+    about their pair, so a person decides. So do all rows when the audit is
+    ``undecided`` (the model cannot tell pairs apart).
     """
     action = np.full(len(status), "keep", dtype=object)
     scored = status == "ok"
     action[~scored] = "review"
+    if undecided:
+        action[:] = "review"
+        return action
     proposal = is_mismatched & (proposed_row >= 0) & (confidence >= min_confidence)
     action[proposal] = "rematch"
     no_proposal = is_mismatched & ~proposal
@@ -572,9 +577,8 @@ def _scan(
         threshold=cfg.audit.threshold,
         review_margin=cfg.audit.review_margin,
         min_confidence=cfg.audit.min_confidence,
+        undecided=split_info.get("verdict") == "undecided",
     )
-    if split_info.get("verdict") == "undecided":
-        action[status == "ok"] = "review"  # the model cannot tell; a person decides
 
     audit = frame.copy()
     audit["row"] = np.arange(n, dtype=np.int64)
@@ -1188,6 +1192,7 @@ def _apply_scan(
         threshold=threshold,
         review_margin=margin,
         min_confidence=cut,
+        undecided=summary.get("verdict") == "undecided",
     )
     base = audit[input_cols].copy()
     base["pmpclean_row"] = audit["row"].to_numpy()
@@ -1207,7 +1212,10 @@ def _apply_scan(
         base["pmpclean_caption_from_row"] = from_row
     elif policy == "drop":
         keep = action == "keep"
-    else:
+    if policy != "flag" and summary.get("verdict") == "undecided":
+        # the model cannot tell pairs apart: nothing is removed on its word
+        keep = audit["status"].to_numpy(dtype=object) == "ok"
+    if policy not in ("rematch", "drop"):
         keep = np.ones(len(base), dtype=bool)
         base["pmpclean_match_score"] = audit["match_score"].to_numpy()
         base["pmpclean_is_mismatched"] = audit["is_mismatched"].to_numpy()

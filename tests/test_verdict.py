@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import pmpclean
@@ -125,6 +126,13 @@ def test_scan_with_a_model_that_sees_nothing_is_undecided(tmp_path: Path) -> Non
     assert any("cannot audit" in w for w in summary["warnings"])
     html = (tmp_path / "out" / "report.html").read_text()
     assert "this model cannot audit this data" in html
+    # the rematch command reuses the scan and keeps every row for review too
+    out = tmp_path / "cleaned.csv"
+    pmpclean.rematch(tmp_path / "data.csv", out=out, audit_dir=tmp_path / "out", min_confidence=0.0)
+    cleaned = pd.read_csv(out)
+    assert len(cleaned) == len(audit)  # nothing removed on a blind model's word
+    assert set(cleaned["pmpclean_action"]) == {"review"}
+    assert cleaned["caption"].tolist() == audit["caption"].tolist()
 
 
 def test_identical_captions_are_undecided(tmp_path: Path) -> None:
