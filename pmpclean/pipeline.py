@@ -36,6 +36,7 @@ __all__ = [
     "corrupt",
     "default_out_dir",
     "scan_fingerprint",
+    "split_scores",
     "saved_scan_config",
     "AUDIT_COLUMNS",
     "ACTIONS",
@@ -514,7 +515,7 @@ def _scan(
         similarity = np.asarray(ps.similarity, dtype=np.float64)
         pair_score = np.asarray(ps.score, dtype=np.float64)
         with timer("split"):
-            sp = _split(img, txt, pair_score, image_group, text_group, valid, cfg)
+            sp = split_scores(img, txt, pair_score, image_group, text_group, valid, cfg)
         match_score = np.asarray(sp.match_score, dtype=np.float64)
         is_mismatched = np.asarray(sp.is_mismatched, dtype=bool) & valid
         mix = sp.mixture or {}
@@ -652,7 +653,7 @@ def _finite_or_none(value: float) -> float | None:
     return v if np.isfinite(v) else None
 
 
-def _split(
+def split_scores(
     img: np.ndarray,
     txt: np.ndarray,
     pair_score: np.ndarray,
@@ -661,7 +662,10 @@ def _split(
     valid: np.ndarray,
     cfg: ScanConfig,
 ) -> Any:
-    """The clean/suspect split: calibrated by planted mismatches when there are enough.
+    """The clean/suspect split of :func:`scan`, calibrated by planted mismatches.
+
+    ``pair_score`` is :attr:`pmpclean.score.PairScores.score` of the same rows; the
+    result is a :class:`pmpclean.split.Split` with the verdict.
 
     With ``audit.plants`` > 0 and at least 20 plants of each kind (about 40 scored rows),
     :func:`pmpclean.split.calibrated_split`; otherwise the bimodality mixture of
