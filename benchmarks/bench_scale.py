@@ -171,6 +171,8 @@ def run_one(manifest: Path, emb: Path, out: Path, seed: int, changes: dict) -> d
             k: (ev.get("detection") or {}).get(k) for k in ("f1", "precision", "recall", "auroc")
         },
         "detection_f1": (ev.get("detection") or {}).get("f1"),
+        "verdict": res.summary.get("verdict"),
+        "estimated_noise_rate_interval": res.summary.get("estimated_noise_rate_interval"),
         "rematch": ev.get("rematch"),
         "n_proposed": rem.get("n_proposed"),
         "rematch_timings": rem.get("timings"),
@@ -267,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tag", default="", help="label of this configuration in the results")
     ap.add_argument("--exact-search-max", type=int, default=None, help="audit.exact_search_max")
     ap.add_argument("--nprobe", type=int, default=None, help="audit.search_nprobe")
+    ap.add_argument(
+        "--plants", type=int, default=None, help="audit.plants (0: the split before calibration)"
+    )
     ap.add_argument("--child", nargs=3, metavar=("MANIFEST", "EMB", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--changes", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -279,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         changes["audit__exact_search_max"] = args.exact_search_max
     if args.nprobe is not None:
         changes["audit__search_nprobe"] = args.nprobe
+    if args.plants is not None:
+        changes["audit__plants"] = args.plants
     command = "python benchmarks/bench_scale.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )

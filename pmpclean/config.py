@@ -68,8 +68,10 @@ class AuditConfig:
     cost: str = "learned"  # learned | fixed | paper: similarity-to-cost mapping
     candidates: int | None = None  # caption candidates per suspect image (None: 32)
     block_size: int | None = None  # largest dense transport matrix per side (None: 4096)
-    # proposals below this rematch_confidence are withheld (0.6: precision >= 0.95 measured)
-    min_confidence: float = 0.6
+    # proposals below this rematch_confidence are withheld; the confidence is the share of
+    # planted proposals at that confidence that were right (0.8: precision 0.93-0.95 on
+    # Flickr8k shuffle and mixed noise, benchmarks/results/rematch_calibration.md)
+    min_confidence: float = 0.8
     # Up to this many images (captions), a pair's dataset alternatives are found by exact
     # search; above it by an approximate inverted-file search (cost ~ n^1.5 instead of n^2).
     exact_search_max: int = 20_000

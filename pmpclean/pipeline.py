@@ -496,7 +496,7 @@ def _scan(
         )
 
     if pair_audit:
-        from .rematching import rematch as _rematch
+        from .rematching import calibrated_rematch
         from .score import pair_scores
 
         with timer("score"):
@@ -540,7 +540,7 @@ def _scan(
         }
         if cfg.audit.rematch and sp.verdict != "undecided":
             with timer("rematch"):
-                rm = _rematch(
+                rm = calibrated_rematch(
                     img,
                     txt,
                     is_mismatched,

@@ -77,6 +77,7 @@ __all__ = [
     "SOLVERS",
     "Rematch",
     "rematch",
+    "calibrated_rematch",
     "partial_transport",
 ]
 
@@ -1554,3 +1555,142 @@ def _fit_paper(img_e, txt_e, sus, val, clean, n, blocks, bsz, rng, info) -> Pape
     net = fit_paper_cost(np.stack(sims_t), np.stack(sup_t))
     info["cost_fit"] = dict(net.info)
     return net
+
+
+#: Clean pairs planted among the suspects by :func:`calibrated_rematch`.
+N_PLANTED = 1000
+#: Fewest planted proposals a calibration is fitted on.
+_MIN_CALIBRATION = 20
+
+
+def calibrated_rematch(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    suspects: np.ndarray,
+    *,
+    image_group: np.ndarray | None = None,
+    text_group: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    clean: np.ndarray | None = None,
+    n_planted: int = N_PLANTED,
+    min_confidence: float = 0.6,
+    seed: int | np.random.Generator | None = None,
+    progress: Progress | None = None,
+    **kwargs: object,
+) -> Rematch:
+    """:func:`rematch` whose confidence is a probability, measured on planted pairs.
+
+    Clean pairs of images without a suspect row (:func:`plantable_rows`, at most
+    ``n_planted``) are planted among the suspects with their captions deranged among
+    themselves, and transported with them: each planted image has one right caption,
+    so the proposals the plan makes for them are labelled. An isotonic regression of
+    "right" on the plan's confidence over those proposals maps every confidence to the
+    share of proposals that are right at that confidence; ``rematch_confidence`` is that
+    share, and a proposal is offered when it reaches ``min_confidence``. When the planted
+    pairs do not come back (a model that cannot tell captions apart), no confidence
+    reaches the cut and nothing is proposed. Proposals of planted captions to real
+    suspects are dropped.
+
+    With fewer than 20 planted proposals the plan's own confidence is kept and
+    ``info["calibration"]["reason"]`` says why.
+
+    Parameters
+    ----------
+    image_emb, text_emb, suspects, image_group, text_group, valid, clean, seed, progress
+        As in :func:`rematch`.
+    n_planted : int
+        Most clean pairs planted.
+    min_confidence : float
+        Cut on the calibrated confidence.
+    **kwargs
+        Further :func:`rematch` settings (``mass``, ``reg``, ``cost``, ``k``, ...).
+
+    Returns
+    -------
+    Rematch
+        ``info["calibration"]``: ``n_planted``, ``n_answered``, ``precision`` (of the
+        planted proposals at any confidence), ``reliability`` (bins of 0.1 of the
+        calibrated confidence: proposals and share right, on the planted pairs).
+    """
+    from sklearn.isotonic import IsotonicRegression
+
+    img = np.asarray(image_emb)
+    txt = np.asarray(text_emb)
+    n = img.shape[0]
+    sus = _as_mask(suspects, n, "suspects")
+    ig = np.unique(
+        np.arange(n) if image_group is None else np.asarray(image_group), return_inverse=True
+    )[1].ravel()
+    tg = np.unique(
+        np.arange(n) if text_group is None else np.asarray(text_group), return_inverse=True
+    )[1].ravel()
+    ok = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    cl = _as_mask(clean, n, "clean") if clean is not None else ok & ~sus
+    rng = check_random_state(seed)
+    planted = plantable_rows(cl & ok, sus, ig, tg, rng)[: max(int(n_planted), 0)]
+    m = planted.size if planted.size >= 2 else 0
+    planted = planted[:m]
+    shift = np.roll(np.arange(m), 1)  # planted image t shows the caption of row t-1
+    img2 = np.concatenate([img, img[planted]])
+    txt2 = np.concatenate([txt, txt[planted[shift]]])
+    ig2 = np.concatenate([ig, ig.max() + 1 + np.arange(m)])  # fresh: own caption allowed
+    tg2 = np.concatenate([tg, tg[planted[shift]]])
+    clean2 = cl.copy()
+    clean2[planted] = False  # a planted pair is not also a key point of the cost
+    rm = rematch(
+        img2,
+        txt2,
+        np.concatenate([sus, np.ones(m, dtype=bool)]),
+        image_group=ig2,
+        text_group=tg2,
+        valid=np.concatenate([ok, np.ones(m, dtype=bool)]),
+        clean=np.concatenate([clean2, np.zeros(m, dtype=bool)]),
+        min_confidence=0.0,
+        seed=seed,
+        progress=progress,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    cand = np.asarray(rm.candidate_row, dtype=np.int64)
+    conf = np.asarray(rm.candidate_confidence, dtype=np.float64)
+    got, got_conf = cand[n:], conf[n:]
+    answered = got >= 0
+    right = answered & (tg2[np.maximum(got, 0)] == tg[planted])
+    real_cand = np.where(cand[:n] < n, cand[:n], -1)  # planted captions are not real
+    real_conf = np.where(real_cand >= 0, conf[:n], 0.0)
+    info = dict(rm.info)
+    calib: dict = {"n_planted": int(m), "n_answered": int(answered.sum())}
+    if answered.sum() >= _MIN_CALIBRATION:
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+        iso.fit(got_conf[answered], right[answered].astype(np.float64))
+        real_conf = np.where(real_cand >= 0, iso.predict(real_conf), 0.0)
+        planted_cal = iso.predict(got_conf[answered])
+        edges = np.linspace(0.0, 1.0, 11)
+        which = np.clip(np.digitize(planted_cal, edges) - 1, 0, 9)
+        calib.update(
+            precision=float(right[answered].mean()),
+            reliability=[
+                {
+                    "bin": [round(float(edges[b]), 1), round(float(edges[b + 1]), 1)],
+                    "n": int((which == b).sum()),
+                    "right": float(right[answered][which == b].mean())
+                    if (which == b).any()
+                    else None,
+                }
+                for b in range(10)
+            ],
+        )
+    else:
+        calib["reason"] = (
+            f"only {int(answered.sum())} planted proposals (fewer than {_MIN_CALIBRATION}): "
+            "the transport plan's own confidence is kept"
+        )
+    info["calibration"] = calib
+    take = (real_cand >= 0) & (real_conf >= min_confidence)
+    info["n_proposals"] = int(take.sum())
+    return Rematch(
+        proposed_row=np.where(take, real_cand, -1),
+        rematch_confidence=np.where(take, real_conf, 0.0),
+        candidate_row=real_cand,
+        candidate_confidence=real_conf,
+        info=info,
+    )

@@ -209,9 +209,22 @@ def _rematch_info(args: list[str]) -> dict:
     return json.loads(res.stdout)
 
 
-def test_rematch_min_confidence_below_the_scans_cut_applies_its_candidates(dataset, tmp_path):
+def _harder(tmp_path: Path) -> tuple[Path, Path]:
+    """Harder data than the shared fixture, where every proposal is right (so their
+    calibrated confidence is 1, no cut tells them apart and nothing is dropped)."""
+    data = clip_like_pairs(
+        300, dim=64, noise_rate=0.3, n_clusters=20, semantic=0.8, noise=0.8, seed=0
+    )
+    manifest = tmp_path / "data.csv"
+    data.to_frame().to_csv(manifest, index=False)
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, image=data.image_emb, text=data.text_emb)
+    return manifest, emb
+
+
+def test_rematch_min_confidence_below_the_scans_cut_applies_its_candidates(tmp_path):
     """A scan at 0.6 applied at 0.3 gives what a scan at 0.3 gives, without a new scan."""
-    manifest, emb = dataset
+    manifest, emb = _harder(tmp_path)
     for cut in ("0.6", "0.3"):
         args = ["scan", str(manifest), "--embeddings", str(emb), "--min-confidence", cut]
         res = runner.invoke(app, [*args, "--out", str(tmp_path / f"scan{cut}")])
@@ -257,8 +270,8 @@ def test_rematch_min_confidence_below_the_scans_cut_applies_its_candidates(datas
     assert withheld.any() and (audit["candidate_confidence"][withheld] < 0.6).all()
 
 
-def test_rematch_rescans_a_stale_scan_and_says_what_changed(dataset, tmp_path):
-    manifest, emb = dataset
+def test_rematch_rescans_a_stale_scan_and_says_what_changed(tmp_path):
+    manifest, emb = _harder(tmp_path)
     a_dir = tmp_path / "scan"
     res = runner.invoke(app, ["scan", str(manifest), "--embeddings", str(emb), "--out", str(a_dir)])
     assert res.exit_code == 0, res.output
@@ -277,9 +290,10 @@ def test_rematch_rescans_a_stale_scan_and_says_what_changed(dataset, tmp_path):
     by_file = apply("cut2", "--config", str(action_only))
     assert not by_file["scanned_now"] and by_file["min_confidence"] == 0.9
     # margin 0.5 below the threshold 0.5: every flagged pair without a proposal is review
-    assert same["action_counts"]["review"] == 0 and same["action_counts"]["drop"] > 0
+    assert same["action_counts"]["drop"] > 0
     counts = by_file["action_counts"]
-    assert counts["drop"] == 0 and counts["review"] > same["action_counts"]["drop"]
+    was = same["action_counts"]
+    assert counts["drop"] == 0 and counts["review"] >= was["review"] + was["drop"]
     # the same embeddings under another name are the same input
     copy = tmp_path / "copy.npz"
     copy.write_bytes(emb.read_bytes())

@@ -612,3 +612,43 @@ def test_bad_inputs_raise_rematch_errors() -> None:
         rematch(img, txt, np.array([3, 25]))
     with pytest.raises(RematchError, match=r"image_group has shape \(3,\), expected \(20,\)"):
         rematch(img, txt, np.array([0, 1]), image_group=np.zeros(3))
+
+
+def test_calibrated_rematch_confidence_is_the_share_right() -> None:
+    """The planted pairs calibrate the confidence: proposals at >= c are right >= c - 0.1."""
+    from pmpclean.rematching import calibrated_rematch
+
+    d = clip_like_pairs(
+        1500, dim=64, noise_rate=0.3, n_clusters=20, semantic=0.8, noise=0.8, seed=0
+    )
+    sus = d.is_mismatched
+    rm = calibrated_rematch(
+        d.image_emb, d.text_emb, sus, image_group=d.image_group, min_confidence=0.0, seed=0
+    )
+    cal = rm.info["calibration"]
+    assert cal["n_planted"] >= 500 and cal["n_answered"] >= 20
+    cand, conf = rm.candidate_row, rm.candidate_confidence
+    has = cand >= 0
+    assert np.all(cand[has] < len(d.image_emb))  # planted captions never proposed
+    right = np.zeros(has.size, bool)
+    right[has] = d.image_group[d.true_row[cand[has]]] == d.image_group[has]
+    for cut in (0.5, 0.8):
+        take = has & (conf >= cut)
+        assert take.sum() >= 20
+        assert right[take].mean() >= cut - 0.1, (cut, right[take].mean())
+        # and not more cautious than it says: the mean confidence is the share right
+        assert abs(conf[take].mean() - right[take].mean()) < 0.1
+    low = has & (conf < 0.3)
+    if low.sum() >= 20:
+        assert right[low].mean() < 0.5
+
+
+def test_calibrated_rematch_of_a_blind_model_proposes_nothing() -> None:
+    from pmpclean.rematching import calibrated_rematch
+
+    d = clip_like_pairs(1000, dim=64, noise_rate=0.3, seed=0)
+    rng = np.random.default_rng(0)
+    blind = rng.standard_normal(d.text_emb.shape).astype(np.float32)
+    rm = calibrated_rematch(d.image_emb, blind, d.is_mismatched, min_confidence=0.8, seed=0)
+    assert (rm.proposed_row == -1).all()
+    assert rm.info["calibration"]["precision"] < 0.1
