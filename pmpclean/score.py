@@ -609,6 +609,8 @@ def planted_scores(
 
 #: Kinds of planted mismatch made by :func:`plant_pairs`.
 PLANT_KINDS = ("random", "similar")
+#: Most pool rows the similar plants' partners are searched among.
+_SIMILAR_BASE = 100_000
 
 
 def plant_pairs(
@@ -673,9 +675,12 @@ def plant_pairs(
         dst[bad] = rng.choice(pool, size=int(bad.sum()))
     keep = g[dst] != g[src]
     out["random"] = (src[keep], dst[keep])
-    # similar: one of the nearest pool images of another image
+    # similar: one of the nearest pool images of another image (among at most
+    # _SIMILAR_BASE pool rows, so that a large dataset is not copied whole)
     x = np.asarray(image_emb, dtype=np.float32)
     norms, ok = _row_norms(x)
+    if pool.size > _SIMILAR_BASE:
+        pool = np.sort(np.union1d(rng.choice(pool, _SIMILAR_BASE, replace=False), src))
     base = _unit_rows(x, norms, pool)
     per_group = int(np.bincount(g[pool]).max())
     kk = min(pool.size, similar_k + per_group)

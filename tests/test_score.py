@@ -236,3 +236,22 @@ def test_planted_scores_equal_the_score_of_a_real_swap(
     rand = np.flatnonzero(keep[:12])
     true = pair_scores(d.image_emb, d.text_emb, **kw).score[src[rand]]
     assert np.median(plant[rand]) < np.median(true)
+
+
+def test_plant_pairs_join_other_images_and_similar_ones_are_near() -> None:
+    from pmpclean.score import plant_pairs
+
+    d = clip_like_pairs(600, dim=32, noise_rate=0.0, captions_per_image=2, seed=0)
+    ps = pair_scores(d.image_emb, d.text_emb, image_group=d.image_group)
+    plants = plant_pairs(ps.score, d.image_emb, image_group=d.image_group, n_plants=200, seed=0)
+    good = ps.score >= np.median(ps.score)
+    x = d.image_emb / np.linalg.norm(d.image_emb, axis=1, keepdims=True)
+    near = {}
+    for kind, (src, dst) in plants.items():
+        assert src.size >= 150
+        assert np.all(d.image_group[src] != d.image_group[dst])  # always another image
+        assert good[src].all() and good[dst].all()  # from the better half
+        near[kind] = float(np.mean(np.einsum("nd,nd->n", x[src], x[dst])))
+    assert near["similar"] > near["random"] + 0.1
+    again = plant_pairs(ps.score, d.image_emb, image_group=d.image_group, n_plants=200, seed=0)
+    assert all(np.array_equal(again[k][1], plants[k][1]) for k in plants)
