@@ -78,6 +78,7 @@ __all__ = [
     "Rematch",
     "rematch",
     "calibrated_rematch",
+    "plant_among_suspects",
     "partial_transport",
 ]
 
@@ -1557,6 +1558,43 @@ def _fit_paper(img_e, txt_e, sus, val, clean, n, blocks, bsz, rng, info) -> Pape
     return net
 
 
+def plant_among_suspects(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    suspects: np.ndarray,
+    image_group: np.ndarray,
+    text_group: np.ndarray,
+    clean: np.ndarray,
+    planted: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """The rematch problem with the ``planted`` clean rows added as known mismatches.
+
+    The planted rows (from :func:`plantable_rows`) are appended with their captions
+    deranged among themselves (planted image t shows the caption of planted row t-1).
+    A planted image gets a fresh image id, so its own caption stays allowed; a planted
+    caption keeps its text id, so a real suspect is still never offered a caption its
+    image already has. The planted rows are no key points of the learned cost.
+
+    Returns
+    -------
+    tuple
+        ``image_emb, text_emb, suspects, image_group, text_group, clean`` of n + m rows;
+        right answer of planted row ``n + t``: the text id ``text_group[planted[t]]``.
+    """
+    m = planted.size
+    shift = np.roll(np.arange(m), 1)
+    keys = np.asarray(clean, dtype=bool).copy()
+    keys[planted] = False
+    return (
+        np.concatenate([image_emb, image_emb[planted]]),
+        np.concatenate([text_emb, text_emb[planted[shift]]]),
+        np.concatenate([np.asarray(suspects, dtype=bool), np.ones(m, dtype=bool)]),
+        np.concatenate([image_group, image_group.max() + 1 + np.arange(m)]),
+        np.concatenate([text_group, text_group[planted[shift]]]),
+        np.concatenate([keys, np.zeros(m, dtype=bool)]),
+    )
+
+
 #: Clean pairs planted among the suspects by :func:`calibrated_rematch`.
 N_PLANTED = 1000
 #: Fewest planted proposals a calibration is fitted on.
@@ -1630,21 +1668,15 @@ def calibrated_rematch(
     planted = plantable_rows(cl & ok, sus, ig, tg, rng)[: max(int(n_planted), 0)]
     m = planted.size if planted.size >= 2 else 0
     planted = planted[:m]
-    shift = np.roll(np.arange(m), 1)  # planted image t shows the caption of row t-1
-    img2 = np.concatenate([img, img[planted]])
-    txt2 = np.concatenate([txt, txt[planted[shift]]])
-    ig2 = np.concatenate([ig, ig.max() + 1 + np.arange(m)])  # fresh: own caption allowed
-    tg2 = np.concatenate([tg, tg[planted[shift]]])
-    clean2 = cl.copy()
-    clean2[planted] = False  # a planted pair is not also a key point of the cost
+    img2, txt2, sus2, ig2, tg2, clean2 = plant_among_suspects(img, txt, sus, ig, tg, cl, planted)
     rm = rematch(
         img2,
         txt2,
-        np.concatenate([sus, np.ones(m, dtype=bool)]),
+        sus2,
         image_group=ig2,
         text_group=tg2,
         valid=np.concatenate([ok, np.ones(m, dtype=bool)]),
-        clean=np.concatenate([clean2, np.zeros(m, dtype=bool)]),
+        clean=clean2,
         min_confidence=0.0,
         seed=seed,
         progress=progress,

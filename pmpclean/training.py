@@ -2078,32 +2078,25 @@ def _rematch_partners(
         weight[ok] = train.audit_confidence[ok]
         info: dict[str, Any] = {"source": "scan proposals"}
     else:
-        from .rematching import rematch
+        from .rematching import plant_among_suspects, rematch
 
         rng = np.random.default_rng(seed)
         planted = _plant_rows(clean, train, rng)
         m = planted.size
         # the planted rows: clean images with their captions deranged among themselves,
-        # transported together with the real suspects. A planted image gets a fresh id
-        # (its own caption must stay allowed); a planted caption keeps its text id, so a
-        # real suspect is still never offered a caption its image already has.
-        shift = np.roll(np.arange(m), 1)  # planted image t shows the caption of row t-1
-        img = np.concatenate([enc.image, enc.image[planted]])
-        txt = np.concatenate([enc.text, enc.text[planted[shift]]])
-        fresh = train.image_index.max() + 1 + np.arange(m)
-        image_group = np.concatenate([train.image_index, fresh])
-        text_group = np.concatenate([train.text_group, train.text_group[planted[shift]]])
-        key_rows = clean.copy()
-        key_rows[planted] = False  # a planted pair must not also be a key point
+        # transported together with the real suspects
+        img, txt, sus2, image_group, text_group, keys = plant_among_suspects(
+            enc.image, enc.text, suspects, train.image_index, train.text_group, clean, planted
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rm = rematch(
                 img,
                 txt,
-                np.concatenate([suspects, np.ones(m, dtype=bool)]),
+                sus2,
                 image_group=image_group,
                 text_group=text_group,
-                clean=np.concatenate([key_rows, np.zeros(m, dtype=bool)]),
+                clean=keys,
                 min_confidence=cfg.rematch_min_confidence,
                 seed=seed,
             )

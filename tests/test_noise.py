@@ -66,11 +66,16 @@ def test_rate_zero_is_identity_and_rate_one_moves_everything() -> None:
     assert np.all(t != np.arange(20))
 
 
-def test_hard_mode_swaps_with_similar_images() -> None:
+def _clustered() -> tuple[np.ndarray, np.ndarray]:
+    """400 embeddings in 10 tight clusters of 40: (cluster id, embedding)."""
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((10, 16))
     cluster = np.repeat(np.arange(10), 40)
-    emb = centers[cluster] + 0.05 * rng.standard_normal((400, 16))
+    return cluster, centers[cluster] + 0.05 * rng.standard_normal((400, 16))
+
+
+def test_hard_mode_swaps_with_similar_images() -> None:
+    cluster, emb = _clustered()
     t = corrupt_indices(400, rate=0.5, mode="hard", embeddings=emb, seed=0)
     moved = t != np.arange(400)
     _check_permutation(t, np.arange(400), 200)
@@ -88,10 +93,7 @@ def test_hard_mode_swaps_with_similar_images() -> None:
 
 
 def test_mixed_mode_is_half_hard_half_shuffle() -> None:
-    rng = np.random.default_rng(0)
-    centers = rng.standard_normal((10, 16))
-    cluster = np.repeat(np.arange(10), 40)
-    emb = centers[cluster] + 0.05 * rng.standard_normal((400, 16))
+    cluster, emb = _clustered()
     t = corrupt_indices(400, rate=0.5, mode="mixed", embeddings=emb, seed=0)
     moved = np.flatnonzero(t != np.arange(400))
     _check_permutation(t, np.arange(400), 200)
