@@ -151,3 +151,22 @@ def test_identical_captions_are_undecided(tmp_path: Path) -> None:
     assert "same caption text" in res.summary["verdict_reason"]
     assert not res.audit["is_mismatched"].any()
     assert set(res.audit["action"]) == {"review"}
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:model 'pmpclean-tiny' has RANDOM weights")
+def test_coco_mini_with_random_weights_is_undecided(shared_data: Path, tmp_path: Path) -> None:
+    """Real photos and captions, a model that sees nothing: no verdict, nothing removed."""
+    manifest = shared_data / "coco-mini" / "captions.csv"
+    if not manifest.is_file():
+        pytest.skip(f"coco-mini not found at {manifest}")
+    cfg = ScanConfig().replace(
+        embed__model="pmpclean-tiny", embed__pretrained="none", embed__device="cpu"
+    )
+    res = pmpclean.scan(manifest, config=cfg, out_dir=tmp_path / "out")
+    assert res.summary["verdict"] == "undecided"
+    assert res.summary["action_counts"]["drop"] == res.summary["action_counts"]["rematch"] == 0
+    scored = res.audit["status"] == "ok"
+    assert scored.sum() == 795
+    assert (res.audit.loc[scored, "action"] == "review").all()
