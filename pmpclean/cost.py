@@ -371,55 +371,22 @@ def fit_edge_cost(
 
     # raw parameters: u (n_feat, h), b1 (h), v (h), b2 (1), rho (1)
     params = [u, b1_init, np.full(hidden, -2.0), np.zeros(1), np.zeros(1)]
+    loss = _KeyLoss(z, base, factor, starts, counts, true_pos, hold_inst, n_fit)
 
-    def weights(p: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
-        return _softplus(p[0]), -_softplus(p[2]), float(np.exp(p[4][0]))
-
-    def nll_of(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mx = np.maximum.reduceat(x, starts)
-        ex = np.exp(x - np.repeat(mx, counts))
-        se = np.add.reduceat(ex, starts)
-        return np.log(se) + mx - x[true_pos], ex / np.repeat(se, counts)
-
-    def forward(p: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        w1, w2, slope = weights(p)
-        # float32 einsum: no BLAS threads for these thin products, half the memory traffic
-        h = np.tanh(np.einsum("ef,fh->eh", z, w1.astype(np.float32)) + p[1].astype(np.float32))
-        x = -(slope * base + factor * (h @ w2 + p[3][0]))
-        nll, soft = nll_of(x)
-        return h, soft, nll
-
-    nll0, _ = nll_of(-base)  # the fixed cost 1 - sim
+    nll0, _ = loss.nll_of(-base)  # the fixed cost 1 - sim
     best_loss, best_params, best_step = float(nll0[is_hold].mean()), None, 0
     opt = _Adam(params, lr=lr, weight_decay=weight_decay)
     last = 0
     for step in range(1, steps + 1):
         last = step
-        h, soft, nll = forward(params)
+        h, soft, nll = loss.forward(params)
         hold_loss = float(nll[is_hold].mean())
         if hold_loss < best_loss - 1e-6:
             best_loss, best_params, best_step = hold_loss, [p.copy() for p in params], step - 1
         elif step - 1 - best_step > patience:
             break
-        w1, w2, slope = weights(params)
-        # d(mean fit nll)/dx = (softmax - onehot) / n_fit on fit segments
-        gx = soft.copy()
-        gx[true_pos] -= 1.0
-        gx[hold_inst] = 0.0
-        gx /= n_fit
-        g_out = -factor * gx
-        g_pre = (g_out[:, None].astype(np.float32) * w2.astype(np.float32)) * (1.0 - h * h)
-        g_w1 = np.einsum("ef,eh->fh", z, g_pre).astype(np.float64)
-        g_w2 = np.einsum("eh,e->h", h, g_out.astype(np.float32)).astype(np.float64)
-        grads = [
-            g_w1 * _sigmoid(params[0]),
-            g_pre.sum(0, dtype=np.float64),
-            -g_w2 * _sigmoid(params[2]),
-            np.array([g_out.sum()]),
-            np.array([-float(gx @ base) * slope]),
-        ]
-        opt.step(grads)
-    _, _, nll = forward(params)
+        opt.step(loss.grads(params, h, soft))
+    _, _, nll = loss.forward(params)
     if float(nll[is_hold].mean()) < best_loss - 1e-6:
         best_loss, best_params, best_step = float(nll[is_hold].mean()), params, last
     info.update(
@@ -431,7 +398,7 @@ def fit_edge_cost(
         steps=int(last),
     )
     if best_params is not None:
-        w1, w2, slope = weights(best_params)
+        w1, w2, slope = loss.weights(best_params)
         w1 = w1 / sd[:, None]  # (f - mu) / sd @ w1 + b1 == f @ (w1 / sd) + (b1 - mu @ (w1 / sd))
         model.w1 = w1.astype(np.float32)
         model.b1 = (best_params[1] - mu @ w1).astype(np.float32)
@@ -443,6 +410,72 @@ def fit_edge_cost(
     else:
         info["reason"] = "no step improved the held-out loss of the fixed cost"
     return model
+
+
+class _KeyLoss:
+    """The key-point loss :func:`fit_edge_cost` minimises, and its hand-written gradient.
+
+    Per instance (edge, segment): ``x = -(slope * base + factor * (tanh(z @ w1 + b1) @ w2
+    + b2))`` with ``w1 = softplus(u)``, ``w2 = -softplus(v)``, ``slope = exp(rho)``; the
+    loss is the cross-entropy of each segment's true edge under ``softmax(x)`` within the
+    segment, averaged over the segments that are not held out. The raw parameters are
+    ``[u (n_feat, h), b1 (h), v (h), b2 (1), rho (1)]``.
+    """
+
+    def __init__(
+        self,
+        z: np.ndarray,
+        base: np.ndarray,
+        factor: float,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        true_pos: np.ndarray,
+        hold_inst: np.ndarray,
+        n_fit: int,
+    ) -> None:
+        self.z, self.base, self.factor = z, base, factor
+        self.starts, self.counts, self.true_pos = starts, counts, true_pos
+        self.hold_inst, self.n_fit = hold_inst, n_fit
+
+    @staticmethod
+    def weights(p: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+        return _softplus(p[0]), -_softplus(p[2]), float(np.exp(p[4][0]))
+
+    def nll_of(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-segment cross-entropy of the true edge, and the softmax per instance."""
+        mx = np.maximum.reduceat(x, self.starts)
+        ex = np.exp(x - np.repeat(mx, self.counts))
+        se = np.add.reduceat(ex, self.starts)
+        return np.log(se) + mx - x[self.true_pos], ex / np.repeat(se, self.counts)
+
+    def forward(self, p: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Hidden layer (E, h), softmax (E,) and per-segment loss (n_seg,) at ``p``."""
+        w1, w2, slope = self.weights(p)
+        # float32 einsum: no BLAS threads for these thin products, half the memory traffic
+        h = np.tanh(np.einsum("ef,fh->eh", self.z, w1.astype(np.float32)) + p[1].astype(np.float32))
+        x = -(slope * self.base + self.factor * (h @ w2 + p[3][0]))
+        nll, soft = self.nll_of(x)
+        return h, soft, nll
+
+    def grads(self, p: list[np.ndarray], h: np.ndarray, soft: np.ndarray) -> list[np.ndarray]:
+        """Gradient of the mean fit loss with respect to each raw parameter of ``p``."""
+        _, w2, slope = self.weights(p)
+        # d(mean fit nll)/dx = (softmax - onehot) / n_fit on fit segments
+        gx = soft.copy()
+        gx[self.true_pos] -= 1.0
+        gx[self.hold_inst] = 0.0
+        gx /= self.n_fit
+        g_out = -self.factor * gx
+        g_pre = (g_out[:, None].astype(np.float32) * w2.astype(np.float32)) * (1.0 - h * h)
+        g_w1 = np.einsum("ef,eh->fh", self.z, g_pre).astype(np.float64)
+        g_w2 = np.einsum("eh,e->h", h, g_out.astype(np.float32)).astype(np.float64)
+        return [
+            g_w1 * _sigmoid(p[0]),
+            g_pre.sum(0, dtype=np.float64),
+            -g_w2 * _sigmoid(p[2]),
+            np.array([g_out.sum()]),
+            np.array([-float(gx @ self.base) * slope]),
+        ]
 
 
 def _softplus(x: np.ndarray) -> np.ndarray:

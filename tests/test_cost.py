@@ -244,3 +244,71 @@ def test_fit_paper_cost_with_the_authors_learning_rate_barely_moves() -> None:
     sup[:, 2, 5] = True
     net = fit_paper_cost(sims, sup)  # lr = 2e-6, the paper's lr_cost
     assert np.abs(net.weight + np.eye(8)).max() < 1e-4
+
+
+def _key_loss(seed: int):
+    """A small key-point loss of fit_edge_cost: 12 segments of 3-7 edges, 3 held out."""
+    from pmpclean.cost import _KeyLoss
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(3, 8, size=12)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    n_inst = int(counts.sum())
+    seg = np.repeat(np.arange(12), counts)
+    is_hold = np.zeros(12, dtype=bool)
+    is_hold[[2, 5, 9]] = True
+    z = rng.normal(size=(n_inst, 3)).astype(np.float32)
+    base = rng.uniform(0.5, 1.5, size=n_inst) / 0.3
+    loss = _KeyLoss(z, base, 0.2 / 0.3, starts, counts, starts, is_hold[seg], int((~is_hold).sum()))
+    hidden = 4
+    params = [
+        rng.normal(0, 0.5, size=(3, hidden)),
+        rng.normal(0, 1.0, size=hidden),
+        rng.normal(-1.0, 0.5, size=hidden),
+        rng.normal(0, 0.5, size=1),
+        rng.normal(0, 0.3, size=1),
+    ]
+    return loss, params, is_hold
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_edge_cost_gradient_matches_finite_differences(seed: int) -> None:
+    """The hand-written gradient of the key-point loss is the loss's derivative: every
+    raw parameter (u, b1, v, b2, rho), central differences, fit segments only."""
+    loss, params, is_hold = _key_loss(seed)
+
+    def fit_loss(p: list[np.ndarray]) -> float:
+        return float(loss.forward(p)[2][~is_hold].mean())
+
+    h, soft, _ = loss.forward(params)
+    grads = loss.grads(params, h, soft)
+    assert [g.shape for g in grads] == [p.shape for p in params]
+    eps = 1e-3
+    for k, p in enumerate(params):
+        numeric = np.zeros_like(p)
+        for idx in np.ndindex(p.shape):
+            up = [q.copy() for q in params]
+            down = [q.copy() for q in params]
+            up[k][idx] += eps
+            down[k][idx] -= eps
+            numeric[idx] = (fit_loss(up) - fit_loss(down)) / (2 * eps)
+        name = ("u", "b1", "v", "b2", "rho")[k]
+        np.testing.assert_allclose(grads[k], numeric, rtol=2e-2, atol=2e-4, err_msg=name)
+        if name == "b2":  # one shift of every edge: the softmax within a segment ignores it
+            assert np.abs(grads[k]).max() < 1e-9
+        else:  # a parameter the loss really depends on
+            assert np.abs(numeric).max() > 1e-3, name
+
+
+def test_edge_cost_gradient_ignores_held_out_segments() -> None:
+    """Held-out segments select the model; they must not pull on it."""
+    loss, params, is_hold = _key_loss(3)
+    h, soft, _ = loss.forward(params)
+    before = loss.grads(params, h, soft)
+    moved = loss.base.copy()
+    moved[loss.hold_inst] += 5.0  # change only the held-out instances
+    loss.base = moved
+    h2, soft2, _ = loss.forward(params)
+    after = loss.grads(params, h2, soft2)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
