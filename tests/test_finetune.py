@@ -219,6 +219,85 @@ def test_bad_scan_proposals_warn_and_train_with_no_proposal(
     assert first["clean_pairs"] + first["suspect_pairs"] == len(audit)
 
 
+def test_rematched_pairs_train_weighted_by_their_confidence(
+    dataset: Path, tmp_path: Path, scan_folder_of, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each accepted proposal's pair enters the loss with its confidence as weight, every
+    other training row with weight 1; a proposal below the cut is not trained on."""
+    confidence = [0.95, 0.8, 0.7, 0.3]
+    scan_dir = _with_proposals(scan_folder_of(dataset, tmp_path / "scan"), confidence)
+    seen: list[float] = []
+    real = F._batch_loss
+
+    def recording(*args: object, **kwargs: object) -> object:
+        weight = args[7] if len(args) > 7 else kwargs.get("weight")
+        clean = args[3]
+        assert weight is not None  # the epoch has rematched pairs
+        seen.extend(float(w) for w in weight[clean])  # type: ignore[index]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "_batch_loss", recording)
+    opts = _fast(epochs=1, val_fraction=0.0, truth_col="true_row", batch_size=24)
+    finetune(scan_dir, out_dir=tmp_path / "m", **opts)
+    weighted = sorted(w for w in seen if w != 1.0)
+    assert weighted == pytest.approx([0.7, 0.8, 0.95])
+    assert len(seen) == 20 + 3  # clean rows at weight 1, the three rematched pairs
+
+
+def test_scan_proposals_become_partners_weighted_by_their_confidence() -> None:
+    """First split from a scan folder: a suspect's proposal is its partner, with the scan's
+    confidence as weight, when the confidence reaches the cut; clean rows get none."""
+    n = 10
+    true_row = np.arange(n)
+    train = _fake_train(true_row)
+    train.audit_partner = np.array([-1, -1, -1, -1, -1, -1, 7, 6, 9, 8])
+    train.audit_confidence = np.array([0, 0, 0, 0, 0, 0, 0.65, 0.9, 0.59, 1.0])
+    clean = np.arange(n) < 6
+    cfg = FinetuneConfig(suspect_targets="global", rematch_min_confidence=0.6)
+    partner, weight, info = F._rematch_partners(clean, None, train, cfg, seed=0)
+    assert partner.tolist() == [-1] * 6 + [7, 6, -1, 8]
+    np.testing.assert_array_equal(weight, [0] * 6 + [0.65, 0.9, 0, 1.0])
+    assert info["source"] == "scan proposals" and info["n_rematched"] == 3
+    assert info["mean_confidence"] == pytest.approx((0.65 + 0.9 + 1.0) / 3)
+
+
+def test_global_partners_are_weighted_by_the_rematch_confidence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dataset-scale proposal's weight is the confidence the rematch gave it."""
+    from types import SimpleNamespace
+
+    import pmpclean.rematching
+
+    n, n_sus = 120, 20
+    sus = np.arange(n - n_sus, n)
+    true_row = np.arange(n)
+    true_row[sus] = np.roll(sus, 1)  # row i shows the caption of row i-1
+    conf_of_suspect = np.linspace(0.62, 0.99, n_sus)
+
+    def fake_rematch(img: np.ndarray, txt: np.ndarray, suspects: np.ndarray, **kw: object):
+        m = len(img) - n
+        proposed = np.full(len(img), -1)
+        proposed[sus] = np.roll(sus, -1)  # the true captions
+        proposed[n:] = n + (np.arange(m) + 1) % m  # the planted rows: right
+        conf = np.where(proposed >= 0, 0.9, 0.0)
+        conf[sus] = conf_of_suspect
+        return SimpleNamespace(proposed_row=proposed, rematch_confidence=conf, info={})
+
+    monkeypatch.setattr(pmpclean.rematching, "rematch", fake_rematch)
+    emb = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    clean = np.ones(n, dtype=bool)
+    clean[sus] = False
+    enc = F._Encoded(image=emb, text=emb, logit_scale=10.0)
+    partner, weight, info = F._rematch_partners(
+        clean, enc, _fake_train(true_row), FinetuneConfig(suspect_targets="global"), seed=0
+    )
+    assert info["planted_check"]["passed"]
+    assert partner[sus].tolist() == np.roll(sus, -1).tolist()
+    np.testing.assert_array_equal(weight[sus], conf_of_suspect)
+    assert (weight[: n - n_sus] == 0).all()
+
+
 def _fake_train(true_row: np.ndarray, image_index: np.ndarray | None = None) -> object:
     """The fields of a training set that ``_rematch_partners`` reads: row i shows image
     ``image_index[i]`` (default: its own) and the caption of row ``true_row[i]``."""
