@@ -413,3 +413,91 @@ def test_output_files_honour_the_umask(dataset, tmp_path, umask, mode):
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == {
         p.name: mode for p in written
     }
+
+
+def test_actions_known_answers():
+    """keep / rematch / drop / review, with every boundary of the rule (threshold 0.5,
+    review margin 0.2, proposals need confidence 0.6)."""
+    from pmpclean.pipeline import _actions
+
+    #        (match_score, flagged, proposed_row, confidence, expected action)
+    table = [
+        (0.90, False, -1, 0.0, "keep"),
+        (0.45, False, 3, 0.9, "keep"),  # not flagged: a proposal changes nothing
+        (0.10, True, 5, 0.90, "rematch"),
+        (0.10, True, 5, 0.60, "rematch"),  # confidence at the cut
+        (0.40, True, 5, 0.95, "rematch"),  # borderline, but a confident proposal
+        (0.10, True, 5, 0.59, "drop"),  # below the cut, far below the threshold
+        (0.10, True, -1, 0.0, "drop"),
+        (0.29, True, -1, 0.0, "drop"),
+        (0.30, True, -1, 0.0, "review"),  # threshold - margin: borderline
+        (0.40, True, -1, 0.0, "review"),
+        (0.35, True, 5, 0.50, "review"),  # borderline, proposal not confident
+    ]
+    ms, flagged, prop, conf, expected = (np.array(col) for col in zip(*table, strict=True))
+    status = np.full(len(table), "ok", dtype=object)
+    kw = {"threshold": 0.5, "review_margin": 0.2, "min_confidence": 0.6}
+    action = _actions(status, ms, flagged, prop, conf, **kw)
+    assert action.tolist() == expected.tolist()
+    # the settings are the ones passed: no margin, no review; a stricter cut, no rematch
+    none = _actions(status, ms, flagged, prop, conf, **{**kw, "review_margin": 0.0})
+    assert "review" not in none.tolist() and none[8] == "drop"
+    strict = _actions(status, ms, flagged, prop, conf, **{**kw, "min_confidence": 0.95})
+    assert strict[2:5].tolist() == ["drop", "drop", "rematch"]
+    high = _actions(status, ms, flagged, prop, conf, **{**kw, "threshold": 0.8})
+    assert high[8:11].tolist() == ["drop", "drop", "drop"]  # borderline from 0.6 up
+    low = _actions(status, ms, flagged, prop, conf, **{**kw, "threshold": 0.3})
+    assert low[5:8].tolist() == ["review", "review", "review"]  # borderline from 0.1 up
+    # a row that could not be scored (as scan leaves it: no score, no flag) is not kept
+    status[[0, 1]] = "missing_embedding"
+    ms[[0, 1]], flagged[[0, 1]] = np.nan, False
+    unscored = _actions(status, ms, flagged, prop, conf, **kw)
+    assert unscored[0] != "keep" and unscored[1] != "keep"
+    assert unscored[2:].tolist() == expected[2:].tolist()
+
+
+def _rule(audit: pd.DataFrame, *, threshold: float, margin: float, cut: float) -> np.ndarray:
+    """The action each scored row's audit columns call for, written out independently."""
+    ms = audit["match_score"].to_numpy()
+    flagged = audit["is_mismatched"].to_numpy(dtype=bool)
+    proposal = (audit["proposed_row"].to_numpy() >= 0) & (
+        audit["rematch_confidence"].to_numpy() >= cut
+    )
+    return np.select(
+        [~flagged, proposal, ms >= threshold - margin],
+        ["keep", "rematch", "review"],
+        default="drop",
+    )
+
+
+def test_scan_and_rematch_assign_every_action_by_the_rule(tmp_path):
+    """On data hard enough for all four actions, each row's action follows from its
+    scores; rematch applies its own --min-confidence to the same audit."""
+    data = _easy(semantic=0.8, noise=1.0)
+    manifest, emb = _write(tmp_path, data)
+    res = pmpclean.scan(manifest, config=_cfg(emb), out_dir=tmp_path / "audit")
+    audit = res.audit
+    assert (audit["status"] == "ok").all()
+    expected = _rule(audit, threshold=0.5, margin=0.2, cut=0.6)
+    assert audit["action"].tolist() == expected.tolist()
+    counts = res.summary["action_counts"]
+    assert min(counts.values()) > 0, counts  # keep, rematch, drop and review all occur
+
+    strict = pmpclean.rematch(
+        manifest,
+        out=tmp_path / "c.csv",
+        config=_cfg(emb),
+        audit_dir=tmp_path / "audit",
+        min_confidence=0.95,
+    )
+    assert not strict.info["scanned_now"] and strict.info["min_confidence"] == 0.95
+    both = pd.concat([strict.cleaned, strict.dropped]).set_index("pmpclean_row").sort_index()
+    want = _rule(audit, threshold=0.5, margin=0.2, cut=0.95)
+    assert both["pmpclean_action"].tolist() == want.tolist()
+    assert strict.info["n_rematched"] == int((want == "rematch").sum())
+    assert strict.info["n_rematched"] < counts["rematch"]
+    review = strict.dropped["pmpclean_action"] == "review"
+    assert review.any()
+    assert set(strict.dropped.loc[review, "pmpclean_reason"]) == {
+        "borderline match_score, no confident proposal"
+    }
