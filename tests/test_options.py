@@ -290,3 +290,42 @@ def test_option_reaches_its_setting(
 
 def test_every_case_names_an_option_of_the_app() -> None:
     assert sorted(set(CASES) - set(OPTIONS)) == []
+
+
+def _library_defaults(command: str) -> dict[str, Any]:
+    """What the library uses when the caller passes nothing: keyword defaults, and the
+    default config (ScanConfig() / FinetuneConfig()) for ``config=None``."""
+    import importlib
+    import inspect
+
+    from pmpclean.config import ScanConfig
+    from pmpclean.training import FinetuneConfig
+
+    module, attr = CALLS[command]
+    function = getattr(importlib.import_module(module), attr)
+    out: dict[str, Any] = {}
+    for name, param in inspect.signature(function).parameters.items():
+        if param.kind is not param.KEYWORD_ONLY or param.default is param.empty:
+            continue
+        if name == "config":
+            _flatten("config", FinetuneConfig() if command == "finetune" else ScanConfig(), out)
+        elif name != "progress":
+            _flatten(name, param.default, out)
+    return out
+
+
+_DEFAULTS = {command: _library_defaults(command) for command in CALLS}
+
+
+@pytest.mark.parametrize("command", sorted(CALLS))
+def test_a_command_without_options_passes_the_library_defaults(
+    command: str, received: dict[str, Any]
+) -> None:
+    """The command line's defaults are the library's: each setting the command passes
+    equals what the library would use if it were not passed at all."""
+    got = _invoke(received, [command, *REQUIRED[command]])
+    expected = _DEFAULTS[command]
+    differ = {k: (got[k], expected[k]) for k in got if k in expected and got[k] != expected[k]}
+    assert differ == {}
+    # every setting of the config arrives (no section or field left behind)
+    assert {k for k in expected if k.startswith("config.")} <= set(got)
