@@ -481,3 +481,41 @@ def test_an_unwritable_out_is_one_line_before_any_work(dataset, tmp_path, monkey
     assert "Cannot write to output folder" in message and str(blocker) in message, message
     assert "Unexpected" not in message
     assert not (tmp_path / "audit").exists()  # rematch did not scan first
+
+
+def test_main_exit_codes(monkeypatch, capsys):
+    """main(argv) returns on success and raises SystemExit with the code otherwise;
+    main() (the console script) always ends in SystemExit, as a console script should."""
+    import sys
+
+    from pmpclean import __version__
+    from pmpclean.cli import main
+
+    assert main(["--version"]) is None
+    assert capsys.readouterr().out == f"pmpclean {__version__}\n"
+    with pytest.raises(SystemExit) as exc:
+        main(["scan"])  # usage error
+    assert exc.value.code == 2
+    monkeypatch.setattr(sys, "argv", ["pmpclean", "--version"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+
+
+def test_library_warnings_reach_the_output_sink(monkeypatch):
+    """A warning raised inside the library is shown as one 'Warning:' line on stderr."""
+    import warnings
+
+    from pmpclean import pipeline
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+
+    def warns(*args, **kwargs):
+        warnings.warn("model 'x' has RANDOM weights", UserWarning, stacklevel=1)
+        raise pipeline.DatasetError("stopped after the warning")
+
+    monkeypatch.setattr(pipeline, "scan", warns)
+    res = runner.invoke(app, ["scan", "x.csv"])
+    assert res.exit_code == 1
+    assert "Warning: model 'x' has RANDOM weights" in res.stderr
+    assert "Error: stopped after the warning" in res.stderr

@@ -312,3 +312,185 @@ def test_edge_cost_gradient_ignores_held_out_segments() -> None:
     after = loss.grads(params, h2, soft2)
     for a, b in zip(before, after, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_edge_cost_is_its_formula_in_float32_and_chunks_change_nothing() -> None:
+    """cost = slope * (1 - sim) + scale * (tanh(f[:, use] @ w1 + b1) @ w2 + b2), float32."""
+    rng = np.random.default_rng(4)
+    use = ("sim", "col_margin", "col_csls")
+    model = EdgeCost(
+        rng.uniform(0, 1, size=(3, 5)).astype(np.float32),
+        rng.normal(size=5).astype(np.float32),
+        -rng.uniform(0, 1, size=5).astype(np.float32),
+        0.37,
+        0.2,
+        use,
+        slope=1.6,
+    )
+    sim = rng.uniform(-1, 1, size=40)
+    feats = rng.normal(size=(40, len(FEATURE_NAMES)))  # float64 in: float32 out
+    cols = [FEATURE_NAMES.index(u) for u in use]
+    mlp = np.tanh(feats[:, cols] @ model.w1 + model.b1) @ model.w2 + 0.37
+    want = 1.6 * (1.0 - sim) + 0.2 * mlp
+    got = model(sim, feats)
+    assert got.dtype == np.float32 and model.correction(feats).dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(model.correction(feats, chunk=7), model.correction(feats))
+
+
+def test_average_costs_records_its_size_and_refuses_different_models() -> None:
+    feats, sim, seg, is_true, _ = _hubness_problem(30, 8, seed=8)
+    args = (feats, sim, seg, np.full(seg.size, -1), is_true)
+    a, b = (fit_edge_cost(*args, scale=0.1, temperature=0.02, seed=s) for s in (0, 1))
+    assert average_costs([a, b]).info == {"n_models": 2}
+    other = fit_edge_cost(*args, scale=0.2, temperature=0.02, seed=0)
+    with pytest.raises(
+        ValueError, match=r"^average_costs: the models differ in scale or features$"
+    ):
+        average_costs([a, other])
+    with pytest.raises(ValueError, match=r"^average_costs needs at least one model$"):
+        average_costs([])
+
+
+def test_fit_paper_cost_takes_one_step_per_batch_and_reports_the_last_loss() -> None:
+    """3 batches of width 8: three steps; at the paper's learning rate the weights stay
+    at their start, so the last loss is sum(1 - s) over the last batch's key cells."""
+    rng = np.random.default_rng(2)
+    sims = rng.uniform(0.0, 0.6, size=(3, 8, 8))
+    sup = np.zeros_like(sims, dtype=bool)
+    sup[:, 1, 4] = sup[:, 6, 2] = True
+    net = fit_paper_cost(sims, sup)
+    assert net.info["steps"] == 3 and net.info["lr"] == 2e-6
+    want = (1.0 - sims[2, 1, 4]) + (1.0 - sims[2, 6, 2])
+    assert net.info["last_loss"] == pytest.approx(want, abs=1e-3)
+
+
+def test_fit_paper_cost_a_key_point_already_at_zero_cost_moves_nothing() -> None:
+    """relu(1 - s) is 0 at s = 1 exactly, and so is its gradient: no step."""
+    sims = np.full((4, 6, 6), 0.3)
+    sims[:, 2, 2] = 1.0
+    sup = np.zeros_like(sims, dtype=bool)
+    sup[:, 2, 2] = True
+    net = fit_paper_cost(sims, sup, lr=1e-2)
+    np.testing.assert_array_equal(net.weight, -np.eye(6, dtype=np.float32))
+    np.testing.assert_array_equal(net.bias, np.ones(6, dtype=np.float32))
+    assert net.info["last_loss"] == 0.0
+
+
+def _same_segments(n_seg: int, sims: list[float], true_at: int = 0):
+    """n_seg identical segments with edges of similarity ``sims``, the true one at
+    ``true_at``; the only feature is the similarity."""
+    per = len(sims)
+    sim = np.tile(np.array(sims), n_seg)
+    seg = np.repeat(np.arange(n_seg), per)
+    is_true = np.zeros(sim.size, dtype=bool)
+    is_true[true_at::per] = True
+    feats = np.zeros((sim.size, len(FEATURE_NAMES)), dtype=np.float32)
+    feats[:, 0] = sim / 0.1
+    return feats, sim, seg, is_true
+
+
+@pytest.mark.parametrize(
+    ("cap", "kept_decoys"),
+    [(1, []), (2, [0.45]), (3, [0.45, 0.3]), (32, [0.45, 0.3, 0.1, 0.0])],
+)
+def test_fit_edge_cost_keeps_the_true_edge_and_the_most_similar_others(
+    cap: int, kept_decoys: list[float]
+) -> None:
+    """max_per_segment caps a segment at its true edge plus the most similar decoys: the
+    fixed cost's held-out loss is the cross-entropy over exactly those edges."""
+    # decoys in no particular order; the true edge (0.5) is not the first listed
+    feats, sim, seg, is_true = _same_segments(12, [0.1, 0.5, 0.0, 0.45, 0.3], true_at=1)
+    model = fit_edge_cost(
+        feats,
+        sim,
+        seg,
+        np.full(seg.size, -1),
+        is_true,
+        scale=0.1,
+        temperature=0.1,
+        max_per_segment=cap,
+        seed=0,
+    )
+    x = -(1.0 - np.array([0.5, *kept_decoys])) / 0.1
+    want = float(np.log(np.exp(x).sum()) - x[0])
+    assert model.info["holdout_loss_fixed"] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert model.info["features"] == list(DEFAULT_FEATURES)
+
+
+def test_fit_edge_cost_counts_row_and_column_segments_apart() -> None:
+    """A key image's segment and a key caption's segment with the same number are two
+    segments; edges of no key are ignored; no key at all is reported, not an error."""
+    feats, sim, seg, is_true = _same_segments(6, [0.5, 0.2, 0.1])
+    none = np.full(seg.size, -1)
+    # rows: segments 0..5 on every edge; columns: the same numbering on the same edges
+    both = fit_edge_cost(feats, sim, seg, seg, is_true, scale=0.1, temperature=0.1, seed=0)
+    assert both.info["n_segments"] == 12
+    rows = fit_edge_cost(feats, sim, seg, none, is_true, scale=0.1, temperature=0.1, seed=0)
+    cols = fit_edge_cost(feats, sim, none, seg, is_true, scale=0.1, temperature=0.1, seed=0)
+    assert rows.info["n_segments"] == cols.info["n_segments"] == 6
+    # only row segment 0, and column segments: still counted apart
+    first = np.where(seg == 0, 0, -1)
+    mixed = fit_edge_cost(feats, sim, first, seg, is_true, scale=0.1, temperature=0.1, seed=0)
+    assert mixed.info["n_segments"] == 7
+    one = fit_edge_cost(feats, sim, first, none, is_true, scale=0.1, temperature=0.1, seed=0)
+    assert one.info["n_segments"] == 1
+    empty = fit_edge_cost(feats, sim, none, none, is_true, scale=0.1, temperature=0.1, seed=0)
+    assert empty.info["n_segments"] == 0 and empty.info["kept"] is False
+    np.testing.assert_allclose(empty(sim, feats), 1.0 - sim, rtol=1e-6)
+
+
+@pytest.mark.parametrize("holdout", [0.0, 1.0])
+def test_fit_edge_cost_holds_out_a_quarter_when_the_draw_holds_out_none_or_all(
+    holdout: float,
+) -> None:
+    feats, sim, seg, is_true, _ = _hubness_problem(22, 6, seed=9)
+    model = fit_edge_cost(
+        feats,
+        sim,
+        seg,
+        np.full(seg.size, -1),
+        is_true,
+        scale=0.1,
+        temperature=0.02,
+        holdout=holdout,
+        seed=0,
+    )
+    info = model.info
+    assert (info["n_holdout"], info["n_fit"]) == (22 // 4, 22 - 22 // 4)
+    assert info["steps"] > 0 and info["kept"] is True
+
+
+def test_fit_edge_cost_needs_eight_segments_and_counts_its_split() -> None:
+    feats, sim, seg, is_true, _ = _hubness_problem(8, 6, seed=10)
+    none = np.full(seg.size, -1)
+    eight = fit_edge_cost(feats, sim, seg, none, is_true, scale=0.1, temperature=0.02, seed=0)
+    assert "reason" not in eight.info or "usable key segments" not in eight.info["reason"]
+    assert eight.info["steps"] > 0
+    assert eight.info["n_fit"] + eight.info["n_holdout"] == 8 and eight.info["n_holdout"] >= 1
+    seven = seg < 7
+    few = fit_edge_cost(
+        feats[seven],
+        sim[seven],
+        seg[seven],
+        none[seven],
+        is_true[seven],
+        scale=0.1,
+        temperature=0.02,
+        seed=0,
+    )
+    assert few.info["steps"] == 0 and few.info["kept"] is False
+
+
+def test_fit_edge_cost_is_blind_to_the_units_of_its_features() -> None:
+    """Features are standardised before the fit: scaling or shifting a feature column
+    gives the same costs on the correspondingly scaled features."""
+    feats, sim, seg, is_true, _ = _hubness_problem(40, 10, seed=11)
+    args = (sim, seg, np.full(seg.size, -1), is_true)
+    model = fit_edge_cost(feats, *args, scale=0.1, temperature=0.02, seed=0)
+    moved = feats.astype(np.float64).copy()
+    moved[:, FEATURE_NAMES.index("col_csls")] = 37.0 * moved[:, FEATURE_NAMES.index("col_csls")] + 5
+    moved[:, FEATURE_NAMES.index("sim")] *= 0.01
+    other = fit_edge_cost(moved, *args, scale=0.1, temperature=0.02, seed=0)
+    assert model.info["kept"] and other.info["kept"]
+    np.testing.assert_allclose(other(sim, moved), model(sim, feats), rtol=2e-3, atol=2e-3)
