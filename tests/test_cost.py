@@ -494,3 +494,71 @@ def test_fit_edge_cost_is_blind_to_the_units_of_its_features() -> None:
     other = fit_edge_cost(moved, *args, scale=0.1, temperature=0.02, seed=0)
     assert model.info["kept"] and other.info["kept"]
     np.testing.assert_allclose(other(sim, moved), model(sim, feats), rtol=2e-3, atol=2e-3)
+
+
+def test_adam_matches_torch_adam_with_l2_weight_decay() -> None:
+    """The numpy Adam of the learned cost is torch.optim.Adam (L2 decay added to the
+    gradient, eps 1e-8, bias-corrected moments), step for step."""
+    torch = pytest.importorskip("torch")
+    from pmpclean.cost import _Adam
+
+    rng = np.random.default_rng(0)
+    params = [rng.normal(size=(3, 2)), rng.normal(size=4)]
+    grads = [[rng.normal(size=p.shape) * 10.0**-k for p in params] for k in range(5)]
+    ours = [p.copy() for p in params]
+    opt = _Adam(ours, lr=0.05, weight_decay=0.01)
+    ref = [torch.tensor(p, requires_grad=True) for p in params]
+    topt = torch.optim.Adam(ref, lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    for step in grads:
+        opt.step(step)
+        for t, g in zip(ref, step, strict=True):
+            t.grad = torch.tensor(g)
+        topt.step()
+        for p, t in zip(ours, ref, strict=True):
+            np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-12, atol=1e-14)
+    assert ours[0] is opt.params[0]  # updated in place
+
+
+def test_fit_edge_cost_reports_the_loss_of_the_model_it_returns() -> None:
+    """Identical segments: every segment's loss is the held-out mean, so the reported
+    held-out losses can be recomputed from the returned model (and from 1 - sim)."""
+    sims = [0.5, 0.45, 0.3, 0.1, 0.0]
+    feats, sim, seg, is_true = _same_segments(12, sims)
+    rng = np.random.default_rng(1)
+    feats[:, 3:] = np.tile(rng.normal(size=(5, 2)), (12, 1))  # the same csls in every segment
+    model = fit_edge_cost(
+        feats, sim, seg, np.full(seg.size, -1), is_true, scale=0.1, temperature=0.1, seed=0
+    )
+    info = model.info
+    assert info["kept"] is True and info["slope"] == model.slope
+    assert isinstance(info["best_step"], int) and isinstance(info["steps"], int)
+
+    def nll(cost: np.ndarray) -> float:
+        x = -np.asarray(cost[:5], dtype=np.float64) / 0.1
+        return float(np.log(np.exp(x - x.max()).sum()) + x.max() - x[0])
+
+    assert info["holdout_loss_fixed"] == pytest.approx(nll(1.0 - sim), rel=1e-9)
+    assert info["holdout_loss_learned"] == pytest.approx(nll(model(sim, feats)), rel=1e-3)
+    assert info["holdout_loss_learned"] < info["holdout_loss_fixed"]
+
+
+def test_fit_edge_cost_stops_after_patience_steps_without_improvement() -> None:
+    feats, sim, seg, is_true, _ = _hubness_problem(40, 10, seed=12)
+    args = (feats, sim, seg, np.full(seg.size, -1), is_true)
+    for patience in (0, 3, 10):
+        m = fit_edge_cost(*args, scale=0.1, temperature=0.02, steps=500, patience=patience, seed=0)
+        # the held-out loss last improved before step best_step + 1; the loop ends at the
+        # first step patience + 1 steps later
+        assert m.info["steps"] == m.info["best_step"] + patience + 2 < 500
+    full = fit_edge_cost(*args, scale=0.1, temperature=0.02, steps=7, patience=100, seed=0)
+    assert full.info["steps"] == 7
+
+
+def test_fit_edge_cost_keeps_the_fixed_cost_when_nothing_improves_on_it() -> None:
+    feats, sim, seg, is_true = _same_segments(12, [0.9, 0.0, 0.0])
+    model = fit_edge_cost(
+        feats, sim, seg, np.full(seg.size, -1), is_true, scale=0.1, temperature=0.01, seed=0
+    )
+    assert model.info["kept"] is False
+    assert model.info["reason"] == "no step improved the held-out loss of the fixed cost"
+    np.testing.assert_allclose(model(sim, feats), 1.0 - sim, rtol=1e-6)
