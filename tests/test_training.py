@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pmpclean.errors import ConfigError
@@ -171,3 +172,95 @@ def test_robust_q_default_stays_infonce_on_a_scan_folder(
     assert res.metrics["dataset"]["audit_split"] is True
     assert res.metrics["resolved"]["robust_q"] == 0.0
     assert res.metrics["history"][0]["chance_loss"] == pytest.approx(math.log(6))
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "expected"),
+    [(0, 0, 0.0), (9, 10, 0.71755), (10, 10, 0.85892), (0, 10, 0.0), (80, 100, 0.74407)],
+)
+def test_wilson_lower_bound_known_answers(k: int, n: int, expected: float) -> None:
+    """One-sided 90 % Wilson bound (z = 1.2816), the planted check's pass mark; with k = n
+    it is n / (n + z^2)."""
+    assert F._wilson_lower(k, n) == pytest.approx(expected, abs=5e-5)
+    if n:
+        assert F._wilson_lower(k, n) <= k / n + 1e-12
+        assert F._wilson_lower(k, n, z=0.0) == pytest.approx(k / n)
+
+
+def test_planted_rows_are_a_quarter_of_the_clean_rows_at_most_256_or_none() -> None:
+    from types import SimpleNamespace
+
+    def planted(n: int, n_suspects: int) -> int:
+        clean = np.ones(n, dtype=bool)
+        clean[n - n_suspects :] = False
+        train = SimpleNamespace(image_index=np.arange(n), text_group=np.arange(n))
+        rows = F._plant_rows(clean, train, np.random.default_rng(0))
+        assert clean[rows].all() and np.array_equal(rows, np.sort(rows))
+        return rows.size
+
+    assert planted(100, 20) == 20  # a quarter of 80 clean rows
+    assert planted(2000, 100) == 256  # at most 256
+    assert planted(40, 8) == 8  # 32 // 4 = 8: just enough
+    assert planted(38, 8) == 0  # 30 // 4 = 7 < 8: unchecked
+
+
+@pytest.mark.parametrize(
+    ("plan", "rows_kept", "cols_kept"),
+    [
+        ([[0.05, 0.35], [0.30, 0.10]], [0, 1], [0, 1]),
+        ([[0.01, 0.01], [0.30, 0.10]], [1], [0, 1]),  # row 0 moves 4 % < min_plan_mass
+    ],
+)
+def test_suspects_soft_target_loss_is_the_symmetric_kl_to_the_plan(
+    monkeypatch: pytest.MonkeyPatch,
+    plan: list[list[float]],
+    rows_kept: list[int],
+    cols_kept: list[int],
+) -> None:
+    """In-batch targets (suspect_targets="batch"): the plan between the batch's suspects,
+    normalised per row (and per column), is matched to the model's in-batch softmax by a
+    symmetric KL; the batch loss is (clean InfoNCE + noisy_weight * KL / 2) / b."""
+    img, txt = _batch(5, 8, seed=3)
+    scale = torch.tensor(7.0)
+    clean = torch.tensor([True, True, True, False, False])
+    groups = torch.arange(5)
+    cfg = FinetuneConfig(
+        suspect_targets="batch", target_quantile=None, noisy_weight=0.7, ot_mass=0.9, ot_reg=0.2
+    )
+    fixed = torch.tensor(plan)
+    calls = []
+
+    def fake_plan(cost: torch.Tensor, **kw: object) -> torch.Tensor:
+        calls.append((cost, kw))
+        return fixed
+
+    monkeypatch.setattr(F, "partial_ot_plan", fake_plan)
+    loss, stats = F._batch_loss(img, txt, scale, clean, groups, groups, cfg)
+
+    ((cost, kw),) = calls
+    torch.testing.assert_close(cost, 1.0 - img[3:] @ txt[3:].T)
+    assert kw["mass"] == 0.9 and kw["reg"] == 0.2
+    assert torch.equal(kw["forbid"], torch.eye(2, dtype=torch.bool))  # its own caption
+    sub = scale * img[3:] @ txt[3:].T
+
+    def sym_kl(logits: torch.Tensor, p_plan: torch.Tensor) -> torch.Tensor:
+        q = p_plan / p_plan.sum(1, keepdim=True)
+        log_p = torch.log_softmax(logits, 1)
+        p = log_p.exp()
+        return ((q * (q.log() - log_p)).sum(1) + (p * (log_p - q.log())).sum(1)).sum()
+
+    kl = 0.5 * sym_kl(sub[rows_kept], fixed[rows_kept])
+    kl = kl + 0.5 * sym_kl(sub.T[cols_kept], fixed.T[cols_kept])
+    logits = scale * img @ txt.T
+    ce = torch.nn.functional.cross_entropy
+    infonce = 0.5 * (
+        ce(logits, torch.arange(5), reduction="none")
+        + ce(logits.T, torch.arange(5), reduction="none")
+    )
+    expected = (infonce[:3].sum() + 0.7 * kl) / 5
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert stats["noisy_targets"] == (len(rows_kept) + len(cols_kept)) / 2
+    assert stats["noisy_loss"] == pytest.approx(float(kl), rel=1e-5)
+    assert stats["noisy_rows"] == 2 and stats["clean_rows"] == 3
+    assert stats["clean_loss"] == pytest.approx(float(infonce[:3].sum()), rel=1e-5)
+    assert stats["infonce"] == pytest.approx(float(infonce.sum()), rel=1e-5)
