@@ -526,20 +526,23 @@ def test_fit_edge_cost_reports_the_loss_of_the_model_it_returns() -> None:
     feats, sim, seg, is_true = _same_segments(12, sims)
     rng = np.random.default_rng(1)
     feats[:, 3:] = np.tile(rng.normal(size=(5, 2)), (12, 1))  # the same csls in every segment
-    model = fit_edge_cost(
-        feats, sim, seg, np.full(seg.size, -1), is_true, scale=0.1, temperature=0.1, seed=0
-    )
-    info = model.info
-    assert info["kept"] is True and info["slope"] == model.slope
-    assert isinstance(info["best_step"], int) and isinstance(info["steps"], int)
 
     def nll(cost: np.ndarray) -> float:
         x = -np.asarray(cost[:5], dtype=np.float64) / 0.1
         return float(np.log(np.exp(x - x.max()).sum()) + x.max() - x[0])
 
-    assert info["holdout_loss_fixed"] == pytest.approx(nll(1.0 - sim), rel=1e-9)
-    assert info["holdout_loss_learned"] == pytest.approx(nll(model(sim, feats)), rel=1e-3)
-    assert info["holdout_loss_learned"] < info["holdout_loss_fixed"]
+    for seed in range(4):  # four held-out draws
+        model = fit_edge_cost(
+            feats, sim, seg, np.full(seg.size, -1), is_true, scale=0.1, temperature=0.1, seed=seed
+        )
+        info = model.info
+        assert info["kept"] is True and info["slope"] == model.slope
+        assert isinstance(info["best_step"], int) and isinstance(info["steps"], int)
+        assert info["holdout_loss_fixed"] == pytest.approx(nll(1.0 - sim), rel=1e-9)
+        assert info["holdout_loss_learned"] == pytest.approx(nll(model(sim, feats)), rel=1e-3)
+        # the key points are separable: the fit sharpens the cost until they are certain
+        assert info["holdout_loss_learned"] < 0.02 * info["holdout_loss_fixed"]
+        assert model.slope > 1.5
 
 
 def test_fit_edge_cost_stops_after_patience_steps_without_improvement() -> None:
