@@ -261,10 +261,28 @@ def test_scan_proposals_become_partners_weighted_by_their_confidence() -> None:
     assert info["mean_confidence"] == pytest.approx((0.65 + 0.9 + 1.0) / 3)
 
 
+def test_scan_proposals_at_the_table_edges() -> None:
+    """A proposal of input row 0 is a partner; one past the last row is none; a
+    training set with fewer than two suspects gets no partners at all."""
+    n = 6
+    train = _fake_train(np.arange(n))
+    train.audit_partner = np.array([-1, -1, -1, -1, 0, n])
+    train.audit_confidence = np.array([0, 0, 0, 0, 0.9, 0.9])
+    clean = np.arange(n) < 4
+    cfg = FinetuneConfig(suspect_targets="global")
+    partner, weight, _ = F._rematch_partners(clean, None, train, cfg, seed=0)
+    assert partner.tolist() == [-1, -1, -1, -1, 0, -1]
+    lone = np.arange(n) != 4  # one suspect: nothing to rematch among
+    partner, weight, info = F._rematch_partners(lone, None, train, cfg, seed=0)
+    assert (partner == -1).all() and (weight == 0).all() and info is None
+
+
 def test_global_partners_are_weighted_by_the_rematch_confidence(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A dataset-scale proposal's weight is the confidence the rematch gave it."""
+    """A dataset-scale proposal's weight is the confidence the rematch gave it; the
+    rematch's cost and warnings are reported."""
+    import warnings
     from types import SimpleNamespace
 
     import pmpclean.rematching
@@ -282,7 +300,9 @@ def test_global_partners_are_weighted_by_the_rematch_confidence(
         proposed[n:] = n + (np.arange(m) + 1) % m  # the planted rows: right
         conf = np.where(proposed >= 0, 0.9, 0.0)
         conf[sus] = conf_of_suspect
-        return SimpleNamespace(proposed_row=proposed, rematch_confidence=conf, info={})
+        warnings.warn("few key points", UserWarning, stacklevel=1)
+        info = {"cost_used": "learned"}
+        return SimpleNamespace(proposed_row=proposed, rematch_confidence=conf, info=info)
 
     monkeypatch.setattr(pmpclean.rematching, "rematch", fake_rematch)
     emb = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
@@ -293,6 +313,8 @@ def test_global_partners_are_weighted_by_the_rematch_confidence(
         clean, enc, _fake_train(true_row), FinetuneConfig(suspect_targets="global"), seed=0
     )
     assert info["planted_check"]["passed"]
+    assert info["source"] == "partial OT over all suspects" and info["cost_used"] == "learned"
+    assert info["warnings"] == ["few key points"]
     assert partner[sus].tolist() == np.roll(sus, -1).tolist()
     np.testing.assert_array_equal(weight[sus], conf_of_suspect)
     assert (weight[: n - n_sus] == 0).all()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pmpclean.errors import ConfigError
-from pmpclean.training import FinetuneConfig, finetune
+from pmpclean.training import FinetuneConfig, finetune, partial_ot_plan
 
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("pmpclean.training")
@@ -264,3 +264,61 @@ def test_suspects_soft_target_loss_is_the_symmetric_kl_to_the_plan(
     assert stats["noisy_rows"] == 2 and stats["clean_rows"] == 3
     assert stats["clean_loss"] == pytest.approx(float(infonce[:3].sum()), rel=1e-5)
     assert stats["infonce"] == pytest.approx(float(infonce.sum()), rel=1e-5)
+
+
+def test_other_rows_of_the_same_image_are_no_negatives() -> None:
+    """Rows 0 and 1 show one image: each is left out of the other's softmax (both ways)."""
+    img, txt = _batch(4, 8, seed=5)
+    scale = torch.tensor(5.0)
+    image_group = torch.tensor([0, 0, 1, 2])
+    text_group = torch.arange(4)
+    loss, _ = F._batch_loss(
+        img, txt, scale, torch.ones(4, dtype=torch.bool), image_group, text_group, FinetuneConfig()
+    )
+    logits = scale * img @ txt.T
+    keep = ~torch.tensor(
+        [[False, True, False, False], [True, False, False, False]] + [[False] * 4] * 2
+    )
+    ce_rows = [
+        -torch.log_softmax(logits[i][keep[i]], 0)[keep[i][: i + 1].sum() - 1] for i in range(4)
+    ]
+    ce_cols = [
+        -torch.log_softmax(logits[:, j][keep[:, j]], 0)[keep[: j + 1, j].sum() - 1]
+        for j in range(4)
+    ]
+    expected = 0.5 * (torch.stack(ce_rows) + torch.stack(ce_cols)).sum() / 4
+    torch.testing.assert_close(loss, expected)
+
+
+def test_zero_noisy_weight_gives_suspects_no_targets() -> None:
+    img, txt = _batch(6, 8, seed=6)
+    clean = torch.tensor([True, True, True, True, False, False])
+    groups = torch.arange(6)
+    cfg = FinetuneConfig(suspect_targets="batch", ot_mass=1.0, target_quantile=None)
+    _, on = F._batch_loss(img, txt, torch.tensor(10.0), clean, groups, groups, cfg)
+    assert on["noisy_targets"] == 2
+    off_cfg = cfg.replace(noisy_weight=0.0)
+    loss, off = F._batch_loss(img, txt, torch.tensor(10.0), clean, groups, groups, off_cfg)
+    assert off["noisy_rows"] == 2 and off["noisy_targets"] == 0 and off["noisy_loss"] == 0
+
+
+def test_partial_ot_plan_of_a_single_row_moves_its_mass() -> None:
+    """One image, three captions, 30 % of the mass: it goes to the cheapest caption."""
+    cost = torch.tensor([[0.9, 0.1, 0.5]])
+    plan = partial_ot_plan(cost, mass=0.3, reg=0.02)
+    assert float(plan.sum()) == pytest.approx(0.3, rel=1e-3)
+    assert float(plan[0, 1]) == pytest.approx(0.3, rel=1e-2)
+
+
+def test_planted_rows_follow_the_generator() -> None:
+    """Which clean rows are planted is a seeded random choice, not always the first ones."""
+    from types import SimpleNamespace
+
+    n = 400
+    clean = np.arange(n) < 300
+    train = SimpleNamespace(image_index=np.arange(n), text_group=np.arange(n))
+    a = F._plant_rows(clean, train, np.random.default_rng(0))
+    b = F._plant_rows(clean, train, np.random.default_rng(1))
+    again = F._plant_rows(clean, train, np.random.default_rng(0))
+    assert a.size == b.size == 75 and np.array_equal(a, again)
+    assert not np.array_equal(a, b)
