@@ -501,3 +501,142 @@ def test_scan_and_rematch_assign_every_action_by_the_rule(tmp_path):
     assert set(strict.dropped.loc[review, "pmpclean_reason"]) == {
         "borderline match_score, no confident proposal"
     }
+
+
+def test_versions_name_each_library_from_its_module_or_its_package(monkeypatch):
+    """summary.json's versions: a module already imported reports __version__, the
+    others are read from their installed package (under the package's own name)."""
+    import sys
+    from importlib import metadata
+
+    from pmpclean import __version__
+    from pmpclean.pipeline import _versions
+
+    imported = _versions()
+    assert imported["pmpclean"] == __version__ and imported["numpy"] == np.__version__
+    assert imported["pandas"] == pd.__version__
+    for name in ("torch", "open_clip", "ot", "faiss"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    read = _versions()
+    assert read["torch"] == metadata.version("torch")
+    assert read["open_clip"] == metadata.version("open_clip_torch")
+    assert read["pot"] == metadata.version("pot")
+    assert read["faiss"] == metadata.version("faiss-cpu")
+    assert set(read) == {"pmpclean", "python", "numpy", "pandas", "torch", "open_clip", "pot"} | {
+        "faiss"
+    }
+
+
+def test_audit_settings_at_their_bounds_are_accepted():
+    from pmpclean.pipeline import _validate_audit_config
+
+    for changes in (
+        {"audit__min_confidence": 0.0},
+        {"audit__min_confidence": 1.0},
+        {"audit__exact_search_max": 0},
+        {"audit__search_nprobe": 1},
+        {"audit__mixture_fit_max": 100},
+        {"audit__mixture_fit_max": None},
+        {"audit__mass": 1.0},
+        {"audit__k": 1},
+        {"audit__review_margin": 0.0},
+    ):
+        _validate_audit_config(ScanConfig().replace(**changes))
+    for changes, match in (
+        ({"audit__exact_search_max": True}, "exact_search_max must be an integer"),
+        ({"audit__exact_search_max": -1}, "exact_search_max must be an integer >= 0"),
+        ({"audit__min_confidence": 1.01}, r"min_confidence must lie in \[0, 1\], got 1.01"),
+        ({"audit__k": 0}, "k must be at least 1, got 0"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            _validate_audit_config(ScanConfig().replace(**changes))
+
+
+def test_dropped_file_sits_beside_the_cleaned_one():
+    from pmpclean.pipeline import _dropped_path
+
+    assert _dropped_path(Path("d/clean.csv.gz")) == Path("d/clean.dropped.csv.gz")
+    assert _dropped_path(Path("d/clean.parquet")) == Path("d/clean.dropped.parquet")
+    assert _dropped_path(Path("d/.hidden.csv")) == Path("d/.hidden.dropped.csv")
+    assert _dropped_path(Path("d/noext")) == Path("d/noext.dropped")
+
+
+def test_rematch_defaults_and_refusals(dataset, tmp_path):
+    """Without --audit-dir the scan goes beside the manifest; bad settings are named."""
+    from pmpclean.pipeline import default_out_dir
+
+    _, manifest, emb = dataset
+    res = pmpclean.rematch(manifest, out=tmp_path / "c.csv", config=_cfg(emb))
+    assert res.info["audit_dir"] == str(default_out_dir(manifest))
+    assert (default_out_dir(manifest) / "audit.parquet").is_file()
+    with pytest.raises(ConfigError, match=r"^min_confidence must lie in \[0, 1\], got 1.5\.$"):
+        pmpclean.rematch(manifest, out=tmp_path / "d.csv", config=_cfg(emb), min_confidence=1.5)
+    with pytest.raises(DatasetError, match=r"Use --truth-col to name it \(pmpclean corrupt"):
+        cfg = ScanConfig().replace(embed__embeddings=str(emb), data__truth_col="truth")
+        pmpclean.scan(manifest, config=cfg, out_dir=tmp_path / "o")
+
+
+def test_corrupt_rate_bounds_and_truth_column_clash(tmp_path):
+    data = _easy(60, noise_rate=0.0)
+    frame = data.to_frame().drop(columns=["true_row"])
+    manifest = tmp_path / "clean.csv"
+    frame.to_csv(manifest, index=False)
+    none = pmpclean.corrupt(manifest, out=tmp_path / "r0.csv", rate=0.0)
+    assert none.info["n_corrupted"] == 0
+    every = pmpclean.corrupt(manifest, out=tmp_path / "r1.csv", rate=1.0)
+    assert every.info["n_corrupted"] > 50
+    with pytest.raises(ConfigError, match=r"rate must lie in \[0, 1\], got 1.5"):
+        pmpclean.corrupt(manifest, out=tmp_path / "x.csv", rate=1.5)
+    frame.assign(true_row=0).to_csv(tmp_path / "has.csv", index=False)
+    with pytest.raises(
+        DatasetError, match=r"'true_row' column; pass --truth-col NAME to choose another name\.$"
+    ):
+        pmpclean.corrupt(tmp_path / "has.csv", out=tmp_path / "y.csv", rate=0.2)
+
+
+def test_mixed_type_columns_still_write_a_parquet_audit(tmp_path):
+    """A JSON Lines column of numbers and strings becomes strings in audit.parquet
+    (missing values stay missing); the audit itself keeps the values as read."""
+    data = _easy(120)
+    frame = data.to_frame()
+    frame["source"] = [7 if i % 3 == 0 else ("web" if i % 3 == 1 else None) for i in range(120)]
+    manifest = tmp_path / "data.jsonl"
+    frame.to_json(manifest, orient="records", lines=True)
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, image=data.image_emb, text=data.text_emb)
+    pmpclean.scan(manifest, config=_cfg(emb), out_dir=tmp_path / "out")
+    back = pd.read_parquet(tmp_path / "out" / "audit.parquet")
+    assert back["source"].tolist()[:2] == ["7", "web"] and pd.isna(back["source"][2])
+
+
+def test_embed_writes_the_embeddings_scan_accepts(tmp_path, drawn_captions):
+    """pmpclean.embed with the tiny random model: one row-aligned .npz (image, text,
+    status), refused when it exists (unless force) or when embeddings are given."""
+    cfg = ScanConfig().replace(
+        embed__model="pmpclean-tiny",
+        embed__pretrained="none",
+        embed__device="cpu",
+        embed__workers=0,
+    )
+    out = tmp_path / "emb.npz"
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        res = pmpclean.embed(drawn_captions, out=out, config=cfg)
+    saved = np.load(out)
+    assert saved["image"].shape[0] == saved["text"].shape[0] == 24
+    np.testing.assert_array_equal(saved["image"], res.image)
+    np.testing.assert_array_equal(saved["text"], res.text)
+    assert saved["status"].tolist() == ["ok"] * 24
+    info = res.info
+    assert info["n_rows"] == 24 and info["n_images"] == 24 and info["file"] == str(out)
+    assert info["dim_image"] == res.image.shape[1] and info["dim_text"] == res.text.shape[1]
+    assert info["status_counts"] == {"ok": 24} and "read" in info["timings"]
+    with pytest.raises(DatasetError, match="already exists; pass --force"):
+        pmpclean.embed(drawn_captions, out=out, config=cfg)
+    with pytest.raises(
+        ConfigError, match=r"^embed computes embeddings; it cannot also take --embeddings\.$"
+    ):
+        pmpclean.embed(drawn_captions, out=out, config=cfg.replace(embed__embeddings=str(out)))
+    scanned = pmpclean.scan(
+        drawn_captions, config=ScanConfig().replace(embed__embeddings=str(out)), write=False
+    )
+    assert len(scanned.audit) == 24
