@@ -640,3 +640,83 @@ def test_embed_writes_the_embeddings_scan_accepts(tmp_path, drawn_captions):
         drawn_captions, config=ScanConfig().replace(embed__embeddings=str(out)), write=False
     )
     assert len(scanned.audit) == 24
+
+
+def test_summary_and_rematch_result_contracts(dataset, tmp_path):
+    """Every documented key of summary.json, with its value; rematch names its files."""
+    from pmpclean import __version__
+    from pmpclean.config import config_to_dict
+
+    data, manifest, emb = dataset
+    cfg = _cfg(emb)
+    res = pmpclean.scan(manifest, config=cfg, out_dir=tmp_path / "out")
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    audit = res.audit
+    assert s["pmpclean_version"] == __version__
+    assert s["manifest"] == str(manifest.resolve()) and s["manifest_sha256"] == _sha(manifest)
+    assert s["n_rows"] == N and s["n_scored"] == N and s["n_images"] == N
+    assert s["input_columns"] == ["image", "caption", "true_row", "cluster", "licence"]
+    assert s["status_counts"] == {"ok": N}
+    assert s["n_mismatched"] == int(audit["is_mismatched"].sum())
+    assert s["threshold"] == 0.5 and s["pair_audit"] is True
+    assert s["mixture"]["bimodal"] is True
+    assert s["rematch"]["n_suspects"] == s["n_mismatched"]
+    assert s["rematch"]["n_proposed"] == int((audit["proposed_row"] >= 0).sum())
+    assert s["rematch"]["min_confidence"] == 0.6
+    assert s["model"]["model_work"] is False and s["labels"] is None
+    assert s["settings"] == json.loads(json.dumps(config_to_dict(cfg)))
+    assert s["out_dir"] == str((tmp_path / "out").resolve())
+    assert set(s["files"]) == {"audit_parquet", "audit_csv", "summary", "config", "report"}
+    assert s["warnings"] == [] and set(s["versions"]) >= {"pmpclean", "numpy", "torch"}
+    names = [span[0] for span in s["stage_spans"]]
+    assert names[:3] == ["read", "embed", "score"] and set(names) == set(s["timings"])
+    assert all(0 <= a <= b for _, a, b in s["stage_spans"])
+    # the similarity column is the cosine of the pair's embeddings
+    img = data.image_emb / np.linalg.norm(data.image_emb, axis=1, keepdims=True)
+    txt = data.text_emb / np.linalg.norm(data.text_emb, axis=1, keepdims=True)
+    np.testing.assert_allclose(audit["similarity"], (img * txt).sum(1), rtol=1e-4, atol=1e-5)
+
+    out = tmp_path / "c.csv"
+    rem = pmpclean.rematch(manifest, out=out, config=cfg, audit_dir=tmp_path / "out")
+    want = {"cleaned": str(out), "dropped": str(tmp_path / "c.dropped.csv")}
+    assert rem.files == rem.info["files"] == want
+    dry = pmpclean.rematch(
+        manifest, out=tmp_path / "d.csv", config=cfg, audit_dir=tmp_path / "out", dry_run=True
+    )
+    assert dry.files == dry.info["files"] == {} and not (tmp_path / "d.csv").exists()
+
+
+def test_scan_without_rematch_proposes_nothing(dataset, tmp_path):
+    _, manifest, emb = dataset
+    res = pmpclean.scan(manifest, config=_cfg(emb, audit__rematch=False), write=False)
+    audit = res.audit
+    assert (audit["proposed_row"] == -1).all() and (audit["proposed_caption"] == "").all()
+    assert (audit["rematch_confidence"] == 0).all() and res.summary["rematch"] is None
+    assert "rematch" not in set(audit["action"]) and audit["is_mismatched"].any()
+
+
+def test_scan_with_a_label_column_adds_the_label_audit(tmp_path):
+    data = _easy(300)
+    manifest, emb = _write(tmp_path, data)
+    cfg = _cfg(emb, data__label_col="cluster")
+    res = pmpclean.scan(manifest, config=cfg, out_dir=tmp_path / "out")
+    audit = res.audit
+    for col in ("label_status", "label_score", "is_label_issue", "suggested_label"):
+        assert col in audit.columns
+    assert "label_confidence" in audit.columns
+    assert audit["is_label_issue"].dtype == bool
+    assert res.summary["labels"]["label_col"] == "cluster"
+    assert "labels" in res.summary["timings"]
+
+
+def test_width_mismatch_message_names_both_widths(tmp_path):
+    frame = pd.DataFrame({"image": [f"i{i}" for i in range(6)], "caption": list("abcdef")})
+    manifest = tmp_path / "d.csv"
+    frame.to_csv(manifest, index=False)
+    emb = tmp_path / "e.npz"
+    rng = np.random.default_rng(0)
+    np.savez(emb, image=rng.normal(size=(6, 8)), text=rng.normal(size=(6, 4)))
+    with pytest.raises(DatasetError, match=r"\(8-d\) and text embeddings \(4-d\) differ in width"):
+        pmpclean.scan(
+            manifest, config=ScanConfig().replace(embed__embeddings=str(emb)), write=False
+        )
