@@ -496,6 +496,7 @@ def test_main_exit_codes(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["scan"])  # usage error
     assert exc.value.code == 2
+    assert "Try 'pmpclean scan --help' for help." in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", ["pmpclean", "--version"])
     with pytest.raises(SystemExit) as exc:
         main()
@@ -519,3 +520,17 @@ def test_library_warnings_reach_the_output_sink(monkeypatch):
     assert res.exit_code == 1
     assert "Warning: model 'x' has RANDOM weights" in res.stderr
     assert "Error: stopped after the warning" in res.stderr
+
+
+def test_ot_mass_out_of_range_explains_itself():
+    res = runner.invoke(
+        app, ["finetune", "x.csv", "--out", "m", "--ot-mass", "0"], env={"COLUMNS": "400"}
+    )
+    assert res.exit_code == 2
+    text = " ".join(res.output.replace("│", " ").split())
+    assert (
+        "0 is outside (0, 1]. It is the fraction of a batch's suspect pairs the transport plan "
+        "re-pairs: 0 would leave every suspect without a target and more than 1 is more mass "
+        "than there is. Use 0.5 (the default), higher when most mismatched captions have their "
+        "true image in the data, lower when few do."
+    ) in text
