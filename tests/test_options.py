@@ -78,6 +78,7 @@ CASES: dict[tuple[str, str], tuple[list[str], dict[str, Any]]] = {
         {"config.audit.min_confidence": 0.3},
     ),
     ("scan", "--gallery-size"): (["--gallery-size", "5"], {"config.gallery_size": 5}),
+    ("scan", "--force"): (["--force"], {"force": True}),
     ("scan", "--seed"): _SEED,
     ("scan", "--config"): _CONFIG,
     ("scan", "--format"): _FMT,
