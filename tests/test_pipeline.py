@@ -478,7 +478,8 @@ def test_scan_and_rematch_assign_every_action_by_the_rule(tmp_path):
     res = pmpclean.scan(manifest, config=_cfg(emb), out_dir=tmp_path / "audit")
     audit = res.audit
     assert (audit["status"] == "ok").all()
-    expected = _rule(audit, threshold=0.5, margin=0.2, cut=0.6)
+    cut = ScanConfig().audit.min_confidence
+    expected = _rule(audit, threshold=0.5, margin=0.2, cut=cut)
     assert audit["action"].tolist() == expected.tolist()
     counts = res.summary["action_counts"]
     assert min(counts.values()) > 0, counts  # keep, rematch, drop and review all occur
@@ -662,7 +663,7 @@ def test_summary_and_rematch_result_contracts(dataset, tmp_path):
     assert s["mixture"]["bimodal"] is True
     assert s["rematch"]["n_suspects"] == s["n_mismatched"]
     assert s["rematch"]["n_proposed"] == int((audit["proposed_row"] >= 0).sum())
-    assert s["rematch"]["min_confidence"] == 0.6
+    assert s["rematch"]["min_confidence"] == cfg.audit.min_confidence
     assert s["model"]["model_work"] is False and s["labels"] is None
     assert s["settings"] == json.loads(json.dumps(config_to_dict(cfg)))
     assert s["out_dir"] == str((tmp_path / "out").resolve())
