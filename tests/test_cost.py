@@ -377,6 +377,12 @@ def test_fit_paper_cost_a_key_point_already_at_zero_cost_moves_nothing() -> None
     assert net.info["last_loss"] == 0.0
 
 
+def _fit_rows(feats, sim, seg, is_true, **kw):
+    """fit_edge_cost on key-image (row) segments only, scale 0.1, seed 0 unless given."""
+    kw = {"scale": 0.1, "seed": 0, **kw}
+    return fit_edge_cost(feats, sim, seg, np.full(seg.size, -1), is_true, **kw)
+
+
 def _same_segments(n_seg: int, sims: list[float], true_at: int = 0):
     """n_seg identical segments with edges of similarity ``sims``, the true one at
     ``true_at``; the only feature is the similarity."""
@@ -401,17 +407,7 @@ def test_fit_edge_cost_keeps_the_true_edge_and_the_most_similar_others(
     fixed cost's held-out loss is the cross-entropy over exactly those edges."""
     # decoys in no particular order; the true edge (0.5) is not the first listed
     feats, sim, seg, is_true = _same_segments(12, [0.1, 0.5, 0.0, 0.45, 0.3], true_at=1)
-    model = fit_edge_cost(
-        feats,
-        sim,
-        seg,
-        np.full(seg.size, -1),
-        is_true,
-        scale=0.1,
-        temperature=0.1,
-        max_per_segment=cap,
-        seed=0,
-    )
+    model = _fit_rows(feats, sim, seg, is_true, temperature=0.1, max_per_segment=cap)
     x = -(1.0 - np.array([0.5, *kept_decoys])) / 0.1
     want = float(np.log(np.exp(x).sum()) - x[0])
     assert model.info["holdout_loss_fixed"] == pytest.approx(want, rel=1e-9, abs=1e-12)
@@ -445,17 +441,7 @@ def test_fit_edge_cost_holds_out_a_quarter_when_the_draw_holds_out_none_or_all(
     holdout: float,
 ) -> None:
     feats, sim, seg, is_true, _ = _hubness_problem(22, 6, seed=9)
-    model = fit_edge_cost(
-        feats,
-        sim,
-        seg,
-        np.full(seg.size, -1),
-        is_true,
-        scale=0.1,
-        temperature=0.02,
-        holdout=holdout,
-        seed=0,
-    )
+    model = _fit_rows(feats, sim, seg, is_true, temperature=0.02, holdout=holdout)
     info = model.info
     assert (info["n_holdout"], info["n_fit"]) == (22 // 4, 22 - 22 // 4)
     assert info["steps"] > 0 and info["kept"] is True
@@ -532,9 +518,7 @@ def test_fit_edge_cost_reports_the_loss_of_the_model_it_returns() -> None:
         return float(np.log(np.exp(x - x.max()).sum()) + x.max() - x[0])
 
     for seed in range(4):  # four held-out draws
-        model = fit_edge_cost(
-            feats, sim, seg, np.full(seg.size, -1), is_true, scale=0.1, temperature=0.1, seed=seed
-        )
+        model = _fit_rows(feats, sim, seg, is_true, temperature=0.1, seed=seed)
         info = model.info
         assert info["kept"] is True and info["slope"] == model.slope
         assert isinstance(info["best_step"], int) and isinstance(info["steps"], int)
@@ -559,9 +543,7 @@ def test_fit_edge_cost_stops_after_patience_steps_without_improvement() -> None:
 
 def test_fit_edge_cost_keeps_the_fixed_cost_when_nothing_improves_on_it() -> None:
     feats, sim, seg, is_true = _same_segments(12, [0.9, 0.0, 0.0])
-    model = fit_edge_cost(
-        feats, sim, seg, np.full(seg.size, -1), is_true, scale=0.1, temperature=0.01, seed=0
-    )
+    model = _fit_rows(feats, sim, seg, is_true, temperature=0.01)
     assert model.info["kept"] is False
     assert model.info["reason"] == "no step improved the held-out loss of the fixed cost"
     np.testing.assert_allclose(model(sim, feats), 1.0 - sim, rtol=1e-6)
