@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from ._numfmt import finite_or_none
 from ._utils import Timer, atomic_open, atomic_path, claim_output, to_jsonable
 from .config import ScanConfig, config_from_dict, config_to_dict
 from .errors import ConfigError, DatasetError
@@ -532,8 +533,8 @@ def _scan(
             warn_list.append(f"No pair was flagged: {mix['reason']}")
         split_info = {
             "threshold": float(sp.threshold),
-            "estimated_noise_rate": _finite_or_none(sp.noise_rate),
-            "estimated_noise_rate_interval": [_finite_or_none(v) for v in sp.noise_interval],
+            "estimated_noise_rate": finite_or_none(sp.noise_rate),
+            "estimated_noise_rate_interval": [finite_or_none(v) for v in sp.noise_interval],
             "verdict": sp.verdict,
             "verdict_reason": sp.verdict_reason,
             "mixture": sp.mixture,
@@ -646,11 +647,6 @@ def _scan(
     if target is not None:
         write_json(target / "summary.json", summary)
     return result
-
-
-def _finite_or_none(value: float) -> float | None:
-    v = float(value)
-    return v if np.isfinite(v) else None
 
 
 def split_scores(

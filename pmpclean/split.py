@@ -494,6 +494,11 @@ def _binned_density(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.maximum(dens, 1e-12 / width)
 
 
+def _mpe_ratio(cdf_at: np.ndarray) -> float:
+    """``min F(t) / P(t)`` over the planted quantile levels, capped at 1."""
+    return float(min(1.0, np.min(cdf_at / _MPE_LEVELS)))
+
+
 def _mpe_bound(data_sorted: np.ndarray, plants: np.ndarray) -> float:
     """Largest share of the planted distribution the data can hold (Blanchard et al., 2010).
 
@@ -503,16 +508,14 @@ def _mpe_bound(data_sorted: np.ndarray, plants: np.ndarray) -> float:
     that sees; not captions of similar photos).
     """
     ts = np.quantile(plants, _MPE_LEVELS)
-    f = np.searchsorted(data_sorted, ts, side="right") / data_sorted.size
-    return float(min(1.0, np.min(f / _MPE_LEVELS)))
+    return _mpe_ratio(np.searchsorted(data_sorted, ts, side="right") / data_sorted.size)
 
 
 def _mpe_bound_hist(edges: np.ndarray, counts: np.ndarray, plants: np.ndarray) -> float:
     """:func:`_mpe_bound` with the data given as a histogram (linear within bins)."""
     ts = np.quantile(plants, _MPE_LEVELS)
     cdf = np.r_[0.0, np.cumsum(counts)] / max(float(counts.sum()), 1.0)
-    f = np.interp(ts, edges, cdf)
-    return float(min(1.0, np.min(f / _MPE_LEVELS)))
+    return _mpe_ratio(np.interp(ts, edges, cdf))
 
 
 def _signal(data_sorted: np.ndarray, random_plants: np.ndarray, kappa: float) -> float:
@@ -686,20 +689,8 @@ def calibrated_split(
     xc = np.clip(x, edges[0], edges[-1])
     counts, _ = np.histogram(xc, bins=edges)
 
-    def fit(
-        cnt: np.ndarray, r: np.ndarray, h: np.ndarray, start: tuple | None = None
-    ) -> tuple[np.ndarray, float, float]:
-        return _em_planted(
-            centres,
-            cnt.astype(np.float64),
-            _binned_density(r, edges),
-            _binned_density(h, edges),
-            start,
-            max_iter=2000 if start is None else 300,
-        )
-
-    w, mu, sd = fit(counts, pr, ph)
     dens_r, dens_h = _binned_density(pr, edges), _binned_density(ph, edges)
+    w, mu, sd = _em_planted(centres, counts.astype(np.float64), dens_r, dens_h)
     # Posterior of every row, by linear interpolation of the planted densities.
     f0 = np.exp(-0.5 * ((xc - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
     fr = np.interp(xc, centres, dens_r)
@@ -717,7 +708,14 @@ def calibrated_split(
         cnt = rng.multinomial(x.size, counts / counts.sum())
         r = pr[rng.integers(0, pr.size, pr.size)]
         h = ph[rng.integers(0, ph.size, ph.size)]
-        wb, _, _ = fit(cnt, r, h, (w, mu, sd))
+        wb, _, _ = _em_planted(
+            centres,
+            cnt.astype(np.float64),
+            _binned_density(r, edges),
+            _binned_density(h, edges),
+            (w, mu, sd),
+            max_iter=300,
+        )
         boots[b] = (wb[1] + wb[2], wb[1], _mpe_bound_hist(edges, cnt, h))
     if boots.shape[0]:
         low = float(min(np.quantile(boots[:, 0], 0.05), np.quantile(boots[:, 1], 0.05)))
