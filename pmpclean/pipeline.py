@@ -687,21 +687,28 @@ def split_scores(
         plants = plant_pairs(
             pair_score, img, image_group=image_group, n_plants=cfg.audit.plants, seed=cfg.seed
         )
-        if min(src.size for src, _ in plants.values()) >= 20:
-            kw = {
-                "image_group": image_group,
-                "text_group": text_group,
-                "valid": valid,
-                "k": cfg.audit.k,
-                "exact_max": cfg.audit.exact_search_max,
-                "nprobe": cfg.audit.search_nprobe,
-                "seed": cfg.seed,
-            }
-            planted = {kind: planted_scores(img, txt, *rows, **kw) for kind, rows in plants.items()}
+        if min(plants[kind][0].size for kind in ("random", "similar")) >= 20:
+            # every kind scored in one call: the dataset's neighbour index is built once
+            sizes = [src.size for src, _ in plants.values()]
+            planted = planted_scores(
+                img,
+                txt,
+                np.concatenate([src for src, _ in plants.values()]),
+                np.concatenate([dst for _, dst in plants.values()]),
+                image_group=image_group,
+                text_group=text_group,
+                valid=valid,
+                k=cfg.audit.k,
+                exact_max=cfg.audit.exact_search_max,
+                nprobe=cfg.audit.search_nprobe,
+                seed=cfg.seed,
+            )
+            by_kind = dict(zip(plants, np.split(planted, np.cumsum(sizes)[:-1]), strict=True))
             return calibrated_split(
                 pair_score,
-                random_plants=planted["random"],
-                hard_plants=planted["similar"],
+                random_plants=by_kind.pop("random"),
+                hard_plants=by_kind.pop("similar"),
+                band_plants=by_kind,
                 threshold=cfg.audit.threshold,
                 seed=cfg.seed,
             )

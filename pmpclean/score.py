@@ -607,10 +607,19 @@ def planted_scores(
     return np.where(no_alt, sim, score)
 
 
-#: Kinds of planted mismatch made by :func:`plant_pairs`.
-PLANT_KINDS = ("random", "similar")
+#: Kinds of planted mismatch made by :func:`plant_pairs`, from the farthest partner
+#: image to the nearest.
+PLANT_KINDS = ("random", "local", "near", "similar")
 #: Most pool rows the similar plants' partners are searched among.
 _SIMILAR_BASE = 100_000
+#: Most pool rows the local and near plants' partners are ranked among.
+_BAND_BASE = 20_000
+#: Bands of partner-image similarity rank (fractions of the ranked pool rows) of the
+#: local and near plants: a caption from the nearest 1-10 % of images (same gallery,
+#: same shard, same topic) and from the nearest 0.1-1 %.
+_BANDS = {"local": (0.01, 0.1), "near": (0.001, 0.01)}
+#: Fewest ranks a band must span to be planted (smaller datasets go without it).
+_BAND_MIN_RANKS = 10
 
 
 def plant_pairs(
@@ -626,9 +635,20 @@ def plant_pairs(
 
     Sources are drawn from the better-scoring half of the scored rows (pairs most
     likely right, so that the image's own caption, which a mismatch leaves "elsewhere",
-    is its true one). ``"random"`` gives each source the caption of a random other
-    source row; ``"similar"`` the caption of one of the ``similar_k`` sources whose
-    image is nearest to its own (another image in both cases).
+    is its true one). Each kind gives each source the caption of another source row
+    whose image lies at a given distance from its own, from far to near:
+
+    * ``"random"``: any other image;
+    * ``"local"``: an image among the nearest 1-10 % (captions from the same gallery,
+      shard or topic: a scrape's local shuffles);
+    * ``"near"``: an image among the nearest 0.1-1 %;
+    * ``"similar"``: one of the ``similar_k`` nearest images.
+
+    Real mismatches come from any of these distances, and their scores differ with the
+    distance; the split fits the data with the scores of every kind (a ladder of
+    mismatch shapes) instead of assuming that mismatches are random. The local and
+    near ranks are read among at most 20,000 pool rows; a band narrower than 10 ranks
+    there (a small dataset) is left out, its kind then empty.
 
     Parameters
     ----------
@@ -647,8 +667,9 @@ def plant_pairs(
     Returns
     -------
     dict
-        ``{"random": (source_row, caption_row), "similar": (...)}``, int64 arrays; empty
-        when fewer than 4 rows are scored or all scored rows show one image.
+        ``{kind: (source_row, caption_row)}`` for every kind of :data:`PLANT_KINDS`,
+        int64 arrays; empty when fewer than 4 rows are scored or all scored rows show one
+        image.
     """
     from .neighbors import knn_search
 
@@ -675,10 +696,11 @@ def plant_pairs(
         dst[bad] = rng.choice(pool, size=int(bad.sum()))
     keep = g[dst] != g[src]
     out["random"] = (src[keep], dst[keep])
-    # similar: one of the nearest pool images of another image (among at most
-    # _SIMILAR_BASE pool rows, so that a large dataset is not copied whole)
     x = np.asarray(image_emb, dtype=np.float32)
     norms, ok = _row_norms(x)
+    out.update(_band_plants(x, norms, g, pool, src, rng))
+    # similar: one of the nearest pool images of another image (among at most
+    # _SIMILAR_BASE pool rows, so that a large dataset is not copied whole)
     if pool.size > _SIMILAR_BASE:
         pool = np.sort(np.union1d(rng.choice(pool, _SIMILAR_BASE, replace=False), src))
     base = _unit_rows(x, norms, pool)
@@ -695,4 +717,47 @@ def plant_pairs(
     col = np.argmax(allowed & (rank == pick[:, None]), axis=1)
     sim_dst = cand[np.arange(m), col]
     out["similar"] = (src[has], sim_dst[has])
+    return out
+
+
+def _band_plants(
+    x: np.ndarray,
+    norms: np.ndarray,
+    g: np.ndarray,
+    pool: np.ndarray,
+    src: np.ndarray,
+    rng: np.random.Generator,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Partners of ``src`` at a rank drawn uniformly within each of :data:`_BANDS`.
+
+    Ranks are read among a random sample of at most :data:`_BAND_BASE` pool rows (other
+    images only), in chunks of sources so that memory stays at a few tens of MB.
+    """
+    base = pool if pool.size <= _BAND_BASE else np.sort(rng.choice(pool, _BAND_BASE, False))
+    b = base.size
+    bands = {}
+    for kind, (lo_f, hi_f) in _BANDS.items():
+        lo, hi = int(np.floor(lo_f * b)), int(np.floor(hi_f * b))
+        if hi - lo >= _BAND_MIN_RANKS:
+            bands[kind] = (lo, hi, rng.integers(lo, hi, src.size))
+    empty = np.empty(0, dtype=np.int64)
+    out = {kind: (empty, empty) for kind in _BANDS}
+    if not bands:
+        return out
+    unit_base = _unit_rows(x, norms, base)
+    picks = {kind: np.full(src.size, -1, dtype=np.int64) for kind in bands}
+    chunk = max(1, (1 << 22) // max(b, 1))
+    for c0 in range(0, src.size, chunk):
+        rows = src[c0 : c0 + chunk]
+        sim = _unit_rows(x, norms, rows) @ unit_base.T
+        sim[g[base][None, :] == g[rows][:, None]] = -np.inf  # never the image itself
+        order = np.argsort(-sim, axis=1, kind="stable")
+        n_other = np.isfinite(sim).sum(axis=1)
+        for kind, (_, _, rank) in bands.items():
+            r = rank[c0 : c0 + chunk]
+            fine = r < n_other
+            picks[kind][c0 : c0 + chunk][fine] = base[order[np.flatnonzero(fine), r[fine]]]
+    for kind, dst in picks.items():
+        has = dst >= 0
+        out[kind] = (src[has], dst[has])
     return out

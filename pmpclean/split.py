@@ -32,6 +32,7 @@ being read as clean.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -530,30 +531,31 @@ def _signal(data_sorted: np.ndarray, random_plants: np.ndarray, kappa: float) ->
 def _em_planted(
     centres: np.ndarray,
     counts: np.ndarray,
-    dens_r: np.ndarray,
-    dens_h: np.ndarray,
+    dens: np.ndarray,
     start: tuple[np.ndarray, float, float] | None = None,
     max_iter: int = 2000,
     tol: float = 1e-9,
 ) -> tuple[np.ndarray, float, float]:
-    """EM on a histogram: a Gaussian clean component, two fixed planted densities.
+    """EM on a histogram: a Gaussian clean component and fixed planted densities.
 
-    Returns the weights (clean, random-like, similar-caption-like), the clean mean and
-    standard deviation. ``start`` (a previous fit) warm-starts the bootstrap refits.
+    ``dens`` holds one planted density per row (on the bin centres). Returns the weights
+    (clean first, then one per planted density), the clean mean and standard deviation.
+    ``start`` (a previous fit) warm-starts the bootstrap refits.
     """
     n = float(counts.sum())
+    k = dens.shape[0]
     if start is None:
         cdf = np.cumsum(counts) / n
         mu = float(centres[np.searchsorted(cdf, 0.75)])  # start on the upper half
         sd = float(np.sqrt(counts @ (centres - centres @ counts / n) ** 2 / n)) / 2 + 1e-12
-        w = np.array([0.8, 0.1, 0.1])
+        w = np.r_[0.8, np.full(k, 0.2 / k)]
     else:
         w, mu, sd = np.array(start[0], dtype=np.float64), float(start[1]), float(start[2])
     floor = (centres[1] - centres[0]) * 0.5
     prev = -np.inf
     for _ in range(max_iter):
         f0 = np.exp(-0.5 * ((centres - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
-        comp = np.stack([w[0] * f0, w[1] * dens_r, w[2] * dens_h]) + 1e-300
+        comp = np.vstack([w[0] * f0, w[1:, None] * dens]) + 1e-300
         total = comp.sum(axis=0)
         ll = float(counts @ np.log(total)) / n
         resp = comp / total
@@ -574,6 +576,7 @@ def calibrated_split(
     *,
     random_plants: np.ndarray,
     hard_plants: np.ndarray,
+    band_plants: Mapping[str, np.ndarray] | None = None,
     threshold: float = 0.5,
     min_signal: float = MIN_SIGNAL,
     n_boot: int = 100,
@@ -586,9 +589,13 @@ def calibrated_split(
     the dataset's own confident pairs with their caption moved to a random row, and to
     the row of a similar image. They give the shapes of the two mismatched populations,
     so only the clean one is modelled (a Gaussian) and the histogram of the scores is
-    fitted as ``w0 N(mu, sd) + w1 random + w2 similar``. ``match_score`` is the clean
+    fitted as ``w0 N(mu, sd) + w1 random + ... + wk similar``, with one planted density
+    per kind: ``band_plants`` adds mismatches between the two (captions of images at a
+    middling distance, :func:`pmpclean.score.plant_pairs`' ``"local"`` and ``"near"``
+    kinds), so that a scrape's local shuffles, which score between random pairings and
+    similar captions, are not mistaken for either. ``match_score`` is the clean
     posterior (made monotone), a pair is flagged when a mismatch is more likely than not
-    (``match_score < threshold``), and the noise rate is ``w1 + w2``.
+    (``match_score < threshold``), and the noise rate is ``w1 + ... + wk``.
 
     Three things the planted pairs decide that a histogram's shape cannot:
 
@@ -605,7 +612,8 @@ def calibrated_split(
       similar photos score like true pairs, and only an upper bound exists for them
       (the largest share of the data the planted similar pairs could make up). The 90 %
       interval runs from the bootstrap 5th percentile of the fitted noise rate (or of
-      the random share, if lower) to the bootstrap 95th percentile of that upper bound:
+      the share of every kind but the similar one, if lower) to the bootstrap 95th
+      percentile of that upper bound:
       it is wide exactly where the scores cannot tell.
     * **The verdict.** ``"noisy"`` when at least 1 % of the scored pairs (and at least
       3) are more likely mismatched than not; ``"clean"`` otherwise, with the interval
@@ -617,6 +625,9 @@ def calibrated_split(
         Pair statistic, higher = more likely a true pair; NaN rows stay NaN/unflagged.
     random_plants, hard_plants : ndarray
         Scores of planted mismatches of each kind (at least 20 each).
+    band_plants : mapping of str to ndarray, optional
+        Scores of further planted kinds, ordered from far to near (kinds with fewer than
+        20 finite scores are left out).
     threshold : float
         In (0, 1): flag where ``match_score < threshold``.
     min_signal : float
@@ -630,7 +641,8 @@ def calibrated_split(
     -------
     Split
         With ``verdict``, ``verdict_reason``, ``noise_interval``, and in ``mixture``:
-        ``method`` ("planted"), ``weights`` (clean, random-like, similar-like),
+        ``method`` ("planted"), ``weights`` (clean, then one per planted kind, named in
+        ``components``),
         ``means``/``stds`` of the clean component, ``random_share_bound``,
         ``similar_share_bound``, ``signal`` and ``n_planted``.
     """
@@ -645,6 +657,14 @@ def calibrated_split(
     pr = np.asarray(random_plants, dtype=np.float64)
     ph = np.asarray(hard_plants, dtype=np.float64)
     pr, ph = pr[np.isfinite(pr)], ph[np.isfinite(ph)]
+    bands = {}
+    for kind, values in (band_plants or {}).items():
+        v = np.asarray(values, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if v.size >= 20:
+            bands[str(kind)] = v
+    kinds = ["random", *bands, "similar"]
+    plants = [pr, *bands.values(), ph]
     n = x_all.size
     match = np.full(n, np.nan)
     flagged = np.zeros(n, dtype=bool)
@@ -662,7 +682,7 @@ def calibrated_split(
         "space": "pair_score",
         "method": "planted",
         "n_fitted": int(x.size),
-        "n_planted": {"random": int(pr.size), "similar": int(ph.size)},
+        "n_planted": {kind: int(p.size) for kind, p in zip(kinds, plants, strict=True)},
         "random_share_bound": kappa,
         "similar_share_bound": upper_similar,
         "non_random_share": 1.0 - kappa,
@@ -681,7 +701,7 @@ def calibrated_split(
         return Split(match, flagged, thr, float("nan"), mixture, "undecided", reason)
 
     # Histogram grid over data and plants (clipped to a robust range).
-    lo = min(np.quantile(x, 0.0005), np.quantile(pr, 0.001), np.quantile(ph, 0.001))
+    lo = min(np.quantile(x, 0.0005), *(np.quantile(p, 0.001) for p in plants))
     hi = max(np.quantile(x, 0.9995), np.quantile(ph, 0.999))
     pad = 0.05 * (hi - lo)
     edges = np.linspace(lo - pad, hi + pad, _BINS + 1)
@@ -689,43 +709,42 @@ def calibrated_split(
     xc = np.clip(x, edges[0], edges[-1])
     counts, _ = np.histogram(xc, bins=edges)
 
-    dens_r, dens_h = _binned_density(pr, edges), _binned_density(ph, edges)
-    w, mu, sd = _em_planted(centres, counts.astype(np.float64), dens_r, dens_h)
+    dens = np.stack([_binned_density(p, edges) for p in plants])
+    w, mu, sd = _em_planted(centres, counts.astype(np.float64), dens)
     # Posterior of every row, by linear interpolation of the planted densities.
     f0 = np.exp(-0.5 * ((xc - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
-    fr = np.interp(xc, centres, dens_r)
-    fh = np.interp(xc, centres, dens_h)
-    mis = w[1] * fr + w[2] * fh
+    mis = np.zeros_like(xc)
+    for wk, dk in zip(w[1:], dens, strict=True):
+        mis += wk * np.interp(xc, centres, dk)
     post_clean = w[0] * f0 / np.maximum(w[0] * f0 + mis, 1e-300)
     post_clean = _monotone(x, post_clean, float(np.median(pr)))
     match[fin] = post_clean
     flagged[fin] = post_clean < thr
-    noise = float(w[1] + w[2])
+    noise = float(1.0 - w[0])
 
-    # Bootstrap: data histogram and both plant samples resampled.
+    # Bootstrap: data histogram and every plant sample resampled.
     boots = np.empty((max(int(n_boot), 0), 3))
     for b in range(boots.shape[0]):
         cnt = rng.multinomial(x.size, counts / counts.sum())
-        r = pr[rng.integers(0, pr.size, pr.size)]
-        h = ph[rng.integers(0, ph.size, ph.size)]
+        resampled = [p[rng.integers(0, p.size, p.size)] for p in plants]
         wb, _, _ = _em_planted(
             centres,
             cnt.astype(np.float64),
-            _binned_density(r, edges),
-            _binned_density(h, edges),
+            np.stack([_binned_density(p, edges) for p in resampled]),
             (w, mu, sd),
             max_iter=300,
         )
-        boots[b] = (wb[1] + wb[2], wb[1], _mpe_bound_hist(edges, cnt, h))
+        boots[b] = (1.0 - wb[0], 1.0 - wb[0] - wb[-1], _mpe_bound_hist(edges, cnt, resampled[-1]))
     if boots.shape[0]:
         low = float(min(np.quantile(boots[:, 0], 0.05), np.quantile(boots[:, 1], 0.05)))
         high = float(max(np.quantile(boots[:, 0], 0.95), np.quantile(boots[:, 2], 0.95)))
     else:
-        low, high = min(noise, float(w[1])), max(noise, upper_similar)
+        low, high = min(noise, noise - float(w[-1])), max(noise, upper_similar)
     n_flag = int(flagged.sum())
     noisy = n_flag >= 3 and n_flag >= 0.01 * x.size
     mixture.update(
-        weights=[float(w[0]), float(w[1]), float(w[2])],
+        weights=[float(v) for v in w],
+        components=["clean", *kinds],
         means=[mu],
         stds=[sd],
         bimodal=bool(noisy),

@@ -238,12 +238,13 @@ def test_planted_scores_equal_the_score_of_a_real_swap(
     assert np.median(plant[rand]) < np.median(true)
 
 
-def test_plant_pairs_join_other_images_and_similar_ones_are_near() -> None:
-    from pmpclean.score import plant_pairs
+def test_plant_pairs_join_other_images_at_a_ladder_of_distances() -> None:
+    from pmpclean.score import PLANT_KINDS, plant_pairs
 
-    d = clip_like_pairs(600, dim=32, noise_rate=0.0, captions_per_image=2, seed=0)
+    d = clip_like_pairs(2400, dim=32, noise_rate=0.0, captions_per_image=2, seed=0)
     ps = pair_scores(d.image_emb, d.text_emb, image_group=d.image_group)
     plants = plant_pairs(ps.score, d.image_emb, image_group=d.image_group, n_plants=200, seed=0)
+    assert tuple(plants) == PLANT_KINDS
     good = ps.score >= np.median(ps.score)
     x = d.image_emb / np.linalg.norm(d.image_emb, axis=1, keepdims=True)
     near = {}
@@ -252,6 +253,16 @@ def test_plant_pairs_join_other_images_and_similar_ones_are_near() -> None:
         assert np.all(d.image_group[src] != d.image_group[dst])  # always another image
         assert good[src].all() and good[dst].all()  # from the better half
         near[kind] = float(np.mean(np.einsum("nd,nd->n", x[src], x[dst])))
-    assert near["similar"] > near["random"] + 0.1
+    # from far to near, each kind's partner image is closer than the last
+    sims = [near[kind] for kind in PLANT_KINDS]
+    assert all(a < b for a, b in zip(sims, sims[1:], strict=False)), near
+    assert near["random"] + 0.1 < near["local"] and near["similar"] > near["random"] + 0.2
+    # the local kind's partner lies in the nearest 1-10 % of the source's other images
+    src, dst = plants["local"]
+    other = d.image_group[None, :] != d.image_group[src][:, None]
+    pool_sims = np.where(other & good[None, :], x[src] @ x.T, np.nan)
+    rank = np.nansum(pool_sims > np.einsum("nd,nd->n", x[src], x[dst])[:, None], axis=1)
+    share = rank / np.sum(np.isfinite(pool_sims), axis=1)
+    assert np.all((share >= 0.005) & (share <= 0.11)), np.quantile(share, [0, 1])
     again = plant_pairs(ps.score, d.image_emb, image_group=d.image_group, n_plants=200, seed=0)
     assert all(np.array_equal(again[k][1], plants[k][1]) for k in plants)

@@ -55,6 +55,32 @@ def test_calibrated_split_finds_a_known_rate(rate: float) -> None:
     assert (sp.is_mismatched == truth).mean() > 0.99
 
 
+def test_calibrated_split_takes_local_shuffles_for_what_they_are() -> None:
+    """Mismatches between random pairings and similar captions (a scrape's local shuffles).
+
+    Without a planted kind that looks like them, the fit can only spend them on the
+    similar component, which sits on the true pairs, and flags far too much; with the
+    local kind planted it finds them at their rate.
+    """
+    rng = np.random.default_rng(0)
+    n, rate = 20_000, 0.2
+    n_bad = int(rate * n)
+    score = np.r_[rng.normal(1.0, 0.15, n - n_bad), rng.normal(0.35, 0.12, n_bad)]
+    truth = np.r_[np.zeros(n - n_bad, bool), np.ones(n_bad, bool)]
+    rand, local = rng.normal(-0.2, 0.15, 2000), rng.normal(0.35, 0.12, 2000)
+    similar = rng.normal(0.75, 0.2, 2000)
+    bare = calibrated_split(score, random_plants=rand, hard_plants=similar, seed=0)
+    sp = calibrated_split(
+        score, random_plants=rand, hard_plants=similar, band_plants={"local": local}, seed=0
+    )
+    assert sp.mixture["components"] == ["clean", "random", "local", "similar"]
+    assert (sp.is_mismatched == truth).mean() > 0.97
+    assert abs(sp.noise_rate - rate) < 0.02
+    lo, hi = sp.noise_interval
+    assert lo <= rate <= hi and lo > 0.1
+    assert bare.noise_rate > rate + 0.05  # the bare fit mistakes them (why the kind exists)
+
+
 def test_calibrated_split_of_clean_scores_is_clean() -> None:
     score, _, rand, similar = _known(0.0)
     sp = calibrated_split(score, random_plants=rand, hard_plants=similar, seed=0)
