@@ -533,8 +533,8 @@ def _read_shard(shard: Path, name: str, kind: str, text_col: str, rows: _Rows) -
                     "utf-8", errors="replace"
                 )
             captions.append(cap)
-    if not has_caption:
-        frame[text_col] = captions
+    frame = frame.reset_index(drop=True)
+    frame[text_col] = pd.Series(captions, dtype=object)  # listed, then the unlisted' .txt
     rows.frames.append(frame.reset_index(drop=True))
     rows.captions.extend(captions)
 
