@@ -384,3 +384,13 @@ def test_coco_mini_wds_scanned_end_to_end(layout: str, shared_data: Path, tmp_pa
     assert len(out.cleaned) + len(out.dropped) == 799
     assert {"key", "shard", "caption", "url"} <= set(out.cleaned.columns)
     assert not out.info["scanned_now"]
+
+
+def test_rows_of_one_sha256_share_one_image(tmp_path: Path) -> None:
+    keys = list(COLOURS)[:3]
+    write_wds_shard(tmp_path, "00000", listed=keys, members=keys)
+    meta = pd.read_parquet(tmp_path / "00000.parquet")
+    meta.loc[1, "sha256"] = meta.loc[0, "sha256"]  # img2dataset: the same photo twice
+    meta.to_parquet(tmp_path / "00000.parquet", index=False)
+    m = read_source(tmp_path)
+    assert m.image_index.tolist() == [0, 0, 1] and len(m.unique_images) == 2
