@@ -51,6 +51,11 @@ class Policy(str, enum.Enum):
     flag = "flag"
 
 
+class Pair(str, enum.Enum):
+    b32 = "b32"
+    l14 = "l14"
+
+
 class Cost(str, enum.Enum):
     learned = "learned"
     fixed = "fixed"
@@ -62,7 +67,11 @@ class Cost(str, enum.Enum):
 Manifest = Annotated[
     Path,
     typer.Argument(
-        help="Dataset manifest: .csv, .tsv, .parquet or .jsonl, one image-caption pair per row.",
+        help=(
+            "Dataset: a manifest (.csv .tsv .parquet .jsonl, one image-caption pair per row), "
+            "an img2dataset output folder or shards ('data/{00000..00123}.tar'), Hugging Face "
+            "Parquet with image bytes, or an imagefolder with metadata.csv."
+        ),
         show_default=False,
     ),
 ]
@@ -118,8 +127,15 @@ EmbeddingsOpt = Annotated[
         "--embeddings",
         help=(
             "Precomputed embeddings (.npz with arrays 'image' and 'text', shape (n_rows, d), "
-            "row-aligned; or .parquet). No model is loaded and no image is opened."
+            "row-aligned; or .parquet), clip-retrieval's output folder, or a folder of "
+            "DataComp shards (joined by key or uid). No model is loaded, no image is opened."
         ),
+    ),
+]
+PairOpt = Annotated[
+    Pair,
+    typer.Option(
+        "--embeddings-pair", help="DataComp embeddings: b32 (ViT-B/32) or l14 (ViT-L/14) arrays."
     ),
 ]
 DeviceOpt = Annotated[
@@ -187,6 +203,7 @@ _SETTINGS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "model": ("embed__model", None),
     "pretrained": ("embed__pretrained", None),
     "embeddings": ("embed__embeddings", _path_str),
+    "embeddings_pair": ("embed__embeddings_pair", operator.attrgetter("value")),
     "device": ("embed__device", None),
     "batch_size": ("embed__batch_size", None),
     "workers": ("embed__workers", None),
@@ -319,6 +336,7 @@ def scan(
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
     embeddings: EmbeddingsOpt = None,
+    embeddings_pair: PairOpt = Pair.b32,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = 2,
@@ -407,6 +425,7 @@ def scan(
             model=model,
             pretrained=pretrained,
             embeddings=embeddings,
+            embeddings_pair=embeddings_pair,
             device=device,
             batch_size=batch_size,
             workers=workers,
@@ -516,6 +535,7 @@ def rematch(
     model: ModelOpt = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
     embeddings: EmbeddingsOpt = None,
+    embeddings_pair: PairOpt = Pair.b32,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     config_file: ConfigOpt = None,
@@ -550,6 +570,7 @@ def rematch(
             model=model,
             pretrained=pretrained,
             embeddings=embeddings,
+            embeddings_pair=embeddings_pair,
             device=device,
             seed=seed,
         )

@@ -46,7 +46,10 @@ class EmbedConfig:
 
     model: str = "ViT-B-32"  # open_clip architecture name, or hf-hub:org/name
     pretrained: str = "laion2b_s34b_b79k"  # open_clip tag, checkpoint path, or "none" (random)
-    embeddings: str | None = None  # precomputed .npz/.parquet (image, text): no model is loaded
+    # precomputed embeddings: no model is loaded. A row-aligned .npz/.parquet (image, text),
+    # clip-retrieval's output folder, or DataComp shards (<shard>.parquet + <shard>.npz)
+    embeddings: str | None = None
+    embeddings_pair: str = "b32"  # DataComp arrays to read: b32 (ViT-B/32) or l14 (ViT-L/14)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     batch_size: int = 64  # images or captions per forward pass
     workers: int = 2  # DataLoader worker processes decoding images

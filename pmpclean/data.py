@@ -53,6 +53,8 @@ captions it has (COCO has five per image).
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import math
 import os
@@ -60,9 +62,9 @@ import re
 import stat
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -80,6 +82,7 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "Manifest",
     "IMAGE_BACKGROUND",
+    "MemberRef",
     "check_image",
     "decode_image",
     "image_fingerprint",
@@ -100,6 +103,11 @@ STATUSES: tuple[str, ...] = (
     "remote_image",
     "empty_caption",
     "missing_value",
+    "failed_to_download",
+    "failed_to_resize",
+    "img2dataset_failed",
+    "missing_member",
+    "unlisted_member",
 )
 
 #: One-line explanation of each status, for reports and the CLI.
@@ -111,6 +119,15 @@ STATUS_HELP: dict[str, str] = {
     "remote_image": "the image is a URL; download it first (pmpclean never downloads)",
     "empty_caption": "the caption is empty, blank, null or not a string",
     "missing_value": "the image cell is empty",
+    "failed_to_download": "img2dataset could not download the image (see error_message)",
+    "failed_to_resize": "img2dataset downloaded but could not decode or resize the image "
+    "(see error_message)",
+    "img2dataset_failed": "img2dataset recorded another failure for this row (see "
+    "img2dataset_status and error_message)",
+    "missing_member": "the shard's parquet lists the sample as downloaded, but its shard holds "
+    "no image for the key (a truncated or edited shard)",
+    "unlisted_member": "the shard holds this sample, but the shard's parquet does not list its "
+    "key; not scored",
 }
 
 #: File suffix (lower case) -> table format. Compressed text formats are also read
@@ -151,6 +168,81 @@ _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _IMG2DATASET = "img2dataset (https://github.com/rom1504/img2dataset)"
 
 
+# --------------------------------------------------------------------------- MemberRef
+
+
+@dataclass(frozen=True)
+class MemberRef:
+    """An image stored inside a container file: a tar member or a Parquet cell.
+
+    Small and picklable, so that DataLoader workers read the bytes themselves. Built by
+    :mod:`pmpclean.sources`; :func:`open_image` decodes it without unpacking anything.
+
+    Attributes
+    ----------
+    container : str
+        Absolute path of the ``.tar`` or ``.parquet`` file.
+    name : str
+        The tar member's name, or the Parquet column holding the image bytes.
+    offset, size : int
+        Tar: byte offset and length of the member's data. ``-1`` for Parquet.
+    row_group, row : int
+        Parquet: the row group and the row inside it. ``-1`` for tar.
+    field : str
+        Parquet: the struct field holding the bytes (``"bytes"`` for Hugging Face's
+        ``{bytes, path}`` image column), ``""`` for a plain binary column.
+    """
+
+    container: str
+    name: str
+    offset: int = -1
+    size: int = -1
+    row_group: int = -1
+    row: int = -1
+    field: str = ""
+
+    def __str__(self) -> str:
+        if self.offset >= 0:
+            return f"{self.container}#{self.name}"
+        return f"{self.container}#row={self.row_group}:{self.row}"
+
+    def read(self) -> bytes:
+        """The stored bytes.
+
+        Raises
+        ------
+        OSError
+            The container is gone, or a tar member's bytes run past its end (truncated).
+        ValueError
+            The Parquet cell is null.
+        """
+        if self.offset >= 0:
+            with open(self.container, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(self.size)
+            if len(data) != self.size:
+                raise OSError(
+                    f"{self.container}: member {self.name} is cut short ({len(data)} of "
+                    f"{self.size} bytes): the tar is truncated"
+                )
+            return data
+        column = _parquet_row_group(self.container, self.row_group, self.name)
+        cell = column[self.row]
+        value = cell.get(self.field) if self.field else cell
+        if value is None:
+            raise ValueError(f"{self}: the image cell is null")
+        return bytes(value)
+
+
+@functools.lru_cache(maxsize=2)
+def _parquet_row_group(path: str, row_group: int, column: str) -> list[Any]:
+    """One column of one row group as Python values; the last two are kept, so that a
+    worker reading the rows of a group in order reads the group once."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read_row_group(row_group, columns=[column]).column(0).to_pylist()
+
+
 # --------------------------------------------------------------------------- Manifest
 
 
@@ -184,6 +276,13 @@ class Manifest:
         Caption text per row, unchanged; ``""`` for rows with ``empty_caption``.
     status : numpy.ndarray, shape (n,), object
         One of :data:`STATUSES` per row.
+    image_sources : list of (str or MemberRef), optional
+        Where each of ``unique_images`` is read from, when that is not the path itself:
+        a :class:`MemberRef` for an image inside a tar or a Parquet file (shard sources,
+        see :mod:`pmpclean.sources`). ``None``: every unique image is its own path.
+    notes : list of str
+        Problems found while reading that concern a whole shard (a truncated tar, ...);
+        each row they touch also has its status. The scan's summary lists them.
     """
 
     path: Path | None
@@ -197,6 +296,8 @@ class Manifest:
     unique_images: list[str]
     captions: np.ndarray
     status: np.ndarray
+    image_sources: list[str | MemberRef] | None = None
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -213,6 +314,13 @@ class Manifest:
         for value, count in zip(values, n, strict=True):
             counts[str(value)] = int(count)
         return counts
+
+    def image_source(self, unique_idx: int) -> str | MemberRef:
+        """What :func:`open_image` reads for ``unique_images[unique_idx]``: a path or a
+        :class:`MemberRef`."""
+        if self.image_sources is None:
+            return self.unique_images[int(unique_idx)]
+        return self.image_sources[int(unique_idx)]
 
     def set_image_status(self, unique_idx: int, status: str) -> None:
         """Give ``status`` to every row showing ``unique_images[unique_idx]``.
@@ -836,7 +944,9 @@ def _scaled_to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
-def open_image(path: str, *, draft_size: int | None = None) -> Image.Image:
+def open_image(
+    path: str | os.PathLike[str] | MemberRef | IO[bytes], *, draft_size: int | None = None
+) -> Image.Image:
     """Decode an image file as it is meant to be seen: upright, 8-bit RGB.
 
     The one image decoder of pmpclean: embedding, fine-tuning and the report's
@@ -848,8 +958,9 @@ def open_image(path: str, *, draft_size: int | None = None) -> Image.Image:
 
     Parameters
     ----------
-    path : str
-        Local image file.
+    path : str, Path, MemberRef or binary file object
+        Local image file, an image inside a tar or Parquet file (read without unpacking
+        anything), or an open binary stream (``io.BytesIO(data)``).
     draft_size : int, optional
         Only a small version is needed: JPEGs may then be decoded at a reduced scale
         (at least this many pixels on each side), which is much faster.
@@ -863,7 +974,8 @@ def open_image(path: str, *, draft_size: int | None = None) -> Image.Image:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # EXIF/palette chatter; failures raise anyway
-        with Image.open(path) as im:
+        source = io.BytesIO(path.read()) if isinstance(path, MemberRef) else path
+        with Image.open(source) as im:
             if draft_size is not None:
                 im.draft(None, (draft_size, draft_size))
             im.load()
@@ -874,7 +986,9 @@ def open_image(path: str, *, draft_size: int | None = None) -> Image.Image:
     return to_rgb(upright)
 
 
-def decode_image(path: str, *, draft_size: int | None = None) -> tuple[str, Image.Image | None]:
+def decode_image(
+    path: str | MemberRef, *, draft_size: int | None = None
+) -> tuple[str, Image.Image | None]:
     """Decode with :func:`open_image` and return ``(status, RGB image or None)``. Never raises.
 
     Returns
@@ -882,8 +996,14 @@ def decode_image(path: str, *, draft_size: int | None = None) -> tuple[str, Imag
     tuple
         ``("ok", image)``; ``("missing_image", None)`` if the file does not exist;
         ``("image_is_directory", None)`` if the path names a folder;
-        ``("unreadable_image", None)`` for anything that cannot be decoded.
+        ``("unreadable_image", None)`` for anything that cannot be decoded (for a
+        :class:`MemberRef`, also a truncated member or a vanished container).
     """
+    if isinstance(path, MemberRef):
+        try:
+            return "ok", open_image(path, draft_size=draft_size)
+        except Exception:  # noqa: BLE001 - a member that cannot be read or decoded
+            return "unreadable_image", None
     try:
         return "ok", open_image(path, draft_size=draft_size)
     except IsADirectoryError:
@@ -913,16 +1033,20 @@ def check_image(path: str) -> str:
     return decode_image(path)[0]
 
 
-def image_fingerprint(path: str) -> str:
+def image_fingerprint(path: str | MemberRef) -> str:
     """Cache key for an image file: ``"abs_path|size|mtime_ns"``.
 
-    Changes whenever the file is replaced or rewritten, without reading its bytes.
+    Changes whenever the file is replaced or rewritten, without reading its bytes. For a
+    :class:`MemberRef`, the container's key followed by ``#`` and the member's place.
 
     Raises
     ------
     DatasetError
         If the file does not exist.
     """
+    if isinstance(path, MemberRef):
+        where = f"{path.name}@{path.offset}+{path.size}|{path.row_group}:{path.row}:{path.field}"
+        return f"{image_fingerprint(path.container)}#{where}"
     abs_path = os.path.abspath(os.path.expanduser(path))
     try:
         st = os.stat(abs_path)

@@ -42,7 +42,7 @@ import sqlite3
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -55,7 +55,7 @@ from .errors import ConfigError, EmbeddingError, ModelLoadError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .data import Manifest
+    from .data import Manifest, MemberRef
 
 __all__ = [
     "MODEL_CONFIG_DIR",
@@ -657,6 +657,9 @@ class Embeddings:
     n_model_images, n_model_texts : int
         How many unique images / captions went through the model in this call
         (0 on a full cache hit, and for precomputed embeddings).
+    notes : list of str
+        What a key join of precomputed embeddings could not match (see
+        :func:`pmpclean.sources.load_source_embeddings`); the scan's summary lists them.
     """
 
     image: np.ndarray
@@ -664,6 +667,7 @@ class Embeddings:
     source: str
     n_model_images: int = 0
     n_model_texts: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -960,7 +964,7 @@ def _text_key(text: str) -> str:
 class _ImageDataset:
     """``i -> (i, status, tensor or None)``: decoding and preprocessing run in the worker."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable[[Any], Any]) -> None:
+    def __init__(self, paths: Sequence[str | MemberRef], preprocess: Callable[[Any], Any]) -> None:
         self.paths = list(paths)
         self.preprocess = preprocess
 
@@ -1115,7 +1119,7 @@ def embed_manifest(
         keys: dict[int, str] = {}
         for idx in needed:
             try:
-                keys[idx] = _IMAGE_KEY + image_fingerprint(manifest.unique_images[idx])
+                keys[idx] = _IMAGE_KEY + image_fingerprint(manifest.image_source(idx))
             except Exception:  # noqa: BLE001 - the file vanished since read_manifest
                 manifest.set_image_status(idx, "missing_image")
         hits = cache.get_many(list(keys.values()))
@@ -1252,7 +1256,7 @@ def _embed_images(
     from torch.utils.data import DataLoader
 
     lm = get_model()
-    dataset = _ImageDataset([manifest.unique_images[i] for i in todo], lm.preprocess)
+    dataset = _ImageDataset([manifest.image_source(i) for i in todo], lm.preprocess)
     loader = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=int(batch_size),

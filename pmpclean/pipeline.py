@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import platform
 from collections.abc import Callable
@@ -112,11 +111,9 @@ def default_out_dir(manifest: str | Path) -> Path:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .sources import source_sha256
+
+    return source_sha256(path)  # a shard source: its files' names, sizes and times
 
 
 def _versions() -> dict[str, str]:
@@ -217,10 +214,10 @@ def _opt(**kwargs: Any) -> dict[str, Any]:
 
 
 def _read(source: str | Path | pd.DataFrame, cfg: ScanConfig) -> Any:
-    from .data import read_manifest
+    from .sources import read_source
 
     d = cfg.data
-    return read_manifest(
+    return read_source(
         source,
         image_col=d.image_col,
         text_col=d.text_col,
@@ -234,11 +231,12 @@ def _read(source: str | Path | pd.DataFrame, cfg: ScanConfig) -> Any:
 def _embeddings(
     manifest: Any, cfg: ScanConfig, progress: Progress | None
 ) -> tuple[Any, dict[str, Any]]:
-    from .embedding import embed_manifest, load_embeddings
+    from .embedding import embed_manifest
+    from .sources import load_source_embeddings
 
     e = cfg.embed
     if e.embeddings is not None:
-        emb = load_embeddings(e.embeddings, len(manifest))
+        emb = load_source_embeddings(e.embeddings, manifest, pair=e.embeddings_pair)
         return emb, {"source": emb.source, "device": None, "model_work": False}
     emb = embed_manifest(
         manifest,
@@ -460,6 +458,7 @@ def _scan(
     finite = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)
     status[ok & ~finite] = "missing_embedding"
     valid = status == "ok"
+    warn_list.extend(getattr(manifest, "notes", []) + getattr(emb, "notes", []))
 
     image_group = _image_groups(manifest.image_index)
     text_group = _text_groups(manifest.captions)
@@ -1096,7 +1095,11 @@ def rematch(
         raise ConfigError(f"Unknown policy {policy!r}: expected one of {', '.join(POLICIES)}.")
     src = Path(source)
     if not src.is_file():
-        raise DatasetError(f"Manifest {src} does not exist.")
+        from .sources import source_kind
+
+        source_kind(src)  # a shard source or folder, else a DatasetError naming it
+        if not src.exists() and "{" not in str(src) and "*" not in str(src):
+            raise DatasetError(f"Manifest {src} does not exist.")
     out_path = Path(out)
     dropped_path = _dropped_path(out_path)
 

@@ -334,6 +334,12 @@ def test_statuses_and_precedence(tmp_path: Path, images: list[Path]) -> None:
         "remote_image": 3,
         "empty_caption": 1,
         "missing_value": 3,
+        # shard statuses (pmpclean.sources): no manifest file row has them
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "img2dataset_failed": 0,
+        "missing_member": 0,
+        "unlisted_member": 0,
     }
     assert sum(counts.values()) == len(frame)
     assert m.ok.dtype == bool and m.ok.tolist() == [s == "ok" for s in m.status]

@@ -63,6 +63,10 @@ CASES: dict[tuple[str, str], tuple[list[str], dict[str, Any]]] = {
     ("scan", "--model"): (["--model", "RN50"], {"config.embed.model": "RN50"}),
     ("scan", "--pretrained"): (["--pretrained", "openai"], {"config.embed.pretrained": "openai"}),
     ("scan", "--embeddings"): (["--embeddings", "e.npz"], {"config.embed.embeddings": "e.npz"}),
+    ("scan", "--embeddings-pair"): (
+        ["--embeddings-pair", "l14"],
+        {"config.embed.embeddings_pair": "l14"},
+    ),
     ("scan", "--device"): (["--device", "cpu"], {"config.embed.device": "cpu"}),
     ("scan", "--batch-size"): (["--batch-size", "7"], {"config.embed.batch_size": 7}),
     ("scan", "--workers"): (["--workers", "5"], {"config.embed.workers": 5}),
@@ -104,6 +108,10 @@ CASES: dict[tuple[str, str], tuple[list[str], dict[str, Any]]] = {
     ("rematch", "--embeddings"): (
         ["--embeddings", "e.npz"],
         {"config.embed.embeddings": "e.npz"},
+    ),
+    ("rematch", "--embeddings-pair"): (
+        ["--embeddings-pair", "l14"],
+        {"config.embed.embeddings_pair": "l14"},
     ),
     ("rematch", "--device"): (["--device", "cpu"], {"config.embed.device": "cpu"}),
     ("rematch", "--seed"): _SEED,
