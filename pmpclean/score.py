@@ -745,13 +745,18 @@ def _band_plants(
     if not bands:
         return out
     unit_base = _unit_rows(x, norms, base)
+    top_k = min(b, max(hi for _, hi, _ in bands.values()))
     picks = {kind: np.full(src.size, -1, dtype=np.int64) for kind in bands}
     chunk = max(1, (1 << 22) // max(b, 1))
     for c0 in range(0, src.size, chunk):
         rows = src[c0 : c0 + chunk]
         sim = _unit_rows(x, norms, rows) @ unit_base.T
         sim[g[base][None, :] == g[rows][:, None]] = -np.inf  # never the image itself
-        order = np.argsort(-sim, axis=1, kind="stable")
+        # only the nearest `top` need an order: partition, then sort those
+        top = np.argpartition(-sim, top_k - 1, axis=1)[:, :top_k]
+        order = np.take_along_axis(
+            top, np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable"), 1
+        )
         n_other = np.isfinite(sim).sum(axis=1)
         for kind, (_, _, rank) in bands.items():
             r = rank[c0 : c0 + chunk]
