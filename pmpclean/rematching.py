@@ -1036,8 +1036,8 @@ def rematch(
             "cost='paper' rematches inside batches of suspects and needs pool='suspects'."
         )
 
-    img_e = np.asarray(image_emb)
-    txt_e = np.asarray(text_emb)
+    img_e = _as_rows(image_emb)
+    txt_e = _as_rows(text_emb)
     if img_e.ndim != 2 or txt_e.ndim != 2 or img_e.shape != txt_e.shape:
         raise RematchError(
             f"image_emb and text_emb must be row-aligned (n, d) arrays of one shape, got "
@@ -1558,6 +1558,51 @@ def _fit_paper(img_e, txt_e, sus, val, clean, n, blocks, bsz, rng, info) -> Pape
     return net
 
 
+class RowStack:
+    """Rows of ``base`` followed by ``extra`` rows, without copying ``base``.
+
+    What :func:`plant_among_suspects` returns for the embeddings: :func:`rematch` reads
+    its embeddings only by rows (slices and index arrays), so a million-row array (or a
+    memory-mapped one) gets its planted rows appended at the cost of the planted rows.
+    """
+
+    def __init__(self, base: np.ndarray, extra: np.ndarray) -> None:
+        if base.ndim != 2 or extra.ndim != 2 or base.shape[1] != extra.shape[1]:
+            raise ValueError("RowStack needs two 2-d arrays of one width.")
+        self.base, self.extra = base, extra
+        self.n_base = base.shape[0]
+        self.shape = (self.n_base + extra.shape[0], base.shape[1])
+        self.ndim = 2
+        self.dtype = np.result_type(base.dtype, extra.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.shape[0]))
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = np.where(rows < 0, rows + self.shape[0], rows).astype(np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for {self.shape[0]} rows")
+        out = np.empty(rows.shape + (self.shape[1],), dtype=self.dtype)
+        low = rows < self.n_base
+        out[low] = self.base[rows[low]]
+        out[~low] = self.extra[rows[~low] - self.n_base]
+        return out
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        whole = np.concatenate([np.asarray(self.base), np.asarray(self.extra)])
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def _as_rows(x: object) -> np.ndarray | RowStack:
+    """``x`` as an array, a :class:`RowStack` as it is (read by rows, never copied)."""
+    return x if isinstance(x, RowStack) else np.asarray(x)
+
+
 def plant_among_suspects(
     image_emb: np.ndarray,
     text_emb: np.ndarray,
@@ -1578,7 +1623,8 @@ def plant_among_suspects(
     Returns
     -------
     tuple
-        ``image_emb, text_emb, suspects, image_group, text_group, clean`` of n + m rows;
+        ``image_emb, text_emb, suspects, image_group, text_group, clean`` of n + m rows
+        (the embeddings as :class:`RowStack` views: the input arrays are not copied);
         right answer of planted row ``n + t``: the text id ``text_group[planted[t]]``.
     """
     m = planted.size
@@ -1586,8 +1632,8 @@ def plant_among_suspects(
     keys = np.asarray(clean, dtype=bool).copy()
     keys[planted] = False
     return (
-        np.concatenate([image_emb, image_emb[planted]]),
-        np.concatenate([text_emb, text_emb[planted[shift]]]),
+        RowStack(image_emb, np.asarray(image_emb[planted])),
+        RowStack(text_emb, np.asarray(text_emb[planted[shift]])),
         np.concatenate([np.asarray(suspects, dtype=bool), np.ones(m, dtype=bool)]),
         np.concatenate([image_group, image_group.max() + 1 + np.arange(m)]),
         np.concatenate([text_group, text_group[planted[shift]]]),

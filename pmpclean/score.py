@@ -741,7 +741,7 @@ def _band_plants(
         if hi - lo >= _BAND_MIN_RANKS:
             bands[kind] = (lo, hi, rng.integers(lo, hi, src.size))
     empty = np.empty(0, dtype=np.int64)
-    out = {kind: (empty, empty) for kind in _BANDS}
+    out = dict.fromkeys(_BANDS, (empty, empty))
     if not bands:
         return out
     unit_base = _unit_rows(x, norms, base)

@@ -652,3 +652,39 @@ def test_calibrated_rematch_of_a_blind_model_proposes_nothing() -> None:
     rm = calibrated_rematch(d.image_emb, blind, d.is_mismatched, min_confidence=0.8, seed=0)
     assert (rm.proposed_row == -1).all()
     assert rm.info["calibration"]["precision"] < 0.1
+
+
+def test_row_stack_reads_rows_as_the_concatenation_would() -> None:
+    from pmpclean.rematching import RowStack
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(50, 4)).astype(np.float32)
+    extra = rng.normal(size=(7, 4)).astype(np.float32)
+    whole = np.concatenate([base, extra])
+    st = RowStack(base, extra)
+    assert st.shape == whole.shape and len(st) == 57
+    mask = rng.random(57) < 0.3
+    for rows in (
+        slice(0, 57),
+        slice(45, 55),
+        slice(None, None, 3),
+        np.array([56, 0, 49, 50, -1]),
+        mask,
+    ):
+        np.testing.assert_array_equal(st[rows], whole[rows])
+    np.testing.assert_array_equal(np.asarray(st), whole)
+    with pytest.raises(IndexError):
+        st[np.array([57])]
+    # the planted problem reads the input arrays in place (no copy of the n rows)
+    from pmpclean.rematching import plant_among_suspects
+
+    img2, txt2, *_ = plant_among_suspects(
+        base,
+        base,
+        np.zeros(50, bool),
+        np.arange(50),
+        np.arange(50),
+        np.ones(50, bool),
+        np.arange(3),
+    )
+    assert img2.base is base and txt2.base is base and img2.shape == (53, 4)
