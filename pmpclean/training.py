@@ -108,6 +108,7 @@ import pandas as pd
 
 from ._utils import Timer, atomic_open, atomic_path, claim_output, resolve_device, to_jsonable
 from .errors import ConfigError, DatasetError, ModelLoadError
+from .transport import partial_ot_plan
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -517,94 +518,6 @@ def retrieval_recall(
     out["rsum"] = float(sum(out["image_to_text"].values()) + sum(out["text_to_image"].values()))
     out["n_images"] = int(m)
     out["n_captions"] = int(n)
-    return out
-
-
-# --------------------------------------------------------------------------- partial OT
-
-
-def partial_ot_plan(
-    cost: torch.Tensor,
-    *,
-    mass: float,
-    reg: float,
-    forbid: torch.Tensor | None = None,
-    n_iter: int = 200,
-    tol: float = 1e-6,
-) -> torch.Tensor:
-    """Entropic partial transport plan between two uniform point sets (log-domain Sinkhorn).
-
-    Solves ``min <P, C> - reg * H(P)`` over ``P >= 0`` with row sums ``<= 1/n``, column
-    sums ``<= 1/m`` and total mass ``mass * min(valid rows / n, valid cols / m)``, by
-    adding one dummy point on each side that absorbs the untransported mass at zero
-    cost (Chapel et al., "Partial Optimal Transport with applications on
-    Positive-Unlabeled Learning", NeurIPS 2020). Forbidden entries get no mass; rows or
-    columns with every entry forbidden are left out. Batch-sized problems only: the
-    solver is dense, ``O(n m)`` per iteration.
-
-    Parameters
-    ----------
-    cost : torch.Tensor, shape (n, m)
-        Transport cost, lower = better match (e.g. cosine distance in [0, 2]).
-    mass : float
-        Fraction of the transportable mass to move, in (0, 1].
-    reg : float
-        Entropic regularisation, in cost units (> 0); smaller = sharper plan.
-    forbid : torch.Tensor of bool, shape (n, m), optional
-        Entries that must not carry mass (e.g. the original pairing).
-    n_iter, tol : int, float
-        Sinkhorn iterations and marginal tolerance.
-
-    Returns
-    -------
-    torch.Tensor, shape (n, m)
-        The plan, float32 on ``cost``'s device, non-negative; row ``i`` sums to at most
-        ``1/n`` and column ``j`` to at most ``1/m``.
-    """
-    import torch
-
-    if cost.ndim != 2:
-        raise ValueError(f"cost must be a 2-d (n, m) tensor, got shape {tuple(cost.shape)}.")
-    if not 0 < mass <= 1:
-        raise ValueError(f"mass must be in (0, 1], got {mass}.")
-    if reg <= 0:
-        raise ValueError(f"reg must be > 0, got {reg}.")
-    n, m = cost.shape
-    out = torch.zeros(n, m, dtype=torch.float32, device=cost.device)
-    c = cost.detach().to(torch.float64)
-    bad = torch.zeros_like(c, dtype=torch.bool) if forbid is None else forbid.to(c.device).bool()
-    bad = bad | ~torch.isfinite(c)
-    rows = torch.nonzero(~bad.all(dim=1)).ravel()
-    cols = torch.nonzero(~bad.all(dim=0)).ravel()
-    if rows.numel() == 0 or cols.numel() == 0:
-        return out
-    c = c[rows][:, cols]
-    bad = bad[rows][:, cols]
-    a_tot, b_tot = rows.numel() / n, cols.numel() / m
-    s = mass * min(a_tot, b_tot)
-    k_rows, k_cols = rows.numel(), cols.numel()
-    big = float(c[~bad].max()) + 1.0  # dummy-to-dummy cost: never worth paying
-    ext = torch.zeros(k_rows + 1, k_cols + 1, dtype=torch.float64, device=c.device)
-    ext[:k_rows, :k_cols] = c
-    ext[k_rows, k_cols] = big
-    log_k = -ext / reg
-    log_k[:k_rows, :k_cols] = log_k[:k_rows, :k_cols].masked_fill(bad, -math.inf)
-    tiny = 1e-300  # log of an (almost) empty dummy marginal when mass = 1
-    log_a = torch.full((k_rows + 1,), math.log(1.0 / n), dtype=torch.float64, device=c.device)
-    log_a[k_rows] = math.log(max(b_tot - s, tiny))
-    log_b = torch.full((k_cols + 1,), math.log(1.0 / m), dtype=torch.float64, device=c.device)
-    log_b[k_cols] = math.log(max(a_tot - s, tiny))
-    f = torch.zeros_like(log_a)
-    g = torch.zeros_like(log_b)
-    for it in range(n_iter):
-        f = log_a - torch.logsumexp(log_k + g[None, :], dim=1)
-        g = log_b - torch.logsumexp(log_k + f[:, None], dim=0)
-        if it % 10 == 9:
-            row_sums = torch.logsumexp(log_k + f[:, None] + g[None, :], dim=1).exp()
-            if float((row_sums - log_a.exp()).abs().sum()) < tol:
-                break
-    plan = torch.exp(log_k + f[:, None] + g[None, :])[:k_rows, :k_cols]
-    out[rows[:, None], cols[None, :]] = plan.to(torch.float32)
     return out
 
 
