@@ -8,7 +8,6 @@ import logging
 import math
 import platform
 import warnings
-from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
     pass
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 
 CHECKPOINT_NAME = "open_clip_pytorch_model.bin"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._utils import Progress
 from ..config import FinetuneConfig
 from ..errors import ConfigError, DatasetError
 
@@ -23,8 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..data import Manifest
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 
 _AUDIT_FILES = ("audit.parquet", "audit.csv")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .._utils import Timer, to_jsonable
+from .._utils import Progress, Timer, to_jsonable
 from ..config import FinetuneConfig
 from ..errors import ConfigError
 from .checkpoint import RESUME_NAME, _save_weights, save_resume
@@ -31,7 +31,6 @@ from .targets import _refresh_split
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 
 _BELOW_CHANCE = 0.95  # adaptive split warmup: start once the loss is 5% below chance
 # the per-epoch sums of the training statistics (``TrainState.epoch_stats``)

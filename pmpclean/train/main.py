@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._utils import Timer, claim_output, resolve_device, to_jsonable
+from .._utils import Progress, Timer, claim_output, resolve_device, to_jsonable
 from ..config import FinetuneConfig, _validate
 from ..errors import ConfigError, DatasetError
 from .checkpoint import (
@@ -49,8 +49,6 @@ if TYPE_CHECKING:  # pragma: no cover
     pass
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 
 _BELOW_CHANCE = 0.95  # adaptive split warmup: start once the loss is 5% below chance

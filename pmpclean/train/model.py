@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._utils import Progress
 from ..config import FinetuneConfig
 from ..errors import ModelLoadError
 from .data import _Images
@@ -21,8 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._utils import Progress
 from ..config import FinetuneConfig
 from .data import _Data, _Images
 from .model import _encode, _Encoded
@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 
 _MAX_PLANTED = 256  # global rematch: clean rows planted as known mismatches to check it
