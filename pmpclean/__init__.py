@@ -9,10 +9,10 @@ Public API::
     pmpclean.finetune(manifest, out_dir="model/", ...)     -> FinetuneResult
 
 Submodules not imported here because they pull heavy dependencies on first use:
-``pmpclean.embedding`` (torch, open_clip), ``pmpclean.rematching`` (POT),
-``pmpclean.neighbors`` (faiss), ``pmpclean.labels`` (torch). ``pmpclean.training`` (the
-fine-tuning loop) is imported, but it loads torch and open_clip only when called;
-``pmpclean.finetune`` is its public function.
+``pmpclean.embedding`` (torch, open_clip), ``pmpclean.transport`` (POT),
+``pmpclean.neighbors`` (faiss), ``pmpclean.labels`` (torch). ``pmpclean.train`` (the
+fine-tuning loop; ``pmpclean.training`` is its earlier name) is imported, but it loads
+torch and open_clip only when called; ``pmpclean.finetune`` is its public function.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .pipeline import (
     rematch,
     scan,
 )
-from .training import FinetuneConfig, FinetuneResult, finetune
+from .train import FinetuneConfig, FinetuneResult, finetune
 
 __all__ = [
     "__version__",

@@ -10,7 +10,7 @@ import random
 import secrets
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,7 +27,11 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "Timer",
+    "Progress",
 ]
+
+#: A progress callback, called as ``progress(stage, done, total)``.
+Progress = Callable[[str, int, int], None]
 
 
 def check_random_state(seed: int | np.random.Generator | None) -> np.random.Generator:

@@ -36,10 +36,9 @@ suggested label (its argmax) and the flag (another class is more probable).
 mostly right, which would be a self-confirming fixed point) and is re-estimated
 from the posteriors each round (EM with the heads fixed).
 
-The transport here is label-audit specific (n samples to a handful of classes) and
-self-contained: :func:`_partial_transport` poses partial OT as balanced OT with a
-dummy sample and a dummy class and calls POT's Sinkhorn-Knopp (``ot.sinkhorn``);
-POT's log-domain partial solver was 50x slower at this shape.
+The transport (n samples to a handful of classes) is :func:`pmpclean.transport.partial_plan`
+with POT's Sinkhorn-Knopp (``method="sinkhorn"``): the log-domain solvers were 50x
+slower at this shape.
 
 References
 ----------
@@ -50,6 +49,7 @@ References
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
@@ -61,6 +61,7 @@ import numpy as np
 
 from ._utils import check_random_state, resolve_device
 from .errors import ConfigError, LabelAuditError
+from .transport import partial_plan
 
 __all__ = [
     "LABEL_METHODS",
@@ -688,92 +689,12 @@ def _head_config(**kwargs: Any) -> _HeadConfig:
 
 # --------------------------------------------------------------------------- transport
 
-
-def _sinkhorn(
-    a: np.ndarray,
-    b: np.ndarray,
-    cost: np.ndarray,
-    reg: float,
-    max_iter: int,
-    tol: float,
-    *,
-    max_rounds: int = 10,
-) -> np.ndarray:
-    """Balanced entropic OT via POT's Sinkhorn-Knopp.
-
-    A run that has not met the marginals to ``tol`` after ``max_iter`` iterations goes
-    on from its scalings (warm start), up to ``max_rounds`` runs in all: with a small
-    ``reg`` and a class or sample whose only cheap partner is already full, Sinkhorn
-    converges slowly, and stopping early would transport visibly less than the
-    requested mass. Non-convergence after that is logged, not warned.
-    """
-    import ot
-
-    warm = None
-    for _ in range(max_rounds):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            plan, log = ot.sinkhorn(
-                a,
-                b,
-                cost,
-                reg,
-                method="sinkhorn",
-                numItermax=max_iter,
-                stopThr=tol,
-                warmstart=warm,
-                log=True,
-            )
-        if not caught:
-            break
-        u, v = np.asarray(log["u"]), np.asarray(log["v"])
-        if not (np.all(u > 0) and np.all(v > 0) and np.isfinite(u).all() and np.isfinite(v).all()):
-            break
-        warm = (np.log(u), np.log(v))
-    if caught:
-        logger.debug("label audit transport: %s", caught[0].message)
-    return np.asarray(plan, dtype=np.float64)
-
-
-def _partial_transport(
-    cost: np.ndarray,
-    a: np.ndarray,
-    b: np.ndarray,
-    mass: float,
-    *,
-    reg: float = 1.0,
-    max_iter: int = 2000,
-    tol: float = 1e-9,
-) -> np.ndarray:
-    """Entropic partial OT plan of ``mass`` between ``a`` (n,) and ``b`` (K,).
-
-    The plan ``Q`` (n, K) is non-negative with ``Q.sum(1) <= a``, ``Q.sum(0) <= b`` and
-    ``Q.sum() == mass``; ``mass == min(a.sum(), b.sum())`` (equal totals) is the balanced
-    problem. The partial problem is solved as a balanced one with a dummy sample and a
-    dummy class (Chapel et al., NeurIPS 2020): the dummy class takes the untransported
-    ``a.sum() - mass`` at zero cost, the dummy sample fills the unused class capacity, and
-    the dummy-to-dummy cell is forbidden, so exactly ``mass`` moves between real points.
-    Costs are shifted to start at 0 and capped at ``300 * reg`` so the Gibbs kernel never
-    underflows; POT's multiplicative Sinkhorn then converges in a few dozen iterations
-    (its log-domain solvers are 50x slower at this shape: n x 10).
-    """
-    total = min(float(a.sum()), float(b.sum()))
-    if not 0.0 < mass <= total + 1e-12:
-        raise ConfigError(f"transport mass must be in (0, {total:.3g}], got {mass}.")
-    mass = min(mass, total)
-    n, k = cost.shape
-    if mass >= total - 1e-12 and abs(float(a.sum()) - float(b.sum())) < 1e-9:
-        # row shifts are absorbed by the row scaling: same plan, no underflow
-        c = np.minimum(cost - cost.min(1, keepdims=True), 300.0 * reg)
-        plan = _sinkhorn(a, b, c, reg, max_iter, tol)
-    else:
-        c = np.zeros((n + 1, k + 1))
-        c[:n, :k] = np.minimum(cost - cost.min(), 300.0 * reg)
-        c[n, k] = 2000.0 * reg  # exp(-2000) == 0.0: dummy-to-dummy is forbidden
-        a2 = np.r_[a, max(float(b.sum()) - mass, 0.0)]
-        b2 = np.r_[b, max(float(a.sum()) - mass, 0.0)]
-        plan = _sinkhorn(a2, b2, c, reg, max_iter, tol)[:n, :k]
-    return np.maximum(plan, 0.0)
+# The label audit's transport: Sinkhorn-Knopp, warm-restarted up to 10 times (a small
+# ``reg`` with a class whose only cheap samples are taken converges slowly, and stopping
+# early would move visibly less than the requested mass).
+_partial_transport = functools.partial(
+    partial_plan, reg=1.0, method="sinkhorn", max_iter=2000, tol=1e-9, max_rounds=10
+)
 
 
 # --------------------------------------------------------------------------- audit

@@ -69,6 +69,7 @@ from .cost import (
     fit_paper_cost,
 )
 from .errors import ConfigError, RematchError
+from .transport import partial_plan, partial_transport
 
 __all__ = [
     "COSTS",
@@ -486,207 +487,6 @@ def _graph_from_lists(
 # --------------------------------------------------------------------------- solvers
 
 
-def _seg_lse(
-    v: np.ndarray, starts: np.ndarray, counts: np.ndarray, seg: np.ndarray, n_seg: int
-) -> np.ndarray:
-    """log-sum-exp of ``v`` over contiguous segments; ``-inf`` for empty segments.
-
-    ``starts``/``counts`` describe the non-empty segments (ids ``seg``) in order.
-    ``v`` is overwritten.
-    """
-    out = np.full(n_seg, -np.inf, dtype=np.float64)
-    if starts.size == 0:
-        return out
-    mx = np.maximum.reduceat(v, starts)
-    mx = np.where(np.isfinite(mx), mx, 0.0).astype(v.dtype)
-    v -= np.repeat(mx, counts)
-    np.exp(v, out=v)
-    s = np.add.reduceat(v, starts, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        out[seg] = np.log(s) + mx
-    return out
-
-
-def _segments(sorted_ids: np.ndarray, n_seg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    counts_all = np.bincount(sorted_ids, minlength=n_seg)
-    seg = np.flatnonzero(counts_all)
-    counts = counts_all[seg]
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    return starts, counts, seg
-
-
-def _lse_by_block(x: np.ndarray, block: np.ndarray, n_blocks: int) -> np.ndarray:
-    if n_blocks == 1:
-        out = np.full(1, -np.inf)
-        if x.size:
-            m = np.max(x)
-            if np.isfinite(m):
-                out[0] = m + np.log(np.sum(np.exp(x - m)))
-        return out
-    order = np.argsort(block, kind="stable")
-    starts, counts, seg = _segments(block[order], n_blocks)
-    return _seg_lse(x[order].astype(np.float64), starts, counts, seg, n_blocks)
-
-
-def partial_transport(
-    rows: np.ndarray,
-    cols: np.ndarray,
-    cost: np.ndarray,
-    a: np.ndarray,
-    b: np.ndarray,
-    *,
-    mass: float,
-    eps: float,
-    row_block: np.ndarray | None = None,
-    col_block: np.ndarray | None = None,
-    max_iter: int = 1000,
-    tol: float = 1e-4,
-    eps_start: float | None = None,
-) -> tuple[np.ndarray, dict]:
-    """Entropic partial optimal transport on a sparse bipartite graph.
-
-    Solves, for each block (default: one block),
-
-    ``min <P, C> + eps * sum P (log P - 1)`` over plans supported on the edges,
-    with ``P 1 <= a``, ``P^T 1 <= b`` and total mass ``mass * min(sum a, sum b)``,
-
-    as a balanced problem with one dummy row and one dummy column per block (edges
-    of cost 0 to every real node; dummy-to-dummy forbidden, so the transported mass
-    is exact), by log-domain Sinkhorn iterations over the edges with
-    epsilon-scaling. Each iteration costs O(E). On a complete graph this is the
-    problem POT solves with ``ot.sinkhorn(..., method="sinkhorn_log")`` on the
-    dummy-extended matrix; as ``eps -> 0`` it tends to
-    ``ot.partial.partial_wasserstein``.
-
-    Parameters
-    ----------
-    rows, cols : ndarray, shape (E,), int
-        Edge endpoints (row node, column node); sorted by ``rows``.
-    cost : ndarray, shape (E,)
-        Edge costs.
-    a : ndarray, shape (R,)
-        Row masses (> 0).
-    b : ndarray, shape (C,)
-        Column masses (> 0).
-    mass : float
-        Fraction in (0, 1] of ``min(sum a, sum b)`` (per block) to transport.
-    eps : float
-        Entropic regularisation, in cost units (> 0).
-    row_block, col_block : ndarray of int, optional
-        Block of each row / column node; edges must stay inside a block. Each block
-        transports its own ``mass`` fraction.
-    max_iter : int
-        Maximal number of Sinkhorn iterations at the final ``eps``.
-    tol : float
-        Stop when the L1 marginal error, relative to the total mass, is below it.
-    eps_start : float, optional
-        First ``eps`` of the scaling schedule (halved down to ``eps``); default: the
-        spread of the costs.
-
-    Returns
-    -------
-    log_plan : ndarray, shape (E,)
-        ``log P`` on each edge.
-    info : dict
-        ``iterations``, ``converged``, ``marginal_error`` (relative L1 violation of
-        the marginals at the last iteration), ``eps_schedule``.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    n_r, n_c = a.size, b.size
-    rows = np.asarray(rows)
-    cols = np.asarray(cols)
-    n_e = rows.size
-    if row_block is None:
-        row_block = np.zeros(n_r, dtype=np.int64)
-    if col_block is None:
-        col_block = np.zeros(n_c, dtype=np.int64)
-    n_blocks = int(max(row_block.max(initial=-1), col_block.max(initial=-1))) + 1
-    # edge arrays in float32 above ~8M edges: half the memory traffic, and the plan's
-    # mass per edge needs no more than 7 digits
-    dtype = np.float64 if n_e <= (1 << 23) else np.float32
-    itype = np.int32 if max(n_r, n_c, n_e) < 2**31 else np.int64
-
-    a_blk = np.bincount(row_block, weights=a, minlength=n_blocks)
-    b_blk = np.bincount(col_block, weights=b, minlength=n_blocks)
-    m_blk = float(mass) * np.minimum(a_blk, b_blk)
-    total = float(a.sum() + b_blk.sum() - m_blk.sum())
-    dc = a_blk - m_blk  # mass of each block's dummy column (untransported image mass)
-    dr = b_blk - m_blk  # mass of each block's dummy row (unused caption mass)
-    with np.errstate(divide="ignore"):
-        # a dummy holding (numerically) no mass is removed: log mass = -inf
-        log_dc = np.where(dc > 1e-12 * a_blk, np.log(np.maximum(dc, 1e-300)), -np.inf)
-        log_dr = np.where(dr > 1e-12 * b_blk, np.log(np.maximum(dr, 1e-300)), -np.inf)
-    log_a, log_b = np.log(a), np.log(b)
-
-    rows_e = rows.astype(itype, copy=False)
-    cols_e = cols.astype(itype, copy=False)
-    r_starts, r_counts, r_seg = _segments(rows_e, n_r)
-    c_perm = np.argsort(cols_e, kind="stable").astype(itype)
-    c_starts, c_counts, c_seg = _segments(cols_e[c_perm], n_c)
-    rows_c = rows_e[c_perm]
-    cost = np.asarray(cost).astype(dtype, copy=False)
-    cost_c = cost[c_perm]
-    del c_perm
-
-    f = np.zeros(n_r)
-    g = np.zeros(n_c)
-    fd = np.zeros(n_blocks)
-    gd = np.zeros(n_blocks)
-    spread = float(np.std(cost)) if n_e > 1 else 1.0
-    e0 = float(eps_start) if eps_start is not None else max(spread, float(eps))
-    schedule = [float(eps)]
-    while schedule[-1] * 2 < e0:
-        schedule.append(schedule[-1] * 2)
-    schedule.reverse()
-
-    it_total, err, converged = 0, np.inf, False
-    for level, e in enumerate(schedule):
-        final = level == len(schedule) - 1
-        k_r = cost * dtype(-1.0 / e)
-        k_c = cost_c * dtype(-1.0 / e)
-        n_it = max_iter if final else 50
-        thr = tol if final else 10 * tol
-        for _ in range(n_it):
-            # rows (and dummy rows): their marginals become exact
-            v = (g / e).astype(dtype)[cols_e]
-            v += k_r
-            lse_r = np.logaddexp(_seg_lse(v, r_starts, r_counts, r_seg, n_r), gd[row_block] / e)
-            lse_dr = _lse_by_block(g / e, col_block, n_blocks)
-            # marginal error of the current plan (before this update)
-            err = float(np.abs(np.exp(f / e + lse_r) - a).sum())
-            err += float(np.abs(np.exp(fd / e + lse_dr) - np.exp(log_dr)).sum())
-            f = e * (log_a - lse_r)
-            fd = e * (log_dr - lse_dr)
-            # columns (and dummy columns)
-            v = (f / e).astype(dtype)[rows_c]
-            v += k_c
-            lse_c = np.logaddexp(_seg_lse(v, c_starts, c_counts, c_seg, n_c), fd[col_block] / e)
-            g = e * (log_b - lse_c)
-            gd = e * (log_dc - _lse_by_block(f / e, row_block, n_blocks))
-            it_total += 1
-            if not np.isfinite(err):
-                break
-            if err / total < thr:
-                converged = final
-                break
-        del k_r, k_c, v
-    e = schedule[-1]
-    log_plan = np.empty(n_e, dtype=dtype)
-    fe, ge = (f / e).astype(dtype), (g / e).astype(dtype)
-    step = 1 << 22
-    for lo in range(0, n_e, step):
-        sl = slice(lo, lo + step)
-        log_plan[sl] = fe[rows_e[sl]] + ge[cols_e[sl]] - cost[sl] / dtype(e)
-    info = {
-        "iterations": it_total,
-        "converged": bool(converged),
-        "marginal_error": float(err / total) if total > 0 else 0.0,
-        "eps_schedule": schedule,
-    }
-    return log_plan, info
-
-
 def _pot_dense(
     cost: np.ndarray,
     allowed: np.ndarray,
@@ -698,38 +498,27 @@ def _pot_dense(
     max_iter: int,
     tol: float,
 ) -> tuple[np.ndarray, dict]:
-    """The same problem on a full matrix, solved by POT (reference / small problems)."""
-    import ot
+    """The sparse problem on a full matrix, solved by POT (reference / small problems).
 
-    n_r, n_c = cost.shape
+    ``mass`` is the fraction of ``min(sum a, sum b)`` to move, as in
+    :func:`partial_transport`. POT stops on the L2 norm of the column-marginal error:
+    the relative tolerance is scaled by the smallest marginal so that every row is
+    converged.
+    """
     m = float(mass) * min(a.sum(), b.sum())
-    big = 1e3 * (np.abs(cost[allowed]).max(initial=1.0) + 1.0)
-    M = np.zeros((n_r + 1, n_c + 1))
-    M[:n_r, :n_c] = np.where(allowed, cost, big)
-    M[n_r, n_c] = big
-    a_ext = np.concatenate([a, [b.sum() - m]])
-    b_ext = np.concatenate([b, [a.sum() - m]])
-    drop_r = a_ext[-1] <= 1e-12 * b.sum()
-    drop_c = b_ext[-1] <= 1e-12 * a.sum()
-    if drop_r:
-        M, a_ext = M[:-1], a_ext[:-1]
-    if drop_c:
-        M, b_ext = M[:, :-1], b_ext[:-1]
-    plan, log = ot.sinkhorn(
-        a_ext,
-        b_ext,
-        M,
-        eps,
+    return partial_plan(
+        cost,
+        a,
+        b,
+        m,
+        reg=eps,
+        forbid=~allowed,
         method="sinkhorn_log",
-        numItermax=max_iter,
-        # POT stops on the L2 norm of the column-marginal error: scale the relative
-        # tolerance by the smallest marginal so that every row is converged
-        stopThr=tol * float(b_ext.min()),
+        max_iter=max_iter,
+        tol=tol,
+        relative_tol=True,
         log=True,
     )
-    plan = np.where(allowed, plan[:n_r, :n_c], 0.0)
-    niter = int(log.get("niter", max_iter))
-    return plan, {"iterations": niter, "converged": niter < max_iter}
 
 
 # --------------------------------------------------------------------------- rounding

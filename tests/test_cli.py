@@ -464,7 +464,7 @@ def test_an_unwritable_out_is_one_line_before_any_work(dataset, tmp_path, monkey
     monkeypatch.setattr(pipeline, "_embeddings", no_work)
     monkeypatch.setattr(pipeline, "_read", no_work)
     monkeypatch.setattr("pmpclean.data.read_table", no_work)
-    monkeypatch.setattr("pmpclean.training._run", no_work)
+    monkeypatch.setattr("pmpclean.train.main._run", no_work)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = blocker / {"embed": "out.npz", "finetune": "model"}.get(command, "out.csv")

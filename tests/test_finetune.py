@@ -30,6 +30,11 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.filterwarnings("ignore:model .pmpclean-tiny. has RANDOM weights")
 F = pytest.importorskip("pmpclean.training")
+TD = pytest.importorskip("pmpclean.train.data")
+loop = pytest.importorskip("pmpclean.train.loop")
+TL = pytest.importorskip("pmpclean.train.loss")
+TM = pytest.importorskip("pmpclean.train.model")
+TT = pytest.importorskip("pmpclean.train.targets")
 
 TINY = "pmpclean-tiny"
 
@@ -227,7 +232,7 @@ def test_rematched_pairs_train_weighted_by_their_confidence(
     confidence = [0.95, 0.8, 0.7, 0.3]
     scan_dir = _with_proposals(scan_folder_of(dataset, tmp_path / "scan"), confidence)
     seen: list[float] = []
-    real = F._batch_loss
+    real = TL._batch_loss
 
     def recording(*args: object, **kwargs: object) -> object:
         weight = args[7] if len(args) > 7 else kwargs.get("weight")
@@ -236,7 +241,7 @@ def test_rematched_pairs_train_weighted_by_their_confidence(
         seen.extend(float(w) for w in weight[clean])  # type: ignore[index]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(F, "_batch_loss", recording)
+    monkeypatch.setattr(loop, "_batch_loss", recording)
     opts = _fast(epochs=1, val_fraction=0.0, truth_col="true_row", batch_size=24)
     finetune(scan_dir, out_dir=tmp_path / "m", **opts)
     weighted = sorted(w for w in seen if w != 1.0)
@@ -254,7 +259,7 @@ def test_scan_proposals_become_partners_weighted_by_their_confidence() -> None:
     train.audit_confidence = np.array([0, 0, 0, 0, 0, 0, 0.65, 0.9, 0.59, 1.0])
     clean = np.arange(n) < 6
     cfg = FinetuneConfig(suspect_targets="global", rematch_min_confidence=0.6)
-    partner, weight, info = F._rematch_partners(clean, None, train, cfg, seed=0)
+    partner, weight, info = TT._rematch_partners(clean, None, train, cfg, seed=0)
     assert partner.tolist() == [-1] * 6 + [7, 6, -1, 8]
     np.testing.assert_array_equal(weight, [0] * 6 + [0.65, 0.9, 0, 1.0])
     assert info["source"] == "scan proposals" and info["n_rematched"] == 3
@@ -270,10 +275,10 @@ def test_scan_proposals_at_the_table_edges() -> None:
     train.audit_confidence = np.array([0, 0, 0, 0, 0.9, 0.9])
     clean = np.arange(n) < 4
     cfg = FinetuneConfig(suspect_targets="global")
-    partner, weight, _ = F._rematch_partners(clean, None, train, cfg, seed=0)
+    partner, weight, _ = TT._rematch_partners(clean, None, train, cfg, seed=0)
     assert partner.tolist() == [-1, -1, -1, -1, 0, -1]
     lone = np.arange(n) != 4  # one suspect: nothing to rematch among
-    partner, weight, info = F._rematch_partners(lone, None, train, cfg, seed=0)
+    partner, weight, info = TT._rematch_partners(lone, None, train, cfg, seed=0)
     assert (partner == -1).all() and (weight == 0).all() and info is None
 
 
@@ -308,8 +313,8 @@ def test_global_partners_are_weighted_by_the_rematch_confidence(
     emb = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
     clean = np.ones(n, dtype=bool)
     clean[sus] = False
-    enc = F._Encoded(image=emb, text=emb, logit_scale=10.0)
-    partner, weight, info = F._rematch_partners(
+    enc = TM._Encoded(image=emb, text=emb, logit_scale=10.0)
+    partner, weight, info = TT._rematch_partners(
         clean, enc, _fake_train(true_row), FinetuneConfig(suspect_targets="global"), seed=0
     )
     assert info["planted_check"]["passed"]
@@ -356,15 +361,15 @@ def test_global_partners_recover_a_known_shuffle() -> None:
     train = _fake_train(true_row)
     clean = np.ones(n, dtype=bool)
     clean[sus] = False
-    enc = F._Encoded(image=img.astype(np.float32), text=txt.astype(np.float32), logit_scale=10.0)
+    enc = TM._Encoded(image=img.astype(np.float32), text=txt.astype(np.float32), logit_scale=10.0)
     glob = FinetuneConfig(suspect_targets="global")  # as resolved by finetune
-    partner, weight, info = F._rematch_partners(clean, enc, train, glob, seed=0)
+    partner, weight, info = TT._rematch_partners(clean, enc, train, glob, seed=0)
     assert (partner[:50] == -1).all() and (weight[:50] == 0).all()
     assert partner[sus].tolist() == np.roll(sus, -1).tolist()  # image i's caption is in row i+1
     assert (weight[sus] >= 0.6).all() and (weight[sus] <= 1).all()
     assert info["n_rematched"] == 10 and info["precision"] == 1.0
     assert info["planted_check"]["passed"] and info["planted_check"]["precision"] == 1.0
-    off = F._rematch_partners(clean, enc, train, FinetuneConfig(suspect_targets="batch"), seed=0)
+    off = TT._rematch_partners(clean, enc, train, FinetuneConfig(suspect_targets="batch"), seed=0)
     assert (off[0] == -1).all() and off[2] is None
 
 
@@ -407,9 +412,9 @@ def test_global_partners_are_kept_only_when_planted_mismatches_are_recovered(
     train = _fake_train(true_row)
     clean = np.ones(n, dtype=bool)
     clean[sus] = False
-    enc = F._Encoded(image=emb, text=emb, logit_scale=10.0)
+    enc = TM._Encoded(image=emb, text=emb, logit_scale=10.0)
     cfg = FinetuneConfig(suspect_targets="global")
-    partner, weight, info = F._rematch_partners(clean, enc, train, cfg, seed=0)
+    partner, weight, info = TT._rematch_partners(clean, enc, train, cfg, seed=0)
     assert seen["m"] == 40  # a quarter of the 160 clean rows
     assert seen["suspects"][n:].all() and not seen["clean"][n:].any()
     assert seen["clean"][:n].sum() == 160 - 40  # planted rows are not key points
@@ -445,14 +450,14 @@ def test_planted_check_with_several_captions_per_image() -> None:
     clean = np.ones(n, dtype=bool)
     clean[sus] = False
     train = _fake_train(true_row, image_index)  # right: any caption of the same image
-    enc = F._Encoded(
+    enc = TM._Encoded(
         image=img.astype(np.float32), text=cap[true_row].astype(np.float32), logit_scale=10.0
     )
     cfg = FinetuneConfig(suspect_targets="global")
-    planted = F._plant_rows(clean, train, np.random.default_rng(0))
+    planted = TT._plant_rows(clean, train, np.random.default_rng(0))
     assert planted.size >= 8 and not np.isin(image_index[planted], image_index[sus]).any()
     assert np.unique(image_index[planted]).size == planted.size
-    partner, weight, info = F._rematch_partners(clean, enc, train, cfg, seed=0)
+    partner, weight, info = TT._rematch_partners(clean, enc, train, cfg, seed=0)
     check = info["planted_check"]
     assert check["passed"] and check["precision"] == 1.0
     assert (partner < n).all() and info["n_rematched"] >= 100 and info["precision"] >= 0.7
@@ -521,8 +526,8 @@ def test_training_decodes_images_like_the_scan(
     def pixels(im: object) -> torch.Tensor:
         return torch.as_tensor(np.asarray(im).astype(np.int16))
 
-    cached = F._Images(None, pixels, cache=True, workers=0)  # type: ignore[arg-type]
-    streamed = F._ImageRows([path, twin], np.array([0, 1]), pixels)
+    cached = TD._Images(None, pixels, cache=True, workers=0)  # type: ignore[arg-type]
+    streamed = TD._ImageRows([path, twin], np.array([0, 1]), pixels)
     for a, b in ((cached._decode(path), cached._decode(twin)), (streamed[0], streamed[1])):
         assert a is not None and b is not None
         assert a.shape == b.shape and int((a - b).abs().max()) <= 1
@@ -802,9 +807,9 @@ def test_loss_mixture_finds_injected_mismatches() -> None:
     bad = rng.choice(n, 40, replace=False)
     y[bad] = y[np.roll(bad, 1)]  # 40 swapped captions
     y /= np.linalg.norm(y, axis=1, keepdims=True)
-    enc = F._Encoded(image=x.astype(np.float32), text=y.astype(np.float32), logit_scale=20.0)
-    loss = F._per_pair_loss(enc, np.arange(n), np.arange(n), seed=0)
-    prob, info = F._gmm_clean_probability(loss, seed=0)
+    enc = TM._Encoded(image=x.astype(np.float32), text=y.astype(np.float32), logit_scale=20.0)
+    loss = TT._per_pair_loss(enc, np.arange(n), np.arange(n), seed=0)
+    prob, info = TT._gmm_clean_probability(loss, seed=0)
     flagged = np.flatnonzero(prob < 0.5)
     assert set(flagged) == set(bad)
     assert info["means"][info["clean_component"]] == min(info["means"])
@@ -818,7 +823,7 @@ def test_batch_loss_clean_rows_are_symmetric_infonce_and_empty_plans_add_nothing
     scale = torch.tensor(10.0)
     groups = torch.arange(b)
     cfg = FinetuneConfig(suspect_targets="batch")  # the in-batch soft targets of L2RM
-    loss, stats = F._batch_loss(
+    loss, stats = TL._batch_loss(
         img, txt, scale, torch.ones(b, dtype=torch.bool), groups, groups, cfg
     )
     logits = scale * img @ txt.T
@@ -830,22 +835,22 @@ def test_batch_loss_clean_rows_are_symmetric_infonce_and_empty_plans_add_nothing
     # two suspects showing the same image: every transport is forbidden -> no target, no loss
     clean = torch.tensor([True, True, True, True, False, False])
     same_img = torch.tensor([0, 1, 2, 3, 4, 4])
-    loss2, stats2 = F._batch_loss(img, txt, scale, clean, same_img, groups, cfg)
+    loss2, stats2 = TL._batch_loss(img, txt, scale, clean, same_img, groups, cfg)
     assert stats2["noisy_rows"] == 2 and stats2["noisy_targets"] == 0 and stats2["noisy_loss"] == 0
     # with distinct images the suspects do get soft targets (without the similarity check)
     loose = cfg.replace(ot_mass=1.0, target_quantile=None)
-    loss3, stats3 = F._batch_loss(img, txt, scale, clean, groups, groups, loose)
+    loss3, stats3 = TL._batch_loss(img, txt, scale, clean, groups, groups, loose)
     assert stats3["noisy_targets"] == 2 and stats3["noisy_loss"] > 0
     assert float(loss3) > float(loss2)
     # suspect_targets="global": suspects get no in-batch target (rematches arrive as clean rows)
     glob = loose.replace(suspect_targets="global")
-    loss4, stats4 = F._batch_loss(img, txt, scale, clean, groups, groups, glob)
+    loss4, stats4 = TL._batch_loss(img, txt, scale, clean, groups, groups, glob)
     assert stats4["noisy_rows"] == 2 and stats4["noisy_targets"] == 0 and stats4["noisy_loss"] == 0
     assert torch.allclose(loss4, loss2)
     # a clean row's weight scales its loss: weight 0 removes it from the sum
     w = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
-    loss5, _ = F._batch_loss(img, txt, scale, clean, groups, groups, glob, w)
-    loss6, _ = F._batch_loss(img, txt, scale, clean & (w > 0), groups, groups, glob)
+    loss5, _ = TL._batch_loss(img, txt, scale, clean, groups, groups, glob, w)
+    loss6, _ = TL._batch_loss(img, txt, scale, clean & (w > 0), groups, groups, glob)
     assert torch.allclose(loss5, loss6) and float(loss5) < float(loss4)
 
 
@@ -862,14 +867,14 @@ def test_suspects_get_targets_only_when_the_target_looks_like_a_true_pair() -> N
     scale = torch.tensor(10.0)
     cfg = FinetuneConfig(ot_mass=1.0, suspect_targets="batch")
     assert cfg.target_quantile == 0.25
-    _, found = F._batch_loss(img, txt, scale, clean, groups, groups, cfg)
+    _, found = TL._batch_loss(img, txt, scale, clean, groups, groups, cfg)
     assert found["noisy_targets"] == 2  # similarity 1.0: as good as the clean pairs
     # unrelated suspects: their captions point nowhere near either suspect image
     txt2 = eye[:6].clone()
     txt2[4], txt2[5] = eye[6], eye[7]
-    _, none = F._batch_loss(img, txt2, scale, clean, groups, groups, cfg)
+    _, none = TL._batch_loss(img, txt2, scale, clean, groups, groups, cfg)
     assert none["noisy_rows"] == 2 and none["noisy_targets"] == 0 and none["noisy_loss"] == 0
-    _, forced = F._batch_loss(
+    _, forced = TL._batch_loss(
         img, txt2, scale, clean, groups, groups, cfg.replace(target_quantile=None)
     )
     assert forced["noisy_targets"] == 2  # without the check the plan forces a wrong target

@@ -15,23 +15,11 @@ from pmpclean.rematching import (
     _make_nodes,
     _round_plan,
     _row_shares,
-    partial_transport,
     rematch,
 )
 from pmpclean.synthetic import clip_like_pairs
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _dense_edges(cost: np.ndarray, allowed: np.ndarray):
-    r, c = np.nonzero(allowed)
-    return r, c, cost[r, c]
-
-
-def _to_matrix(r, c, vals, shape):
-    out = np.zeros(shape)
-    out[r, c] = vals
-    return out
 
 
 def _easy_pairs(n: int = 300, rate: float = 0.3, seed: int = 0, **kw):
@@ -43,131 +31,6 @@ def _easy_pairs(n: int = 300, rate: float = 0.3, seed: int = 0, **kw):
 
 def _correct(data, rows: np.ndarray, proposed: np.ndarray) -> np.ndarray:
     return data.image_group[data.true_row[proposed]] == data.image_group[rows]
-
-
-# --------------------------------------------------------------------------- solver
-
-
-@pytest.mark.parametrize("mass", [0.3, 0.7, 1.0])
-def test_plan_invariants_on_a_sparse_graph(mass: float) -> None:
-    rng = np.random.default_rng(0)
-    n_r, n_c = 40, 50
-    allowed = rng.random((n_r, n_c)) < 0.3
-    allowed[np.arange(n_r), np.arange(n_r)] = True  # a perfect matching exists
-    cost = rng.random((n_r, n_c))
-    r, c, e = _dense_edges(cost, allowed)
-    a, b = np.full(n_r, 1 / n_r), np.full(n_c, 1 / n_r)
-    log_plan, info = partial_transport(r, c, e, a, b, mass=mass, eps=0.05, tol=1e-7)
-    plan = _to_matrix(r, c, np.exp(log_plan), (n_r, n_c))
-    assert info["converged"]
-    assert (plan >= 0).all()
-    assert (plan.sum(1) <= a + 1e-6).all()
-    assert (plan.sum(0) <= b + 1e-6).all()
-    assert plan.sum() == pytest.approx(mass * min(a.sum(), b.sum()), rel=1e-5)
-    assert (plan[~allowed] == 0).all()  # masked (non-edge) entries carry nothing
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    n_r=st.integers(1, 12),
-    n_c=st.integers(1, 12),
-    mass=st.floats(0.05, 1.0),
-    seed=st.integers(0, 10_000),
-)
-def test_plan_invariants_hypothesis(n_r: int, n_c: int, mass: float, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    cost = rng.random((n_r, n_c))
-    allowed = np.ones((n_r, n_c), dtype=bool)
-    r, c, e = _dense_edges(cost, allowed)
-    a = rng.uniform(0.5, 1.5, n_r)
-    b = rng.uniform(0.5, 1.5, n_c)
-    log_plan, info = partial_transport(r, c, e, a, b, mass=mass, eps=0.1, tol=1e-8, max_iter=5000)
-    plan = _to_matrix(r, c, np.exp(log_plan), (n_r, n_c))
-    assert (plan >= 0).all()
-    assert (plan.sum(1) <= a * (1 + 1e-5)).all()
-    assert (plan.sum(0) <= b * (1 + 1e-5)).all()
-    assert plan.sum() == pytest.approx(mass * min(a.sum(), b.sum()), rel=1e-4)
-
-
-def test_plan_equals_pot_sinkhorn_on_the_dummy_extended_problem() -> None:
-    import ot
-
-    rng = np.random.default_rng(1)
-    n_r, n_c, mass, eps = 15, 18, 0.6, 0.1
-    cost = rng.random((n_r, n_c))
-    allowed = rng.random((n_r, n_c)) < 0.8
-    a, b = np.full(n_r, 1 / n_r), np.full(n_c, 1 / n_r)
-    r, c, e = _dense_edges(cost, allowed)
-    log_plan, info = partial_transport(r, c, e, a, b, mass=mass, eps=eps, tol=1e-10, max_iter=5000)
-    assert info["converged"]
-    mine = _to_matrix(r, c, np.exp(log_plan), (n_r, n_c))
-    m = mass * min(a.sum(), b.sum())
-    big = 1e4
-    M = np.full((n_r + 1, n_c + 1), 0.0)
-    M[:n_r, :n_c] = np.where(allowed, cost, big)
-    M[n_r, n_c] = big
-    a_ext = np.r_[a, b.sum() - m]
-    b_ext = np.r_[b, a.sum() - m]
-    ref = ot.sinkhorn(a_ext, b_ext, M, eps, method="sinkhorn_log", numItermax=5000, stopThr=1e-11)[
-        :n_r, :n_c
-    ]
-    np.testing.assert_allclose(mine, ref, atol=1e-8)
-
-
-def test_small_reg_converges_to_pot_exact_partial_wasserstein() -> None:
-    import ot
-
-    rng = np.random.default_rng(2)
-    n, mass = 20, 0.5
-    cost = rng.random((n, n))
-    a = b = np.full(n, 1 / n)
-    exact = ot.partial.partial_wasserstein(a, b, cost, m=mass)
-    r, c, e = _dense_edges(cost, np.ones((n, n), dtype=bool))
-    log_plan, info = partial_transport(r, c, e, a, b, mass=mass, eps=5e-3, tol=1e-6, max_iter=5000)
-    plan = _to_matrix(r, c, np.exp(log_plan), (n, n))
-    assert info["converged"]
-    assert (plan * cost).sum() == pytest.approx((exact * cost).sum(), rel=0.1)
-    # the same rows are matched, to the same columns
-    np.testing.assert_array_equal(plan.sum(1) > 0.5 / n, exact.sum(1) > 0.5 / n)
-    rows = exact.sum(1) > 0.5 / n
-    np.testing.assert_array_equal(plan[rows].argmax(1), exact[rows].argmax(1))
-
-
-def test_agrees_with_pot_entropic_partial_for_small_reg() -> None:
-    import ot
-
-    rng = np.random.default_rng(3)
-    n, mass = 25, 0.6
-    cost = rng.random((n, n))
-    a = b = np.full(n, 1 / n)
-    pot = ot.partial.entropic_partial_wasserstein_logscale(
-        a, b, cost, reg=5e-3, m=mass, numItermax=1000, stopThr=1e-9
-    )
-    r, c, e = _dense_edges(cost, np.ones((n, n), dtype=bool))
-    log_plan, _ = partial_transport(r, c, e, a, b, mass=mass, eps=5e-3, tol=1e-6, max_iter=5000)
-    plan = _to_matrix(r, c, np.exp(log_plan), (n, n))
-    assert plan.sum() == pytest.approx(pot.sum(), rel=1e-3)
-    # POT's solver has no entropy on the untransported mass, so the plans differ
-    # slightly at finite reg; where both commit most of a row, they pick the same column
-    sure = (pot.max(1) > 0.5 / n) & (plan.max(1) > 0.5 / n)
-    assert sure.sum() >= 0.5 * mass * n
-    np.testing.assert_array_equal(plan[sure].argmax(1), pot[sure].argmax(1))
-
-
-def test_blocks_transport_their_own_mass() -> None:
-    rng = np.random.default_rng(4)
-    # two blocks of 5 rows / 5 columns, edges only inside blocks
-    blk = np.repeat([0, 1], 5)
-    allowed = blk[:, None] == blk[None, :]
-    cost = rng.random((10, 10))
-    r, c, e = _dense_edges(cost, allowed)
-    a = b = np.full(10, 0.1)
-    log_plan, _ = partial_transport(
-        r, c, e, a, b, mass=0.4, eps=0.05, row_block=blk, col_block=blk, tol=1e-9
-    )
-    plan = _to_matrix(r, c, np.exp(log_plan), (10, 10))
-    assert plan[:5].sum() == pytest.approx(0.4 * 0.5, rel=1e-5)
-    assert plan[5:].sum() == pytest.approx(0.4 * 0.5, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- rounding

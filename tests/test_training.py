@@ -18,6 +18,9 @@ from pmpclean.training import FinetuneConfig, finetune, partial_ot_plan
 
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("pmpclean.training")
+C = pytest.importorskip("pmpclean.config")
+TL = pytest.importorskip("pmpclean.train.loss")
+TT = pytest.importorskip("pmpclean.train.targets")
 
 pytestmark = pytest.mark.filterwarnings("ignore:model .pmpclean-tiny. has RANDOM weights")
 
@@ -39,19 +42,19 @@ def test_robust_q_zero_is_infonce_and_positive_q_is_rince() -> None:
     ce_i = -torch.diagonal(torch.log_softmax(logits, dim=1))
     ce_t = -torch.diagonal(torch.log_softmax(logits, dim=0))
 
-    infonce, st0 = F._batch_loss(img, txt, scale, clean, groups, groups, FinetuneConfig())
+    infonce, st0 = TL._batch_loss(img, txt, scale, clean, groups, groups, FinetuneConfig())
     assert torch.allclose(infonce, (0.5 * (ce_i + ce_t)).mean())
     assert st0["infonce"] == pytest.approx(float((0.5 * (ce_i + ce_t)).sum()), rel=1e-6)
 
     q = 0.5
-    rince, st = F._batch_loss(img, txt, scale, clean, groups, groups, FinetuneConfig(robust_q=q))
+    rince, st = TL._batch_loss(img, txt, scale, clean, groups, groups, FinetuneConfig(robust_q=q))
     p_i, p_t = torch.exp(-ce_i), torch.exp(-ce_t)
     expected = (0.5 * ((1 - p_i**q) + (1 - p_t**q)) / q).mean()
     assert torch.allclose(rince, expected)
     # the InfoNCE of the batch is still recorded (the split and the logs use it)
     assert st["infonce"] == pytest.approx(st0["infonce"], rel=1e-6)
     # q -> 0 recovers InfoNCE
-    tiny, _ = F._batch_loss(img, txt, scale, clean, groups, groups, FinetuneConfig(robust_q=1e-6))
+    tiny, _ = TL._batch_loss(img, txt, scale, clean, groups, groups, FinetuneConfig(robust_q=1e-6))
     assert float(tiny) == pytest.approx(float(infonce), rel=1e-4)
 
 
@@ -68,7 +71,7 @@ def test_rince_pulls_less_on_pairs_the_model_cannot_fit() -> None:
 
     def grad_norms(cfg: FinetuneConfig) -> torch.Tensor:
         t = txt.clone().requires_grad_(True)
-        loss, _ = F._batch_loss(img, t, torch.tensor(5.0), clean, groups, groups, cfg)
+        loss, _ = TL._batch_loss(img, t, torch.tensor(5.0), clean, groups, groups, cfg)
         loss.backward()
         return t.grad.norm(dim=1)
 
@@ -86,7 +89,7 @@ def test_chance_loss_is_the_loss_of_an_uninformed_model(b: int, q: float) -> Non
     img = torch.nn.functional.normalize(torch.ones(b, 4), dim=1)
     txt = img.clone()
     groups = torch.arange(b)
-    loss, _ = F._batch_loss(
+    loss, _ = TL._batch_loss(
         img,
         txt,
         torch.tensor(3.0),
@@ -95,9 +98,9 @@ def test_chance_loss_is_the_loss_of_an_uninformed_model(b: int, q: float) -> Non
         groups,
         FinetuneConfig(robust_q=q),
     )
-    assert float(loss) == pytest.approx(F._chance_loss(b, q), rel=1e-5)
+    assert float(loss) == pytest.approx(TL._chance_loss(b, q), rel=1e-5)
     if q == 0:
-        assert F._chance_loss(b, q) == pytest.approx(math.log(b))
+        assert TL._chance_loss(b, q) == pytest.approx(math.log(b))
 
 
 @pytest.mark.parametrize(
@@ -110,7 +113,7 @@ def test_chance_loss_is_the_loss_of_an_uninformed_model(b: int, q: float) -> Non
 )
 def test_bad_robust_settings_fail_clearly(options: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        F._validate(FinetuneConfig(**options))  # type: ignore[arg-type]
+        C._validate(FinetuneConfig(**options))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -141,7 +144,7 @@ def test_robust_q_default_is_rince_for_l2rm_from_random_init(
     assert res.metrics["settings"]["robust_q"] == robust_q
     assert res.metrics["resolved"]["robust_q"] == resolved
     # the adaptive warmup compares the loss with its own chance level
-    assert hist[0]["chance_loss"] == pytest.approx(F._chance_loss(6, resolved))
+    assert hist[0]["chance_loss"] == pytest.approx(TL._chance_loss(6, resolved))
     assert all(h["infonce_loss"] > 0 for h in hist)
     if resolved == 0:
         assert all(h["loss"] == pytest.approx(h["infonce_loss"]) for h in hist)
@@ -181,10 +184,10 @@ def test_robust_q_default_stays_infonce_on_a_scan_folder(
 def test_wilson_lower_bound_known_answers(k: int, n: int, expected: float) -> None:
     """One-sided 90 % Wilson bound (z = 1.2816), the planted check's pass mark; with k = n
     it is n / (n + z^2)."""
-    assert F._wilson_lower(k, n) == pytest.approx(expected, abs=5e-5)
+    assert TT._wilson_lower(k, n) == pytest.approx(expected, abs=5e-5)
     if n:
-        assert F._wilson_lower(k, n) <= k / n + 1e-12
-        assert F._wilson_lower(k, n, z=0.0) == pytest.approx(k / n)
+        assert TT._wilson_lower(k, n) <= k / n + 1e-12
+        assert TT._wilson_lower(k, n, z=0.0) == pytest.approx(k / n)
 
 
 def test_planted_rows_are_a_quarter_of_the_clean_rows_at_most_256_or_none() -> None:
@@ -194,7 +197,7 @@ def test_planted_rows_are_a_quarter_of_the_clean_rows_at_most_256_or_none() -> N
         clean = np.ones(n, dtype=bool)
         clean[n - n_suspects :] = False
         train = SimpleNamespace(image_index=np.arange(n), text_group=np.arange(n))
-        rows = F._plant_rows(clean, train, np.random.default_rng(0))
+        rows = TT._plant_rows(clean, train, np.random.default_rng(0))
         assert clean[rows].all() and np.array_equal(rows, np.sort(rows))
         return rows.size
 
@@ -234,8 +237,8 @@ def test_suspects_soft_target_loss_is_the_symmetric_kl_to_the_plan(
         calls.append((cost, kw))
         return fixed
 
-    monkeypatch.setattr(F, "partial_ot_plan", fake_plan)
-    loss, stats = F._batch_loss(img, txt, scale, clean, groups, groups, cfg)
+    monkeypatch.setattr(TL, "partial_ot_plan", fake_plan)
+    loss, stats = TL._batch_loss(img, txt, scale, clean, groups, groups, cfg)
 
     ((cost, kw),) = calls
     torch.testing.assert_close(cost, 1.0 - img[3:] @ txt[3:].T)
@@ -272,7 +275,7 @@ def test_other_rows_of_the_same_image_are_no_negatives() -> None:
     scale = torch.tensor(5.0)
     image_group = torch.tensor([0, 0, 1, 2])
     text_group = torch.arange(4)
-    loss, _ = F._batch_loss(
+    loss, _ = TL._batch_loss(
         img, txt, scale, torch.ones(4, dtype=torch.bool), image_group, text_group, FinetuneConfig()
     )
     logits = scale * img @ txt.T
@@ -295,10 +298,10 @@ def test_zero_noisy_weight_gives_suspects_no_targets() -> None:
     clean = torch.tensor([True, True, True, True, False, False])
     groups = torch.arange(6)
     cfg = FinetuneConfig(suspect_targets="batch", ot_mass=1.0, target_quantile=None)
-    _, on = F._batch_loss(img, txt, torch.tensor(10.0), clean, groups, groups, cfg)
+    _, on = TL._batch_loss(img, txt, torch.tensor(10.0), clean, groups, groups, cfg)
     assert on["noisy_targets"] == 2
     off_cfg = cfg.replace(noisy_weight=0.0)
-    loss, off = F._batch_loss(img, txt, torch.tensor(10.0), clean, groups, groups, off_cfg)
+    loss, off = TL._batch_loss(img, txt, torch.tensor(10.0), clean, groups, groups, off_cfg)
     assert off["noisy_rows"] == 2 and off["noisy_targets"] == 0 and off["noisy_loss"] == 0
 
 
@@ -317,8 +320,8 @@ def test_planted_rows_follow_the_generator() -> None:
     n = 400
     clean = np.arange(n) < 300
     train = SimpleNamespace(image_index=np.arange(n), text_group=np.arange(n))
-    a = F._plant_rows(clean, train, np.random.default_rng(0))
-    b = F._plant_rows(clean, train, np.random.default_rng(1))
-    again = F._plant_rows(clean, train, np.random.default_rng(0))
+    a = TT._plant_rows(clean, train, np.random.default_rng(0))
+    b = TT._plant_rows(clean, train, np.random.default_rng(1))
+    again = TT._plant_rows(clean, train, np.random.default_rng(0))
     assert a.size == b.size == 75 and np.array_equal(a, again)
     assert not np.array_equal(a, b)
