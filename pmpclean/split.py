@@ -535,20 +535,24 @@ def _em_planted(
     start: tuple[np.ndarray, float, float] | None = None,
     max_iter: int = 2000,
     tol: float = 1e-9,
-) -> tuple[np.ndarray, float, float]:
+    clean_start: tuple[float, float] = (0.8, 0.75),
+) -> tuple[np.ndarray, float, float, float]:
     """EM on a histogram: a Gaussian clean component and fixed planted densities.
 
     ``dens`` holds one planted density per row (on the bin centres). Returns the weights
-    (clean first, then one per planted density), the clean mean and standard deviation.
-    ``start`` (a previous fit) warm-starts the bootstrap refits.
+    (clean first, then one per planted density), the clean mean and standard deviation,
+    and the mean log-likelihood per row. ``start`` (a previous fit) warm-starts the
+    bootstrap refits; otherwise ``clean_start`` = (clean weight, quantile of the data at
+    the clean mean) sets the first guess.
     """
     n = float(counts.sum())
     k = dens.shape[0]
     if start is None:
+        w0, q = clean_start
         cdf = np.cumsum(counts) / n
-        mu = float(centres[np.searchsorted(cdf, 0.75)])  # start on the upper half
+        mu = float(centres[min(np.searchsorted(cdf, q), centres.size - 1)])
         sd = float(np.sqrt(counts @ (centres - centres @ counts / n) ** 2 / n)) / 2 + 1e-12
-        w = np.r_[0.8, np.full(k, 0.2 / k)]
+        w = np.r_[w0, np.full(k, (1.0 - w0) / k)]
     else:
         w, mu, sd = np.array(start[0], dtype=np.float64), float(start[1]), float(start[2])
     floor = (centres[1] - centres[0]) * 0.5
@@ -568,7 +572,13 @@ def _em_planted(
         if abs(ll - prev) < tol:
             break
         prev = ll
-    return w, mu, sd
+    return w, mu, sd, ll
+
+
+#: First guesses of the calibration's EM, (clean weight, data quantile at the clean
+#: mean): the fit keeps the one of highest likelihood (EM finds local optima, and on
+#: overlapping populations which one it finds depends on where it starts).
+_EM_STARTS = ((0.8, 0.75), (0.95, 0.5), (0.6, 0.85), (0.4, 0.9))
 
 
 def calibrated_split(
@@ -710,7 +720,10 @@ def calibrated_split(
     counts, _ = np.histogram(xc, bins=edges)
 
     dens = np.stack([_binned_density(p, edges) for p in plants])
-    w, mu, sd = _em_planted(centres, counts.astype(np.float64), dens)
+    fits = [
+        _em_planted(centres, counts.astype(np.float64), dens, clean_start=st) for st in _EM_STARTS
+    ]
+    w, mu, sd, _ = max(fits, key=lambda f: f[3])
     # Posterior of every row, by linear interpolation of the planted densities.
     f0 = np.exp(-0.5 * ((xc - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
     mis = np.zeros_like(xc)
@@ -727,7 +740,7 @@ def calibrated_split(
     for b in range(boots.shape[0]):
         cnt = rng.multinomial(x.size, counts / counts.sum())
         resampled = [p[rng.integers(0, p.size, p.size)] for p in plants]
-        wb, _, _ = _em_planted(
+        wb, _, _, _ = _em_planted(
             centres,
             cnt.astype(np.float64),
             np.stack([_binned_density(p, edges) for p in resampled]),
