@@ -444,8 +444,6 @@ def scan(
         _warn_remote_images(output)
         with output.progress() as progress:
             result = run_scan(manifest, config=cfg, out_dir=out, force=force, progress=progress)
-        for message in result.summary.get("warnings", []):
-            output.warning(message)
         output.scan_summary(result.summary, result.audit)
 
 

@@ -118,8 +118,28 @@ def test_scan_summary_human_key_lines() -> None:
     label_rows = [line.split() for line in text if line.startswith("│") and "dog" in line]
     assert label_rows[0][:6] == ["│", "11", "│", "dog", "│", "cat"]  # lowest label_score first
     assert "Warning: 1 row has a missing image" in text
-    assert any(line.split() == ["report", "/out/report.html"] for line in text)
+    assert any(line.split() == ["Report", "/out/report.html"] for line in text)
+    assert any(line.split() == ["Audit", "(parquet)", "/out/audit.parquet"] for line in text)
     assert lines(err) == []
+
+
+def test_top_suspects_ranked_by_the_split_statistic() -> None:
+    """Clear suspects all have match_score 0.000; the table shows and ranks by pair_score."""
+    output, out, _ = make()
+    summary, audit = scan_result()
+    flagged = audit["is_mismatched"].to_numpy()
+    audit["match_score"] = np.where(flagged, 0.0, audit["match_score"])
+    audit["pair_score"] = np.linspace(1.0, -1.0, len(audit))
+    audit.loc[1, "pair_score"] = -2.5  # the worst pair
+    output.scan_summary(summary, audit, top=4)
+    text = lines(out)
+    header = next(line for line in text if line.startswith("┃") and "action" in line)
+    assert "pair score" in header and "match" not in header
+    shown = [line.split()[1:4:2] for line in text if line.startswith("│") and "proposed" in line]
+    want = audit[flagged].sort_values("pair_score")
+    assert [int(r) for r, _ in shown] == want["row"].tolist()
+    assert [float(v) for _, v in shown] == pytest.approx(want["pair_score"].round(3).tolist())
+    assert len({v for _, v in shown}) == len(shown)  # values that tell rows apart
 
 
 def test_scan_summary_json_prints_summary() -> None:
