@@ -281,9 +281,7 @@ def _evidence(
     out.alt_image_similarity[rows] = np.where(img_nodes[:, 0] >= 0, img_sims[:, 0], np.nan)
     if cap_nodes.shape[1] > 1:
         out.second_caption_row[rows] = as_rows(cap_nodes[:, 1], first_b)
-        out.second_caption_similarity[rows] = np.where(
-            cap_nodes[:, 1] >= 0, cap_sims[:, 1], np.nan
-        )
+        out.second_caption_similarity[rows] = np.where(cap_nodes[:, 1] >= 0, cap_sims[:, 1], np.nan)
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
