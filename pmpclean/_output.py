@@ -170,6 +170,7 @@ class Output:
         self.quiet = bool(quiet)
         self.console = console if console is not None else Console()
         self.err_console = err_console if err_console is not None else Console(stderr=True)
+        self._warned: set[str] = set()  # shown live: not repeated in a summary's banner
 
     @property
     def human(self) -> bool:
@@ -190,6 +191,7 @@ class Output:
         """A yellow ``Warning: ...`` line on stderr (suppressed by quiet)."""
         if self.quiet:
             return
+        self._warned.add(str(message))
         self.err_console.print(
             Text.assemble(("Warning: ", "bold yellow"), (str(message), "yellow")),
             soft_wrap=True,
@@ -298,8 +300,11 @@ class Output:
         if secs:
             _add_row(head, "Run time", _fmt_secs(sum(secs)))
         console.print(head)
-        # the banner: random weights, an undecided verdict, skipped stages...
+        # the banner: random weights, an undecided verdict, skipped stages... (each once: a
+        # warning already shown while the scan ran is not repeated)
         warnings = summary.get("warnings") or []
+        if isinstance(warnings, (list, tuple)):
+            warnings = [w for w in warnings if str(w) not in self._warned]
         if isinstance(warnings, (list, tuple)) and warnings:
             console.print()
             for message in warnings:

@@ -291,3 +291,20 @@ def test_command_summaries_json() -> None:
 def test_unknown_format() -> None:
     with pytest.raises(ConfigError, match=r"Unknown format 'yaml': expected one of human, json"):
         Output(format="yaml")
+
+
+def test_a_warning_shown_live_is_not_repeated_in_the_summary_banner() -> None:
+    """The random-weights warning printed while the model loaded is not printed again
+    under the scan's header; on a cache hit (no live warning) the banner shows it."""
+    summary, audit = scan_result()
+    random = "model 'x' has RANDOM weights (--pretrained none, seed 0)"
+    summary["warnings"] = [random, "1 row has a missing image"]
+    output, out, err = make()
+    output.warning(random)  # as the library's warning during the model load
+    output.scan_summary(summary, audit, top=0)
+    assert lines(err) == [f"Warning: {random}"]
+    text = lines(out)
+    assert f"Warning: {random}" not in text and "Warning: 1 row has a missing image" in text
+    cached, out2, err2 = make()
+    cached.scan_summary(summary, audit, top=0)
+    assert f"Warning: {random}" in lines(out2) and lines(err2) == []

@@ -362,7 +362,19 @@ class _Context:
             "noisy": "Verdict: noisy",
             "undecided": "Verdict: undecided — this model cannot audit this data",
         }.get(verdict, f"Verdict: {verdict}")
-        return {"cls": cls, "title": title, "span": span, "reason": _text(s.get("verdict_reason"))}
+        note = (
+            "Nothing was dropped or rematched: every scored pair is left for review. Try a "
+            "model that knows this kind of image, or fine-tune one first (pmpclean finetune)."
+            if verdict == "undecided"
+            else ""
+        )
+        return {
+            "cls": cls,
+            "title": title,
+            "span": span,
+            "reason": _text(s.get("verdict_reason")),
+            "note": note,
+        }
 
     def banners(self) -> list[dict[str, str]]:
         """Loud notices above everything: random weights, an undecided verdict."""
@@ -379,17 +391,7 @@ class _Context:
                     "run only to check the pipeline, and scan again with pretrained weights.",
                 }
             )
-        if str(self.summary.get("verdict") or "") == "undecided":
-            out.append(
-                {
-                    "id": "banner-undecided",
-                    "title": "Undecided: nothing was dropped or rematched",
-                    "text": "This model cannot tell matched from mismatched pairs on this data; "
-                    "every scored pair is left for review. Try a model that knows this kind of "
-                    "image, or fine-tune one first (pmpclean finetune).",
-                }
-            )
-        return out
+        return out  # an undecided verdict has its own banner: the verdict box
 
     def kpis(self) -> list[dict[str, str]]:
         s = self.summary
@@ -487,7 +489,6 @@ class _Context:
         )
         secs = self.seconds()
         top = max(secs.values(), default=0.0) or 1.0
-        warnings = self.summary.get("warnings") or []
         return {
             "status": [
                 {
@@ -515,8 +516,20 @@ class _Context:
                 for k, v in secs.items()
             ],
             "total_time": _fmt_secs(sum(secs.values())) if secs else "",
-            "warnings": [str(w) for w in warnings] if isinstance(warnings, (list, tuple)) else [],
+            "warnings": self.other_warnings(),
         }
+
+    def other_warnings(self) -> list[str]:
+        """The summary's warnings that the header's banners do not already show."""
+        warnings = self.summary.get("warnings") or []
+        if not isinstance(warnings, (list, tuple)):
+            return []
+        shown = []
+        if self.banners():
+            shown.append("RANDOM weights")
+        if str(self.summary.get("verdict") or "") == "undecided":
+            shown.append("Undecided:")
+        return [str(w) for w in warnings if not any(m in str(w) for m in shown)]
 
     def decision(self) -> list[dict[str, str]]:
         """What a user decides with: the model, the verdict, the cut and the rematch bar."""
@@ -582,6 +595,8 @@ class _Context:
         caption = (
             f"{int(finite.sum()):,} scored rows, {int(flagged.sum()):,} flagged (red): the "
             f"split flags the rows left of the cut on {space}."
+            if cut is not None
+            else f"{int(finite.sum()):,} scored rows; no cut: nothing is flagged."
         )
         return {"figure": figure, "caption": caption, "statistic": space}
 
