@@ -35,7 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._numfmt import finite_or_none as _num
-from ._numfmt import fmt_float, fmt_int, fmt_pct
+from ._numfmt import fmt_float, fmt_int, fmt_metric, fmt_pct
 from ._utils import to_jsonable
 from .errors import ConfigError
 
@@ -415,7 +415,7 @@ class Output:
         for group in ("detection", "rematch"):
             for key, value in _mapping(evaluation.get(group)).items():
                 if _num(value) is not None:
-                    _add_row(table, group, str(key), _fmt_float(value, 3))
+                    _add_row(table, group, str(key), fmt_metric(value, missing="-"))
         if table.row_count:
             self.console.print()
             self.console.print(table)

@@ -68,7 +68,7 @@ def scan_result() -> tuple[dict[str, Any], pd.DataFrame]:
         "model": {"source": "file:emb.npz", "device": "cpu"},
         "settings": {"text_col": "text"},
         "evaluation": {
-            "detection": {"auroc": 0.93, "precision": float("nan"), "f1": 0.5},
+            "detection": {"auroc": 0.93, "precision": float("nan"), "f1": 0.5, "n": 11},
             "rematch": {"precision": 0.75},
             "pr_curve": {"precision": [1.0, 0.5], "recall": [0.0, 1.0]},
         },
@@ -113,6 +113,7 @@ def test_scan_summary_human_key_lines() -> None:
     assert "the proposed caption (0.88)" in joined
     # evaluation: NaN metrics are skipped, the rest shown with 3 decimals
     assert any(line.split() == ["│", "detection", "│", "auroc", "│", "0.930", "│"] for line in text)
+    assert any(line.split() == ["│", "detection", "│", "n", "│", "11", "│"] for line in text)
     assert not any("precision" in line and "detection" in line for line in text)
     assert "Label audit (label): 2 label issues, estimated label noise 16.7%" in text
     label_rows = [line.split() for line in text if line.startswith("│") and "dog" in line]

@@ -550,7 +550,11 @@ def test_evaluation_section(sample: tuple[pd.DataFrame, dict[str, Any]]) -> None
     page = Page(render_report(audit, summary))
     det = " ".join(page.text_by_id["eval-detection"].split())
     assert "auroc 0.910" in det and "f1 0.746" in det
-    assert "exact_accuracy 0.400" in " ".join(page.text_by_id["eval-rematch"].split())
+    # counts are integers, rates have 3 decimals
+    summary["evaluation"]["detection"].update(n=8092, tp=1577)
+    det = " ".join(Page(render_report(audit, summary)).text_by_id["eval-detection"].split())
+    assert "n 8,092" in det and "tp 1,577" in det and "8092.000" not in det
+    assert "exact accuracy 0.400" in " ".join(page.text_by_id["eval-rematch"].split())
     assert page.tags_in("fig-pr", "polyline") and page.tags_in("fig-pr", "circle")
 
 

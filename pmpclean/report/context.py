@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .._numfmt import finite_or_none as _num
-from .._numfmt import fmt_float, fmt_int, fmt_pct
+from .._numfmt import fmt_float, fmt_int, fmt_metric, fmt_pct
 from . import plots
 
 __all__ = ["build_context"]
@@ -1052,7 +1052,10 @@ class _Context:
         for group, title in (("detection", "Mismatch detection"), ("rematch", "Rematch")):
             metrics = _mapping(ev.get(group))
             cells = [
-                {"key": str(k), "value": _fmt_float(v) if _num(v) is not None else _fmt_value(v)}
+                {
+                    "key": _word(str(k)),
+                    "value": fmt_metric(v, missing="—") if _num(v) is not None else _fmt_value(v),
+                }
                 for k, v in metrics.items()
                 if not isinstance(v, (Mapping, list, tuple))
             ]
