@@ -783,6 +783,20 @@ def test_cards_show_the_evidence(sample: tuple[pd.DataFrame, dict[str, Any]]) ->
     ]
 
 
+def test_a_runner_up_that_is_the_better_caption_is_said_once(
+    sample: tuple[pd.DataFrame, dict[str, Any]],
+) -> None:
+    audit, summary = sample
+    row = int(audit.loc[audit["action"] == "rematch", "row"].iloc[-1])
+    alt = int(audit.loc[row, "alt_caption_row"])
+    audit.loc[row, "runner_up_row"] = alt
+    card = " ".join(
+        Page(render_report(audit, summary, gallery_size=40)).text_by_id[f"row-{row}"].split()
+    )
+    assert f"Caption of row {alt} fits this image better (the runner-up)" in card
+    assert "Runner-up caption" not in card
+
+
 def test_old_audits_without_evidence_columns_still_render(
     sample: tuple[pd.DataFrame, dict[str, Any]],
 ) -> None:

@@ -698,7 +698,10 @@ class _Context:
                 }
             )
         row, sim = _int(rec.get("runner_up_row")), _num(rec.get("runner_up_similarity"))
-        if row is not None and row >= 0 and sim is not None:
+        same = [e for e in out if e["kind"] == "caption" and e["row"] == row]
+        if same:  # the better caption is also the runner-up: said once
+            same[0]["label"] += " (the runner-up)"
+        elif row is not None and row >= 0 and sim is not None:
             out.append(
                 {
                     "kind": "runner",
