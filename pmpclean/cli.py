@@ -182,8 +182,8 @@ CacheDirOpt = Annotated[
     typer.Option(
         "--cache-dir",
         help=(
-            "Embedding cache folder \\[default: $PMPCLEAN_CACHE_DIR, else "
-            "$XDG_CACHE_HOME/pmpclean, else ~/.cache/pmpclean]."
+            "Embedding cache folder \\[default: $PMPCLEAN_CACHE_DIR, else pmpclean in "
+            "$XDG_CACHE_HOME, else ~/.cache/pmpclean]."
         ),
     ),
 ]
