@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["finite_or_none", "fmt_int", "fmt_float", "fmt_metric", "fmt_pct"]
+__all__ = ["finite_or_none", "fmt_int", "fmt_float", "fmt_metric", "fmt_pct", "fmt_secs"]
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -50,3 +50,16 @@ def fmt_metric(value: Any, digits: int = 3, *, missing: str) -> str:
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         return f"{int(value):,}"
     return fmt_float(value, digits, missing=missing)
+
+
+def fmt_secs(value: Any, *, missing: str) -> str:
+    """A duration in seconds: ``250 ms``, ``12.5 s``, ``3 min 5 s``."""
+    out = finite_or_none(value)
+    if out is None:
+        return missing
+    if out < 1:
+        return f"{out * 1000:.0f} ms"
+    if out < 120:
+        return f"{out:.1f} s"
+    minutes, seconds = divmod(out, 60)
+    return f"{int(minutes)} min {seconds:.0f} s"

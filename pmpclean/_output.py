@@ -35,7 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._numfmt import finite_or_none as _num
-from ._numfmt import fmt_float, fmt_int, fmt_metric, fmt_pct
+from ._numfmt import fmt_float, fmt_int, fmt_metric, fmt_pct, fmt_secs
 from ._utils import to_jsonable
 from .errors import ConfigError
 
@@ -71,12 +71,7 @@ _fmt_int = partial(fmt_int, missing="-")
 _fmt_float = partial(fmt_float, missing="-")
 _fmt_pct = partial(fmt_pct, missing="-")
 
-
-def _fmt_secs(value: Any) -> str:
-    out = _num(value)
-    if out is None:
-        return "-"
-    return f"{out * 1000:.0f} ms" if out < 1 else f"{out:.1f} s"
+_fmt_secs = partial(fmt_secs, missing="-")
 
 
 def _one_line(value: Any) -> str:

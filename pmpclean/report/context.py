@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .._numfmt import finite_or_none as _num
-from .._numfmt import fmt_float, fmt_int, fmt_metric, fmt_pct
+from .._numfmt import fmt_float, fmt_int, fmt_metric, fmt_pct, fmt_secs
 from . import plots
 
 __all__ = ["build_context"]
@@ -121,17 +121,7 @@ _fmt_int = partial(fmt_int, missing="—")
 _fmt_float = partial(fmt_float, missing="—")
 _fmt_pct = partial(fmt_pct, missing="—")
 
-
-def _fmt_secs(value: Any) -> str:
-    out = _num(value)
-    if out is None:
-        return "—"
-    if out < 1:
-        return f"{out * 1000:.0f} ms"
-    if out < 120:
-        return f"{out:.1f} s"
-    minutes, seconds = divmod(out, 60)
-    return f"{int(minutes)} min {seconds:.0f} s"
+_fmt_secs = partial(fmt_secs, missing="—")
 
 
 def _fmt_value(value: Any) -> str:
@@ -1194,26 +1184,9 @@ def _fold(
 
 
 def build_context(
-    audit: pd.DataFrame,
-    summary: Mapping[str, Any],
-    *,
-    gallery_size: int = 24,
-    thumbnail_px: int = 128,
-    image_col: str | None = None,
-    text_col: str | None = None,
-    label_col: str | None = None,
-    max_table_rows: int = 200,
-    max_flagged_rows: int = 5000,
+    audit: pd.DataFrame, summary: Mapping[str, Any], **options: Any
 ) -> dict[str, Any]:
-    """The data the report templates lay out (see :func:`pmpclean.report.render_report`)."""
-    return _Context(
-        audit,
-        summary,
-        gallery_size=gallery_size,
-        thumbnail_px=thumbnail_px,
-        image_col=image_col,
-        text_col=text_col,
-        label_col=label_col,
-        max_table_rows=max_table_rows,
-        max_flagged_rows=max_flagged_rows,
-    ).build()
+    """The data the report templates lay out; ``options`` as :func:`pmpclean.report.render_report`
+    takes them (``gallery_size``, ``thumbnail_px``, ``image_col``, ``text_col``, ``label_col``,
+    ``max_table_rows``, ``max_flagged_rows``)."""
+    return _Context(audit, summary, **options).build()
