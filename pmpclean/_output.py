@@ -35,7 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._numfmt import finite_or_none as _num
-from ._numfmt import fmt_float, fmt_int, fmt_pct
+from ._numfmt import fmt_float, fmt_int, fmt_metric, fmt_pct, fmt_secs
 from ._utils import to_jsonable
 from .errors import ConfigError
 
@@ -71,12 +71,7 @@ _fmt_int = partial(fmt_int, missing="-")
 _fmt_float = partial(fmt_float, missing="-")
 _fmt_pct = partial(fmt_pct, missing="-")
 
-
-def _fmt_secs(value: Any) -> str:
-    out = _num(value)
-    if out is None:
-        return "-"
-    return f"{out * 1000:.0f} ms" if out < 1 else f"{out:.1f} s"
+_fmt_secs = partial(fmt_secs, missing="-")
 
 
 def _one_line(value: Any) -> str:
@@ -129,6 +124,13 @@ _LABELS: dict[str, str] = {
     "status_counts": "Status",
     "elapsed": "Time",
 }
+_FILE_LABELS = {
+    "audit_parquet": "Audit (parquet)",
+    "audit_csv": "Audit (csv)",
+    "summary": "Summary",
+    "config": "Settings",
+    "report": "Report",
+}
 _FILE_KEYS = ("file", "files", "out", "output", "path", "written")
 
 
@@ -163,6 +165,7 @@ class Output:
         self.quiet = bool(quiet)
         self.console = console if console is not None else Console()
         self.err_console = err_console if err_console is not None else Console(stderr=True)
+        self._warned: set[str] = set()  # shown live: not repeated in a summary's banner
 
     @property
     def human(self) -> bool:
@@ -183,6 +186,7 @@ class Output:
         """A yellow ``Warning: ...`` line on stderr (suppressed by quiet)."""
         if self.quiet:
             return
+        self._warned.add(str(message))
         self.err_console.print(
             Text.assemble(("Warning: ", "bold yellow"), (str(message), "yellow")),
             soft_wrap=True,
@@ -291,6 +295,18 @@ class Output:
         if secs:
             _add_row(head, "Run time", _fmt_secs(sum(secs)))
         console.print(head)
+        # the banner: random weights, an undecided verdict, skipped stages... (each once: a
+        # warning already shown while the scan ran is not repeated)
+        warnings = summary.get("warnings") or []
+        if isinstance(warnings, (list, tuple)):
+            warnings = [w for w in warnings if str(w) not in self._warned]
+        if isinstance(warnings, (list, tuple)) and warnings:
+            console.print()
+            for message in warnings:
+                console.print(
+                    Text.assemble(("Warning: ", "bold yellow"), (str(message), "yellow")),
+                    soft_wrap=False,
+                )
 
         total = int(n_rows) if n_rows else 0
         status = self._counts(summary.get("status_counts"), audit, "status")
@@ -314,15 +330,6 @@ class Output:
         )
         self._evaluation(_mapping(summary.get("evaluation")))
         self._labels(_mapping(summary.get("labels")), audit, top)
-
-        warnings = summary.get("warnings") or []
-        if isinstance(warnings, (list, tuple)) and warnings:
-            console.print()
-            for message in warnings:
-                console.print(
-                    Text.assemble(("Warning: ", "bold yellow"), (str(message), "yellow")),
-                    soft_wrap=False,
-                )
         self._files(summary.get("files"))
 
     def embed_summary(self, info: Mapping[str, Any]) -> None:
@@ -354,13 +361,16 @@ class Output:
     def _top_suspects(self, audit: Any, top: int, text_col: Any = None) -> None:
         if not isinstance(audit, pd.DataFrame) or top <= 0:
             return
-        if "is_mismatched" not in audit.columns or "match_score" not in audit.columns:
+        # ranked by the statistic the split cuts (pair_score), which tells the flagged
+        # rows apart; match_score is a posterior, near 0 for every clear suspect
+        key = next((c for c in ("pair_score", "match_score") if c in audit.columns), None)
+        if "is_mismatched" not in audit.columns or key is None:
             return
         flags = audit["is_mismatched"].fillna(False).astype(bool).to_numpy()
         if not flags.any():
             self.console.print(Text("No pair was flagged as mismatched.", style="green"))
             return
-        scores = pd.to_numeric(audit["match_score"], errors="coerce")
+        scores = pd.to_numeric(audit[key], errors="coerce")
         order = scores[flags].sort_values(kind="stable").index[:top]
         rows = audit.loc[order]
         if not (isinstance(text_col, str) and text_col in audit.columns):
@@ -371,7 +381,7 @@ class Output:
             expand=True,
         )
         table.add_column("row", justify="right", no_wrap=True)
-        table.add_column("match", justify="right", no_wrap=True)
+        table.add_column(key.replace("_", " "), justify="right", no_wrap=True)
         table.add_column("action", no_wrap=True)
         table.add_column("caption", ratio=3, no_wrap=True, overflow="ellipsis")
         table.add_column("proposed (confidence)", ratio=3, no_wrap=True, overflow="ellipsis")
@@ -382,7 +392,7 @@ class Output:
             _add_row(
                 table,
                 str(rec.get("row", "")),
-                _fmt_float(rec.get("match_score"), 3),
+                _fmt_float(rec.get(key), 3),
                 _one_line(rec.get("action")),
                 _one_line(rec.get(text_col)) if text_col else "",
                 proposed or "-",
@@ -400,7 +410,7 @@ class Output:
         for group in ("detection", "rematch"):
             for key, value in _mapping(evaluation.get(group)).items():
                 if _num(value) is not None:
-                    _add_row(table, group, str(key), _fmt_float(value, 3))
+                    _add_row(table, group, str(key), fmt_metric(value, missing="-"))
         if table.row_count:
             self.console.print()
             self.console.print(table)
@@ -463,7 +473,7 @@ class Output:
         table.add_column(style="bold")
         table.add_column(overflow="fold")
         for key, value in items:
-            _add_row(table, key, value)
+            _add_row(table, _FILE_LABELS.get(key, key.replace("_", " ")), value)
         self.console.print()
         self.console.print(table)
 

@@ -30,7 +30,7 @@ app = typer.Typer(
         "Typical session:\n\n"
         "  pmpclean scan data.csv              # score every pair, write data.pmpclean/\n\n"
         "  pmpclean rematch data.csv --out cleaned.csv\n\n"
-        "  pmpclean finetune cleaned.csv --out model/\n\n"
+        "  pmpclean finetune data.pmpclean --out model/   # robust fine-tuning\n\n"
         "Run 'pmpclean COMMAND --help' for the options of each command."
     ),
     no_args_is_help=True,
@@ -60,6 +60,34 @@ class Cost(str, enum.Enum):
     learned = "learned"
     fixed = "fixed"
     paper = "paper"
+
+
+class NoiseMode(str, enum.Enum):
+    """The modes of :data:`pmpclean.noise.NOISE_MODES` (tested to match)."""
+
+    shuffle = "shuffle"
+    hard = "hard"
+    mixed = "mixed"
+
+
+def _threshold_in_range(value: float) -> float:
+    """--threshold is a probability strictly inside (0, 1), as the scan validates it."""
+    if not (0.0 < value < 1.0):  # also rejects NaN
+        raise typer.BadParameter(
+            f"{value:g} is outside (0, 1): pairs with a match_score below it are flagged, so 0 "
+            "flags nothing and 1 flags everything. Use 0.5 (the default)."
+        )
+    return value
+
+
+def _mass_in_range(value: float | None) -> float | None:
+    """--mass is a fraction of mass: (0, 1], as the scan validates it."""
+    if value is not None and not (0.0 < value <= 1.0):
+        raise typer.BadParameter(
+            f"{value:g} is outside (0, 1]: it is the fraction of suspect mass the transport "
+            "moves. Leave it out for the default 0.8."
+        )
+    return value
 
 
 # ---------------------------------------------------------------- shared options
@@ -108,7 +136,8 @@ LabelCol = Annotated[
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", help="open_clip architecture (see open_clip.list_models()), or hf-hub:org/name."
+        "--model",
+        help="open_clip architecture name (as open_clip lists them), or hf-hub:org/name.",
     ),
 ]
 PretrainedOpt = Annotated[
@@ -153,8 +182,8 @@ CacheDirOpt = Annotated[
     typer.Option(
         "--cache-dir",
         help=(
-            "Embedding cache folder \\[default: $PMPCLEAN_CACHE_DIR, else "
-            "$XDG_CACHE_HOME/pmpclean, else ~/.cache/pmpclean]."
+            "Embedding cache folder \\[default: $PMPCLEAN_CACHE_DIR, else pmpclean in "
+            "$XDG_CACHE_HOME, else ~/.cache/pmpclean]."
         ),
     ),
 ]
@@ -352,9 +381,11 @@ def scan(
         float,
         typer.Option(
             "--threshold",
-            min=0.0,
-            max=1.0,
-            help="match_score below this flags a pair (calibrated: 0.5 needs no tuning).",
+            metavar="FLOAT",
+            callback=_threshold_in_range,
+            help=(
+                "match_score below this flags a pair, in (0, 1) (calibrated: 0.5 needs no tuning)."
+            ),
         ),
     ] = 0.5,
     no_rematch: Annotated[
@@ -364,8 +395,10 @@ def scan(
         float | None,
         typer.Option(
             "--mass",
+            metavar="FLOAT",
+            callback=_mass_in_range,
             help=(
-                "Fraction s in (0, 1] of suspect mass the partial transport moves \\[default: 0.8]."
+                "Fraction of suspect mass the partial transport moves, in (0, 1] \\[default: 0.8]."
             ),
         ),
     ] = None,
@@ -444,8 +477,6 @@ def scan(
         _warn_remote_images(output)
         with output.progress() as progress:
             result = run_scan(manifest, config=cfg, out_dir=out, force=force, progress=progress)
-        for message in result.summary.get("warnings", []):
-            output.warning(message)
         output.scan_summary(result.summary, result.audit)
 
 
@@ -677,7 +708,7 @@ def corrupt(
         ),
     ] = 0.2,
     mode: Annotated[
-        str,
+        NoiseMode,
         typer.Option(
             "--mode",
             help=(
@@ -686,7 +717,7 @@ def corrupt(
                 "mixed: half hard, half shuffle (needs --embeddings)."
             ),
         ),
-    ] = "shuffle",
+    ] = NoiseMode.shuffle,
     embeddings: EmbeddingsOpt = None,
     image_col: ImageCol = "image",
     text_col: TextCol = "caption",
@@ -711,7 +742,7 @@ def corrupt(
             manifest,
             out=out,
             rate=rate,
-            mode=mode,
+            mode=mode.value,
             seed=seed,
             image_col=image_col,
             text_col=text_col,
@@ -786,9 +817,10 @@ def finetune(
         typer.Option(
             "--out",
             "-o",
+            rich_help_panel="Data",
             help=(
-                "Model folder to write: open_clip_pytorch_model.bin, open_clip_config.json, "
-                "model_config.json, metrics.json, finetune_config.yaml."
+                "Model folder to write: the weights, their open_clip config, metrics.json "
+                "and finetune_config.yaml."
             ),
         ),
     ],
@@ -797,6 +829,7 @@ def finetune(
         str,
         typer.Option(
             "--pretrained",
+            rich_help_panel="Model",
             help=(
                 "Start weights: an open_clip tag, a checkpoint file, or 'none' to "
                 "train from random initialisation (then the default --lr is 1e-3)."
@@ -809,6 +842,7 @@ def finetune(
         str | None,
         typer.Option(
             "--truth-col",
+            rich_help_panel="Data",
             help=(
                 "Ground-truth column (original row of each caption): "
                 "adds per-epoch split precision/recall to metrics.json."
@@ -819,6 +853,7 @@ def finetune(
         Method,
         typer.Option(
             "--method",
+            rich_help_panel="Training",
             help=(
                 "l2rm: contrastive loss on clean pairs, partial-OT soft targets for suspects; "
                 "contrastive: plain InfoNCE on every pair (for an already-cleaned manifest)."
@@ -826,13 +861,22 @@ def finetune(
         ),
     ] = Method.l2rm,
     epochs: Annotated[
-        int, typer.Option("--epochs", min=1, help="Passes over the training pairs.")
+        int,
+        typer.Option(
+            "--epochs",
+            min=1,
+            metavar="INT",
+            rich_help_panel="Training",
+            help="Passes over the training pairs.",
+        ),
     ] = 10,
     batch_size: Annotated[
         int,
         typer.Option(
             "--batch-size",
             min=2,
+            metavar="INT",
+            rich_help_panel="Training",
             help=(
                 "Pairs per micro-batch: the in-batch negatives "
                 "and the pairs one transport plan re-pairs."
@@ -844,6 +888,8 @@ def finetune(
         typer.Option(
             "--accum-steps",
             min=1,
+            metavar="INT",
+            rich_help_panel="Training",
             help=(
                 "Micro-batches per optimizer step (gradient accumulation: a larger "
                 "effective batch in the same memory; negatives stay per micro-batch)."
@@ -854,6 +900,7 @@ def finetune(
         float | None,
         typer.Option(
             "--lr",
+            rich_help_panel="Training",
             help=(
                 "Peak learning rate \\[default: 1e-5 from "
                 "pretrained weights, 1e-3 from random init]."
@@ -861,28 +908,42 @@ def finetune(
         ),
     ] = None,
     schedule: Annotated[
-        Schedule, typer.Option("--schedule", help="Learning-rate decay after the warmup.")
+        Schedule,
+        typer.Option(
+            "--schedule", rich_help_panel="Training", help="Learning-rate decay after the warmup."
+        ),
     ] = Schedule.cosine,
     warmup_steps: Annotated[
         int | None,
         typer.Option(
             "--warmup-steps",
             min=0,
+            metavar="INT",
+            rich_help_panel="Training",
             help="Linear learning-rate warmup, in optimizer steps \\[default: 5% of all steps].",
         ),
     ] = None,
     lock_image: Annotated[
         bool,
-        typer.Option("--lock-image", help="Freeze the image tower (train the text tower only)."),
+        typer.Option(
+            "--lock-image",
+            rich_help_panel="Model",
+            help="Freeze the image tower (train the text tower only).",
+        ),
     ] = False,
     lock_text: Annotated[
         bool,
-        typer.Option("--lock-text", help="Freeze the text tower (train the image tower only)."),
+        typer.Option(
+            "--lock-text",
+            rich_help_panel="Model",
+            help="Freeze the text tower (train the image tower only).",
+        ),
     ] = False,
     precision: Annotated[
         Precision,
         typer.Option(
             "--precision",
+            rich_help_panel="Model",
             help=(
                 "auto: amp on CUDA, fp32 elsewhere. amp/amp_bf16 "
                 "(mixed precision) need a CUDA device."
@@ -895,6 +956,8 @@ def finetune(
         typer.Option(
             "--workers",
             min=0,
+            metavar="INT",
+            rich_help_panel="Model",
             help=(
                 "Image-decoding worker processes (0: decode in the main "
                 "process; images that fit in 1 GiB are decoded once and kept)."
@@ -907,6 +970,8 @@ def finetune(
             "--val-fraction",
             min=0.0,
             max=0.5,
+            metavar="FLOAT",
+            rich_help_panel="Data",
             help=(
                 "Fraction of images held out to measure recall before/after and "
                 "pick the best epoch (0: no validation, the last epoch is saved). At least "
@@ -918,6 +983,7 @@ def finetune(
         Path | None,
         typer.Option(
             "--val-dataset",
+            rich_help_panel="Data",
             help="Separate (ideally clean) manifest to validate on, instead of --val-fraction.",
         ),
     ] = None,
@@ -926,6 +992,8 @@ def finetune(
         typer.Option(
             "--patience",
             min=1,
+            metavar="INT",
+            rich_help_panel="Training",
             help=(
                 "Early stopping: stop after this many epochs without "
                 "a better validation R-sum; the best epoch is saved."
@@ -937,6 +1005,8 @@ def finetune(
         typer.Option(
             "--split-warmup-epochs",
             min=0,
+            metavar="INT",
+            rich_help_panel="Split and rematch",
             help=(
                 "Epochs of plain contrastive training before the first clean/suspect "
                 "split \\[default: 0 from pretrained weights or a scan folder; from "
@@ -950,6 +1020,8 @@ def finetune(
         typer.Option(
             "--split-every",
             min=0,
+            metavar="INT",
+            rich_help_panel="Split and rematch",
             help=(
                 "Refresh the clean/suspect split every N epochs "
                 "as the model improves (0: keep the first split)."
@@ -961,6 +1033,7 @@ def finetune(
         typer.Option(
             "--suspect-targets",
             case_sensitive=False,
+            rich_help_panel="Split and rematch",
             help=(
                 "Where a suspect pair's new caption comes from. global: at every split "
                 "refresh, partial optimal transport over all suspects of the dataset "
@@ -979,6 +1052,8 @@ def finetune(
             "--rematch-min-confidence",
             min=0.0,
             max=1.0,
+            metavar="FLOAT",
+            rich_help_panel="Split and rematch",
             help=(
                 "With --suspect-targets global: proposals whose confidence (share of the "
                 "suspect's transported mass on that caption) is below this are not trained on; "
@@ -993,6 +1068,7 @@ def finetune(
         typer.Option(
             "--ot-mass",
             callback=_ot_mass_in_range,
+            rich_help_panel="Split and rematch",
             help=(
                 "With --suspect-targets batch: fraction of a batch's suspect pairs the "
                 "partial-OT plan re-pairs, "
@@ -1007,6 +1083,8 @@ def finetune(
             "--robust-q",
             min=0.0,
             max=1.0,
+            metavar="FLOAT",
+            rich_help_panel="Split and rematch",
             help=(
                 "Exponent q of the noise-robust contrastive loss RINCE on the clean pairs, "
                 "in [0, 1]: each pair pulls with weight p^q, p the probability the model "
@@ -1022,6 +1100,8 @@ def finetune(
             "--audit-weight",
             min=0.0,
             max=1.0,
+            metavar="FLOAT",
+            rich_help_panel="Split and rematch",
             help=(
                 "With a scan folder as DATASET: weight of the scan's match_score in every "
                 "refreshed split, averaged with the model's own loss mixture. Keep it high "
@@ -1035,6 +1115,8 @@ def finetune(
         typer.Option(
             "--checkpoint-every",
             min=1,
+            metavar="INT",
+            rich_help_panel="Checkpoints",
             help=(
                 "Also save resume.pt every N optimizer steps, so --resume loses "
                 "at most N steps \\[default: at the end of every epoch only]."
@@ -1045,13 +1127,17 @@ def finetune(
         bool,
         typer.Option(
             "--resume",
+            rich_help_panel="Checkpoints",
             help=(
                 "Continue the interrupted run in --out from its resume.pt (same settings required)."
             ),
         ),
     ] = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")
+        bool,
+        typer.Option(
+            "--overwrite", rich_help_panel="Checkpoints", help="Replace an earlier run in --out."
+        ),
     ] = False,
     seed: Annotated[
         int,
@@ -1068,14 +1154,12 @@ def finetune(
 ) -> None:
     """Fine-tune the open_clip model on a noisy dataset, robustly to mismatched pairs.
 
-    Clean pairs get the usual contrastive loss; a pair the per-epoch split calls
-    suspect trains with the caption a partial optimal-transport plan over all suspects
-    proposes for its image (its own caption forbidden), or only as a negative when
-    nothing fits. Writes a checkpoint that 'pmpclean scan
-    --model ARCH --pretrained MODEL_DIR/open_clip_pytorch_model.bin' and
-    open_clip.create_model_and_transforms load, and metrics.json with image-to-text and
-    text-to-image R@1/5/10 on the held-out split before and after.
-    """
+    Clean pairs get the usual contrastive loss; a pair the per-epoch split calls suspect trains with the caption a partial optimal-transport plan over all suspects proposes for its image (its own caption forbidden), or only as a negative when nothing fits.
+
+    Best from a scan folder: pmpclean finetune data.pmpclean --out model/
+
+    Writes open_clip_pytorch_model.bin (for pmpclean scan --model ARCH --pretrained MODEL_DIR/open_clip_pytorch_model.bin, and for open_clip) and metrics.json with image-to-text and text-to-image R@1/5/10 on the held-out split before and after.
+    """  # noqa: E501 (one paragraph per line: the help wraps them to the terminal)
     from ._utils import seed_everything
     from .training import FinetuneConfig
     from .training import finetune as run_finetune

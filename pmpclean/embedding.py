@@ -525,6 +525,15 @@ def load_model(
     return _build(spec, dev, prec)
 
 
+def random_weights_warning(model_name: str) -> str:
+    """The warning for a model with random weights (``--pretrained none``), in CLI terms."""
+    return (
+        f"model {model_name!r} has RANDOM weights (--pretrained none, seed {RANDOM_SEED}): "
+        "embeddings and match scores mean nothing. Use this only for smoke tests and "
+        "pipeline checks; pass a pretrained tag or checkpoint for real use."
+    )
+
+
 def _build(spec: _Spec, device: str, precision: str) -> LoadedModel:
     import torch
 
@@ -535,13 +544,7 @@ def _build(spec: _Spec, device: str, precision: str) -> LoadedModel:
     tokenizer_name = spec.model_name
 
     if spec.kind == "none":
-        warnings.warn(
-            f"model {spec.model_name!r} has RANDOM weights (pretrained='none', seed "
-            f"{RANDOM_SEED}): embeddings and match scores mean nothing. Use this only for "
-            "smoke tests and pipeline checks; pass a pretrained tag or checkpoint for real use.",
-            UserWarning,
-            stacklevel=3,
-        )
+        warnings.warn(random_weights_warning(spec.model_name), UserWarning, stacklevel=3)
     elif spec.kind == "file":
         pretrained = spec.pretrained
     elif spec.kind == "tag":

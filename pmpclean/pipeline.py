@@ -59,6 +59,12 @@ AUDIT_COLUMNS = (
     "rematch_confidence",
     "candidate_row",
     "candidate_confidence",
+    "alt_caption_row",
+    "alt_caption_similarity",
+    "alt_image_row",
+    "alt_image_similarity",
+    "runner_up_row",
+    "runner_up_similarity",
     "action",
 )
 ACTIONS = ("keep", "rematch", "drop", "review")
@@ -253,11 +259,61 @@ def _embeddings(
         "source": emb.source,
         "model": e.model,
         "pretrained": e.pretrained,
-        "device": e.device,
+        "device": _device_name(e.device),
+        "random_weights": emb.source.endswith("/none"),
         "images_through_model": emb.n_model_images,
         "captions_through_model": emb.n_model_texts,
     }
     return emb, info
+
+
+def _device_name(device: str) -> str:
+    """The device the model ran on, as torch names it (``cpu``, ``cuda:0``, ``mps``)."""
+    import torch
+
+    from ._utils import resolve_device
+
+    name = resolve_device(device)
+    if name == "cuda":
+        name = f"cuda:{torch.cuda.current_device()}"
+    return name
+
+
+def _no_evidence(n: int) -> dict[str, np.ndarray]:
+    """Evidence columns of rows that were not scored: no row (-1), no similarity (NaN)."""
+    rows = np.full(n, -1, dtype=np.int64)
+    sims = np.full(n, np.nan)
+    return {
+        f"{kind}_{what}": (rows if what == "row" else sims).copy()
+        for kind in ("alt_caption", "alt_image", "second_caption")
+        for what in ("row", "similarity")
+    }
+
+
+def _evidence(ps: Any) -> dict[str, np.ndarray]:
+    """The neighbours behind each pair score (:class:`pmpclean.score.PairScores`)."""
+    return {
+        name: np.asarray(getattr(ps, name), dtype=np.int64 if name.endswith("row") else float)
+        for name in _no_evidence(0)
+    }
+
+
+def _runner_up(
+    evidence: dict[str, np.ndarray], proposed_row: np.ndarray, text_group: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each rematch's runner-up: the best-fitting other caption that is not the proposal.
+
+    By cosine to the image, from the scan's own neighbour search (the best alternative
+    caption, or the second best when the best is the proposed text); -1 / NaN for rows
+    without a proposal.
+    """
+    best, second = evidence["alt_caption_row"], evidence["second_caption_row"]
+    has = proposed_row >= 0
+    same = has & (best >= 0) & (text_group[np.maximum(best, 0)] == text_group[proposed_row])
+    row = np.where(same, second, best)
+    sim = np.where(same, evidence["second_caption_similarity"], evidence["alt_caption_similarity"])
+    row = np.where(has, row, -1)
+    return row.astype(np.int64), np.where(has & (row >= 0), sim, np.nan)
 
 
 def _text_groups(captions: np.ndarray) -> np.ndarray:
@@ -451,6 +507,11 @@ def _scan(
 
     with timer("embed"):
         emb, embed_info = _embeddings(manifest, cfg, progress)
+    if embed_info.get("random_weights"):
+        from .embedding import random_weights_warning
+
+        # also on an embedding-cache hit, when the model is never loaded and so never warns
+        warn_list.append(random_weights_warning(str(cfg.embed.model)))
     status = np.asarray(manifest.status, dtype=object).copy()
     img = np.asarray(emb.image, dtype=np.float32)
     txt = np.asarray(emb.text, dtype=np.float32)
@@ -464,6 +525,7 @@ def _scan(
     text_group = _text_groups(manifest.captions)
 
     similarity = np.full(n, np.nan)
+    evidence = _no_evidence(n)
     pair_score = np.full(n, np.nan)
     match_score = np.full(n, np.nan)
     is_mismatched = np.zeros(n, dtype=bool)
@@ -513,6 +575,7 @@ def _scan(
                 progress=progress,
             )
         similarity = np.asarray(ps.similarity, dtype=np.float64)
+        evidence = _evidence(ps)
         pair_score = np.asarray(ps.score, dtype=np.float64)
         with timer("split"):
             sp = split_scores(img, txt, pair_score, image_group, text_group, valid, cfg)
@@ -594,6 +657,12 @@ def _scan(
     audit["rematch_confidence"] = confidence
     audit["candidate_row"] = candidate_row
     audit["candidate_confidence"] = candidate_confidence
+    for name in ("alt_caption", "alt_image"):
+        audit[f"{name}_row"] = evidence[f"{name}_row"]
+        audit[f"{name}_similarity"] = evidence[f"{name}_similarity"]
+    audit["runner_up_row"], audit["runner_up_similarity"] = _runner_up(
+        evidence, proposed_row, text_group
+    )
     audit["action"] = action
 
     labels_summary = None

@@ -1013,8 +1013,9 @@ def _rematch_graph(
         n_keys = min(cand_keys.size, max(16, int(round(key_fraction * img.size))), _MAX_KEYS)
         if n_keys < 16:
             warnings.warn(
-                f"cost='learned' needs at least 16 clean rows to plant as key points, found "
-                f"{cand_keys.size}; using cost='fixed'. Pass more clean rows (clean=...).",
+                "the learned cost (--cost learned) needs at least 16 clean rows to plant as "
+                f"key points, found {cand_keys.size}; using the fixed cost (--cost fixed). "
+                "Audit more rows, so that more pairs are kept as clean.",
                 stacklevel=3,
             )
             cost = "fixed"
@@ -1184,7 +1185,7 @@ def _rematch_graph(
         warnings.warn(
             f"rematch transport did not converge in {max_iter} iterations "
             f"(marginal error {sinfo.get('marginal_error', float('nan')):.2g}); proposals are "
-            "approximate. Raise max_iter or reg, or lower mass.",
+            "approximate. Lower --mass, or raise audit.reg in a --config file.",
             stacklevel=3,
         )
     timings["transport"] = time.perf_counter() - t

@@ -64,6 +64,20 @@ class PairScores:
         (0 = own caption ranks first; at most ``k``).
     text_rank : ndarray, float64
         How many of the caption's ``k`` nearest alternative images beat its own image.
+    alt_caption_row, alt_image_row : ndarray, int64
+        The evidence behind a score: a row holding the caption that fits this row's
+        image best among the alternatives (``alt_caption_row``), and a row holding the
+        image that fits this row's caption best (``alt_image_row``); -1 when there is
+        none or the row was not scored. From the same neighbour search as the score.
+    alt_caption_similarity, alt_image_similarity : ndarray, float64
+        Cosine of the image to that caption, and of the caption to that image, in
+        [-1, 1] (beside ``similarity``, the pair's own cosine); NaN when there is none.
+        When several rows share an image (or a caption text), the cosine is to their
+        mean embedding, as the score uses it.
+    second_caption_row, second_caption_similarity : ndarray
+        The same for the second-best alternative caption of the image (-1 / NaN when
+        ``k`` is 1 or there is none): a rematch's runner-up when its proposal is the
+        best alternative.
     valid : ndarray, bool
         Rows that were scored.
     method : str
@@ -80,6 +94,12 @@ class PairScores:
     valid: np.ndarray
     method: str = "csls"
     info: dict = field(default_factory=dict)
+    alt_caption_row: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    alt_caption_similarity: np.ndarray = field(default_factory=lambda: np.empty(0))
+    alt_image_row: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    alt_image_similarity: np.ndarray = field(default_factory=lambda: np.empty(0))
+    second_caption_row: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    second_caption_similarity: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 def _as_emb(x: np.ndarray, name: str) -> np.ndarray:
@@ -195,17 +215,19 @@ def _alternatives(
     seed: int | None,
     exact_max: int,
     nprobe: int,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k similarities of each query node to base nodes that are not excluded.
 
     ``excluded`` is a sorted array of codes ``q * len(base) + b`` of forbidden
     (query, base) pairs; ``n_excluded[q]`` counts them per query. Returns (nq, k)
-    float64 with NaN where fewer than k alternatives exist.
+    float64 with NaN where fewer than k alternatives exist, and (nq, k) int64: the
+    base node of each of those alternatives (-1 where there is none).
     """
     from .neighbors import knn_search
 
     nq, nb = query.shape[0], base.shape[0]
     out = np.full((nq, k), np.nan)
+    nodes = np.full((nq, k), -1, dtype=np.int64)
     # Queries needing the same number of extra neighbours are searched together.
     for extra in np.unique(n_excluded).tolist():
         rows = np.flatnonzero(n_excluded == extra)
@@ -225,7 +247,41 @@ def _alternatives(
         take = keep & (rank < k)
         r_idx, c_idx = np.nonzero(take)
         out[rows[r_idx], rank[r_idx, c_idx]] = sims[r_idx, c_idx]
-    return out
+        nodes[rows[r_idx], rank[r_idx, c_idx]] = idx[r_idx, c_idx]
+    return out, nodes
+
+
+def _evidence(
+    out: PairScores,
+    rows: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    cap_nodes: np.ndarray,
+    img_nodes: np.ndarray,
+    cap_sims: np.ndarray,
+    img_sims: np.ndarray,
+) -> None:
+    """Fill the ``alt_*`` evidence of ``out`` from the alternatives of the scored ``rows``.
+
+    ``cap_nodes`` / ``img_nodes`` (m, k) are the nearest alternative caption-text groups
+    (``b`` codes) of each row's image and image groups (``a`` codes) of each row's
+    caption, best first, with their similarities; a group is shown as its first row.
+    """
+    first_a = np.full(int(a.max()) + 1, -1, dtype=np.int64)
+    first_b = np.full(int(b.max()) + 1, -1, dtype=np.int64)
+    first_a[a[::-1]] = rows[::-1]  # the last write wins: the first row of each group
+    first_b[b[::-1]] = rows[::-1]
+
+    def as_rows(nodes: np.ndarray, first: np.ndarray) -> np.ndarray:
+        return np.where(nodes >= 0, first[np.maximum(nodes, 0)], -1)
+
+    out.alt_caption_row[rows] = as_rows(cap_nodes[:, 0], first_b)
+    out.alt_image_row[rows] = as_rows(img_nodes[:, 0], first_a)
+    out.alt_caption_similarity[rows] = np.where(cap_nodes[:, 0] >= 0, cap_sims[:, 0], np.nan)
+    out.alt_image_similarity[rows] = np.where(img_nodes[:, 0] >= 0, img_sims[:, 0], np.nan)
+    if cap_nodes.shape[1] > 1:
+        out.second_caption_row[rows] = as_rows(cap_nodes[:, 1], first_b)
+        out.second_caption_similarity[rows] = np.where(cap_nodes[:, 1] >= 0, cap_sims[:, 1], np.nan)
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -402,6 +458,12 @@ def pair_scores(
         valid=ok.copy(),
         method=method,
         info={"k": int(k), "temperature": float(temperature) if method == "infonce" else None},
+        alt_caption_row=np.full(n, -1, dtype=np.int64),
+        alt_caption_similarity=nan.copy(),
+        alt_image_row=np.full(n, -1, dtype=np.int64),
+        alt_image_similarity=nan.copy(),
+        second_caption_row=np.full(n, -1, dtype=np.int64),
+        second_caption_similarity=nan.copy(),
     )
     rows = np.flatnonzero(ok)
     if rows.size == 0:
@@ -425,7 +487,7 @@ def pair_scores(
     pa, pb = pairs // n_b, pairs % n_b
     excl_ab = pairs  # sorted codes image*n_b + text
     excl_ba = np.sort(pb * n_a + pa)  # codes text*n_a + image
-    alt_i = _alternatives(
+    alt_i, best_i = _alternatives(
         img_nodes,
         txt_nodes,
         excl_ab,
@@ -437,7 +499,7 @@ def pair_scores(
     )
     if progress:
         progress("scoring pairs", 1, 3)
-    alt_t = _alternatives(
+    alt_t, best_t = _alternatives(
         txt_nodes,
         img_nodes,
         excl_ba,
@@ -451,6 +513,7 @@ def pair_scores(
     if progress:
         progress("scoring pairs", 2, 3)
     alt_i, alt_t = alt_i[a], alt_t[b]  # (m, k) per valid row
+    _evidence(out, rows, a, b, best_i[a], best_t[b], alt_i, alt_t)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (no alternatives)

@@ -136,7 +136,7 @@ def _count_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_tiny_none_warns_and_is_deterministic_without_touching_global_rng() -> None:
     before = torch.random.get_rng_state().clone()
-    with pytest.warns(UserWarning, match=r"RANDOM weights \(pretrained='none', seed 0\)"):
+    with pytest.warns(UserWarning, match=r"RANDOM weights \(--pretrained none, seed 0\)"):
         a = load_model(TINY, "none", device="cpu")
     with pytest.warns(UserWarning, match="RANDOM weights"):
         b = load_model(TINY, "none", device="cpu")

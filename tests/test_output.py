@@ -68,7 +68,7 @@ def scan_result() -> tuple[dict[str, Any], pd.DataFrame]:
         "model": {"source": "file:emb.npz", "device": "cpu"},
         "settings": {"text_col": "text"},
         "evaluation": {
-            "detection": {"auroc": 0.93, "precision": float("nan"), "f1": 0.5},
+            "detection": {"auroc": 0.93, "precision": float("nan"), "f1": 0.5, "n": 11},
             "rematch": {"precision": 0.75},
             "pr_curve": {"precision": [1.0, 0.5], "recall": [0.0, 1.0]},
         },
@@ -113,13 +113,34 @@ def test_scan_summary_human_key_lines() -> None:
     assert "the proposed caption (0.88)" in joined
     # evaluation: NaN metrics are skipped, the rest shown with 3 decimals
     assert any(line.split() == ["│", "detection", "│", "auroc", "│", "0.930", "│"] for line in text)
+    assert any(line.split() == ["│", "detection", "│", "n", "│", "11", "│"] for line in text)
     assert not any("precision" in line and "detection" in line for line in text)
     assert "Label audit (label): 2 label issues, estimated label noise 16.7%" in text
     label_rows = [line.split() for line in text if line.startswith("│") and "dog" in line]
     assert label_rows[0][:6] == ["│", "11", "│", "dog", "│", "cat"]  # lowest label_score first
     assert "Warning: 1 row has a missing image" in text
-    assert any(line.split() == ["report", "/out/report.html"] for line in text)
+    assert any(line.split() == ["Report", "/out/report.html"] for line in text)
+    assert any(line.split() == ["Audit", "(parquet)", "/out/audit.parquet"] for line in text)
     assert lines(err) == []
+
+
+def test_top_suspects_ranked_by_the_split_statistic() -> None:
+    """Clear suspects all have match_score 0.000; the table shows and ranks by pair_score."""
+    output, out, _ = make()
+    summary, audit = scan_result()
+    flagged = audit["is_mismatched"].to_numpy()
+    audit["match_score"] = np.where(flagged, 0.0, audit["match_score"])
+    audit["pair_score"] = np.linspace(1.0, -1.0, len(audit))
+    audit.loc[1, "pair_score"] = -2.5  # the worst pair
+    output.scan_summary(summary, audit, top=4)
+    text = lines(out)
+    header = next(line for line in text if line.startswith("┃") and "action" in line)
+    assert "pair score" in header and "match" not in header
+    shown = [line.split()[1:4:2] for line in text if line.startswith("│") and "proposed" in line]
+    want = audit[flagged].sort_values("pair_score")
+    assert [int(r) for r, _ in shown] == want["row"].tolist()
+    assert [float(v) for _, v in shown] == pytest.approx(want["pair_score"].round(3).tolist())
+    assert len({v for _, v in shown}) == len(shown)  # values that tell rows apart
 
 
 def test_scan_summary_json_prints_summary() -> None:
@@ -271,3 +292,20 @@ def test_command_summaries_json() -> None:
 def test_unknown_format() -> None:
     with pytest.raises(ConfigError, match=r"Unknown format 'yaml': expected one of human, json"):
         Output(format="yaml")
+
+
+def test_a_warning_shown_live_is_not_repeated_in_the_summary_banner() -> None:
+    """The random-weights warning printed while the model loaded is not printed again
+    under the scan's header; on a cache hit (no live warning) the banner shows it."""
+    summary, audit = scan_result()
+    random = "model 'x' has RANDOM weights (--pretrained none, seed 0)"
+    summary["warnings"] = [random, "1 row has a missing image"]
+    output, out, err = make()
+    output.warning(random)  # as the library's warning during the model load
+    output.scan_summary(summary, audit, top=0)
+    assert lines(err) == [f"Warning: {random}"]
+    text = lines(out)
+    assert f"Warning: {random}" not in text and "Warning: 1 row has a missing image" in text
+    cached, out2, err2 = make()
+    cached.scan_summary(summary, audit, top=0)
+    assert f"Warning: {random}" in lines(out2) and lines(err2) == []

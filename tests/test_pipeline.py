@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -721,3 +722,60 @@ def test_width_mismatch_message_names_both_widths(tmp_path):
         pmpclean.scan(
             manifest, config=ScanConfig().replace(embed__embeddings=str(emb)), write=False
         )
+
+
+def test_evidence_columns_name_real_rows_and_the_runner_up(dataset, tmp_path):
+    """alt_caption/alt_image name the rows whose caption/image fits better, with the
+    cosine of that pair; a rematch's runner-up is another text than its proposal."""
+    data, manifest, emb = dataset
+    audit = pmpclean.scan(manifest, config=_cfg(emb), write=False).audit
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    img, txt = unit(data.image_emb.astype(float)), unit(data.text_emb.astype(float))
+    rows = np.arange(N)
+    cap = audit["alt_caption_row"].to_numpy()
+    im = audit["alt_image_row"].to_numpy()
+    assert (cap >= 0).all() and (im >= 0).all() and (cap != rows).all() and (im != rows).all()
+    np.testing.assert_allclose(
+        audit["alt_caption_similarity"], np.einsum("nd,nd->n", img, txt[cap]), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        audit["alt_image_similarity"], np.einsum("nd,nd->n", img[im], txt), atol=1e-5
+    )
+    flagged = audit["is_mismatched"].to_numpy()
+    # a flagged pair is flagged because something fits better than its own partner
+    better = audit["alt_caption_similarity"] > audit["similarity"]
+    assert better[flagged].mean() > 0.9 > better[~flagged].mean()
+    prop = audit["proposed_row"].to_numpy()
+    runner = audit["runner_up_row"].to_numpy()
+    has = prop >= 0
+    assert has.any() and (runner[~has] == -1).all()
+    assert audit["runner_up_similarity"][~has].isna().all()
+    caption = audit["caption"].to_numpy()
+    assert (caption[runner[has]] != caption[prop[has]]).all()
+    np.testing.assert_allclose(
+        audit["runner_up_similarity"][has],
+        np.einsum("nd,nd->n", img[has], txt[runner[has]]),
+        atol=1e-5,
+    )
+
+
+def test_random_weights_warned_in_summary_also_on_a_cache_hit(tmp_path, drawn_captions):
+    cfg = ScanConfig().replace(
+        embed__model="pmpclean-tiny",
+        embed__pretrained="none",
+        embed__device="cpu",
+        embed__workers=0,
+        embed__cache_dir=str(tmp_path / "cache"),
+        audit__rematch=False,
+    )
+    runs = []
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs.append(pmpclean.scan(drawn_captions, config=cfg, write=False).summary)
+    assert runs[0]["model"]["images_through_model"] > 0
+    assert runs[1]["model"]["images_through_model"] == 0  # the cache hit: no model loaded
+    for summary in runs:
+        assert summary["model"]["device"] == "cpu" and summary["model"]["random_weights"]
+        found = [w for w in summary["warnings"] if "RANDOM weights" in w]
+        assert len(found) == 1 and "--pretrained none" in found[0]

@@ -384,7 +384,9 @@ def test_paper_cost_rematches_inside_batches() -> None:
 
 def test_learned_cost_falls_back_to_fixed_without_clean_rows() -> None:
     data = _easy_pairs(100, rate=0.3, seed=11)
-    with pytest.warns(UserWarning, match="cost='learned' needs at least 16 clean rows"):
+    with pytest.warns(
+        UserWarning, match=r"learned cost \(--cost learned\) needs at least 16 clean rows"
+    ):
         r = rematch(
             data.image_emb,
             data.text_emb,

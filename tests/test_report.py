@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import shutil
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pmpclean import report as report_mod
+from pmpclean.report import context as report_ctx
 from pmpclean.report import render_report, write_report
 
 SCRIPT_CAPTION = "<script>alert(1)</script> a dog on a beach"
@@ -165,6 +166,13 @@ def make_audit(
     proposed_caption[1] = IMG_PROPOSAL
     action = np.where(flagged, np.where(proposed >= 0, "rematch", "drop"), "keep").astype(object)
     action[~ok] = "review"
+    # evidence: a flagged pair has a better caption and a better image elsewhere
+    similarity = pair + 0.25
+    rows = np.arange(n)
+    alt_caption = np.where(ok, (rows + 1) % n, -1)
+    alt_image = np.where(ok, (rows + 2) % n, -1)
+    step = np.where(flagged, 0.1, -0.1)
+    runner = np.where(proposed >= 0, (rows + 3) % n, -1)
 
     audit = pd.DataFrame(
         {
@@ -174,13 +182,19 @@ def make_audit(
             "row": np.arange(n),
             "status": status,
             "image_path": image_abs,
-            "similarity": pair + 0.25,
+            "similarity": similarity,
             "pair_score": pair,
             "match_score": match,
             "is_mismatched": flagged,
             "proposed_row": proposed,
             "proposed_caption": proposed_caption,
             "rematch_confidence": conf,
+            "alt_caption_row": alt_caption,
+            "alt_caption_similarity": np.where(ok, similarity + step, np.nan),
+            "alt_image_row": alt_image,
+            "alt_image_similarity": np.where(ok, similarity + 2 * step, np.nan),
+            "runner_up_row": runner,
+            "runner_up_similarity": np.where(runner >= 0, similarity + 0.05, np.nan),
             "action": action,
         }
     )
@@ -336,7 +350,7 @@ def test_no_external_resources(sample: tuple[pd.DataFrame, dict[str, Any]]) -> N
     text = render_report(audit, summary)
     page = Page(text)
     for tag, attrs, _ in page.tags:
-        assert tag not in {"script", "link", "iframe", "object", "embed", "base", "form"}
+        assert tag not in {"link", "iframe", "object", "embed", "base", "form"}
         for name in ("src", "href", "srcset", "action", "poster", "data", "xlink:href"):
             value = attrs.get(name)
             if value is not None:
@@ -345,6 +359,14 @@ def test_no_external_resources(sample: tuple[pd.DataFrame, dict[str, Any]]) -> N
     assert "url(" not in text and "@import" not in text
     csp = [a for t, a, _ in page.tags if t == "meta" and a.get("http-equiv")]
     assert csp and "default-src 'none'" in str(csp[0]["content"])
+    # one inline script, allowed by its sha256 and by nothing else
+    scripts = [a for t, a, _ in page.tags if t == "script"]
+    assert scripts == [{}]
+    body = text.split("<script>")[1].split("</script>")[0]
+    digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+    policy = {d.split()[0]: d.split()[1:] for d in str(csp[0]["content"]).split(";") if d.strip()}
+    assert policy["script-src"] == [f"'sha256-{digest}'"]
+    assert "</" not in body and "innerHTML" not in body
     # the remote image path may appear as text only
     assert text.count("https://example.org/remote.jpg") == len(
         [t for t in page.text if "https://example.org/remote.jpg" in t]
@@ -369,9 +391,10 @@ def test_suspects_worst_first_and_capped(sample: tuple[pd.DataFrame, dict[str, A
     audit, summary = sample
     page = Page(render_report(audit, summary, gallery_size=5))
     rows = [int(r) for r in page.cards_in("suspects")]
-    flagged = audit[audit["is_mismatched"]].sort_values("match_score")
+    # worst first by the statistic the split cuts (pair_score), not the saturated posterior
+    flagged = audit[audit["is_mismatched"]].sort_values("pair_score")
     assert rows == flagged["row"].head(5).tolist()
-    assert rows[0] == 1
+    assert rows[0] == int(audit.loc[audit["pair_score"].idxmin(), "row"])
     assert f"Showing 5 of {len(flagged)} flagged pairs" in page.text_by_id["suspects"]
     rematch_rows = [int(r) for r in page.cards_in("rematches")]
     conf = audit.set_index("row").loc[rematch_rows, "rematch_confidence"].to_numpy()
@@ -442,7 +465,7 @@ def test_thumbnail_shows_what_the_scan_embedded(
 ) -> None:
     """The report decodes with the scan's decoder: upright, 16-bit scaled, alpha on white."""
     path, twin = image_twins[name]
-    got, want = report_mod._thumbnail(str(path), 64), report_mod._thumbnail(str(twin), 64)
+    got, want = report_ctx._thumbnail(str(path), 64), report_ctx._thumbnail(str(twin), 64)
     assert got is not None and want is not None
     assert got[1:] == want[1:] == (16, 10)
 
@@ -527,36 +550,46 @@ def test_evaluation_section(sample: tuple[pd.DataFrame, dict[str, Any]]) -> None
     page = Page(render_report(audit, summary))
     det = " ".join(page.text_by_id["eval-detection"].split())
     assert "auroc 0.910" in det and "f1 0.746" in det
-    assert "exact_accuracy 0.400" in " ".join(page.text_by_id["eval-rematch"].split())
+    # counts are integers, rates have 3 decimals
+    summary["evaluation"]["detection"].update(n=8092, tp=1577)
+    det = " ".join(Page(render_report(audit, summary)).text_by_id["eval-detection"].split())
+    assert "n 8,092" in det and "tp 1,577" in det and "8092.000" not in det
+    assert "exact accuracy 0.400" in " ".join(page.text_by_id["eval-rematch"].split())
     assert page.tags_in("fig-pr", "polyline") and page.tags_in("fig-pr", "circle")
 
 
 def test_score_plots(sample: tuple[pd.DataFrame, dict[str, Any]]) -> None:
+    """One histogram, of the statistic the split cuts, with the cut drawn; the flagged
+    rows are the red part of the bars. No histogram of the posterior match_score."""
     audit, summary = sample
     page = Page(render_report(audit, summary))
-    pair = page.text_by_id["fig-pair-score"]
-    assert "mismatched (40%)" in pair and "matched (60%)" in pair and "threshold 0.1" in pair
-    assert len(page.tags_in("fig-pair-score", "polyline")) == 3  # 2 components + their sum
-    assert "threshold 0.5" in page.text_by_id["fig-match-score"]
-    bars = page.tags_in("fig-match-score", "rect")
-    n_scored = summary["n_scored"]
-    assert (
-        f"{summary['n_mismatched']} of {n_scored} scored rows below the threshold"
-        in (page.text_by_id["fig-match-score"])
-    )
-    assert bars
+    pair = " ".join(page.text_by_id["fig-pair-score"].split())
+    assert "pair_score (lower = more likely mismatched)" in pair and "cut 0.1" in pair
+    assert "mismatched (40%)" in pair and "matched (60%)" in pair
+    assert "36 scored rows, 19 flagged (red)" in pair
+    assert len(page.tags_in("fig-pair-score", "polyline")) == 2  # the two components
+    assert "fig-match-score" not in page.ids()
+    heights = {"#e3a3a3": 0.0, "#9fb3c8": 0.0}
+    for rect in page.tags_in("fig-pair-score", "rect"):
+        if rect.get("fill") in heights and rect.get("y") != "9":  # y 9: the legend
+            heights[str(rect["fill"])] += float(rect["height"] or 0)
+    flagged = int(audit["is_mismatched"].sum())
+    scored = int(audit["pair_score"].notna().sum())
+    # bar heights are row counts: the red share is the flagged share
+    red = heights["#e3a3a3"] / (heights["#e3a3a3"] + heights["#9fb3c8"])
+    assert red == pytest.approx(flagged / scored, abs=0.03)
 
 
 def test_large_dataset_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     audit, summary = big_audit()
     calls: list[str] = []
-    real = report_mod._thumbnail
+    real = report_ctx._thumbnail
 
     def counting(path: str, px: int) -> Any:
         calls.append(path)
         return real(path, px)
 
-    monkeypatch.setattr(report_mod, "_thumbnail", counting)
+    monkeypatch.setattr(report_ctx, "_thumbnail", counting)
     text = render_report(audit, summary, gallery_size=24)
     assert len(text.encode()) < 3_000_000
     assert len(calls) <= 3 * 24  # suspects + rematches + borderline, never every row
@@ -608,16 +641,32 @@ def _chromium() -> str | None:
     return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
 
 
-@pytest.mark.browser
-def test_renders_in_headless_chromium(
-    sample: tuple[pd.DataFrame, dict[str, Any]], tmp_path: Path
-) -> None:
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("no chromium installed (apt-get install chromium)")
-    audit, summary = sample
-    page = write_report(tmp_path / "report.html", audit, summary)
-    shot = tmp_path / "shot.png"
+# Injected by the browser test only: records every content-security violation of the page
+# on its root element, where --dump-dom shows it (headless chromium logs no console).
+_REPORTER = (
+    "document.addEventListener('securitypolicyviolation', function (e) {"
+    " var r = document.documentElement;"
+    " r.setAttribute('data-csp', (r.getAttribute('data-csp') || '') + e.violatedDirective + ';');"
+    " });"
+)
+
+
+def _with_reporter(page: Path, out: Path, *, break_hash: bool = False) -> Path:
+    """A copy of ``page`` whose policy also allows the violation reporter (by its hash)."""
+    text = page.read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(_REPORTER.encode()).digest()).decode()
+    src = "script-src &#39;sha256-"  # the policy as the page writes it (attribute-escaped)
+    assert text.count(src) == 1
+    own = "&#39;sha256-x" if break_hash else "&#39;sha256-"
+    text = text.replace(src, f"script-src &#39;sha256-{digest}&#39; {own}")
+    meta = '<meta name="referrer"'
+    text = text.replace(meta, f"<script>{_REPORTER}</script>{meta}", 1)
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def _run_chromium(browser: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
     cmd = [
         browser,
         "--headless",
@@ -628,17 +677,62 @@ def test_renders_in_headless_chromium(
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}",
-        "--window-size=1280,2400",
-        page.resolve().as_uri(),
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        *args,
     ]
-    subprocess.run(cmd, check=False, capture_output=True, timeout=120)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+
+
+def _dom(browser: str, tmp_path: Path, url: str) -> Page:
+    res = _run_chromium(browser, tmp_path, "--virtual-time-budget=5000", "--dump-dom", url)
+    assert "<html" in res.stdout, res.stderr[-2000:]
+    return Page(res.stdout)
+
+
+@pytest.mark.browser
+def test_renders_in_headless_chromium(
+    sample: tuple[pd.DataFrame, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The page draws (a real screenshot), breaks no content-security rule, and its one
+    script runs: the controls of the flagged table appear and a sort reorders the rows."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium installed (apt-get install chromium)")
+    audit, summary = sample
+    page = write_report(tmp_path / "report.html", audit, summary)
+    shot = tmp_path / "shot.png"
+    _run_chromium(
+        browser, tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", page.as_uri()
+    )
     assert shot.exists() and shot.stat().st_size > 20_000
     with Image.open(shot) as im:
         assert im.size == (1280, 2400)
         colors = im.convert("RGB").resize((64, 120)).getcolors(64 * 120)
     assert colors is not None and len(colors) > 50  # a real page, not a blank canvas
+
+    watched = _with_reporter(page, tmp_path / "watched.html")
+    flagged = audit[audit["is_mismatched"]]
+    for column, key in ((0, "row"), (2, "pair_score")):
+        # "#sort=N" asks the page's script to sort by column N once loaded
+        dom = _dom(browser, tmp_path, f"{watched.as_uri()}#sort={column}")
+        root = next(a for t, a, _ in dom.tags if t == "html")
+        assert "data-csp" not in root, root["data-csp"]  # no content-security violation
+        tools = [a for t, a, _ in dom.tags if a.get("id") == "flagged-tools"]
+        assert tools and "hidden" not in tools[0]  # the script ran
+        heads = [a for t, a, ids in dom.tags if t == "th" and "flagged-table" in ids]
+        assert heads[column]["aria-sort"] == "ascending"
+        shown = [r[0] for r in dom.rows if r and r[0].isdigit() and len(r) > 5]
+        want = flagged.sort_values([key, "row"])["row"].astype(str).tolist()
+        assert shown[: len(want)] == want
+    # the check bites: a script the policy does not allow is reported and does not run
+    blocked = _dom(
+        browser, tmp_path, _with_reporter(page, tmp_path / "b.html", break_hash=True).as_uri()
+    )
+    root = next(a for t, a, _ in blocked.tags if t == "html")
+    assert "script-src" in str(root.get("data-csp"))
+    tools = [a for t, a, _ in blocked.tags if a.get("id") == "flagged-tools"]
+    assert "hidden" in tools[0]
 
 
 def test_index_labels_do_not_matter(sample: tuple[pd.DataFrame, dict[str, Any]]) -> None:
@@ -649,3 +743,166 @@ def test_index_labels_do_not_matter(sample: tuple[pd.DataFrame, dict[str, Any]])
     for section in ("suspects", "rematches", "borderline", "labels"):
         assert page.cards_in(section) == expected.cards_in(section)
     assert page.text_by_id["unscored-table"] == expected.text_by_id["unscored-table"]
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def test_cards_show_the_evidence(sample: tuple[pd.DataFrame, dict[str, Any]]) -> None:
+    """Each card shows the pair's own similarity, the caption that fits the image better
+    (row, similarity, text), the image that fits the caption better and, for a rematch,
+    the runner-up caption."""
+    audit, summary = sample
+    page = Page(render_report(audit, summary, gallery_size=40))
+    rec = audit[(audit["action"] == "rematch") & (audit["row"] != 1)].iloc[0]
+    row = int(rec["row"])
+    card = " ".join(page.text_by_id[f"row-{row}"].split())
+    cap, img, run = (int(rec[c]) for c in ("alt_caption_row", "alt_image_row", "runner_up_row"))
+    assert f"This pair {rec['similarity']:.3f}" in card
+    assert (
+        f"Caption of row {cap} fits this image better "
+        f"{rec['alt_caption_similarity']:.3f} {audit.loc[cap, 'caption']}" in card
+    )
+    assert f"Image of row {img} fits this caption better {rec['alt_image_similarity']:.3f}" in card
+    assert (
+        f"Runner-up caption: row {run} {rec['runner_up_similarity']:.3f} "
+        f"{audit.loc[run, 'caption']}" in card
+    )
+    # a kept pair's neighbours fit less well, and it has no runner-up
+    kept = audit[(audit["action"] == "keep")].iloc[0]
+    kept_card = " ".join(page.text_by_id[f"row-{int(kept['row'])}"].split())
+    assert f"Caption of row {int(kept['alt_caption_row'])} fits this image less well" in kept_card
+    assert "Runner-up" not in kept_card
+    # the better evidence is marked, the worse is not
+    better = [a for t, a, ids in page.tags if t == "div" and f"row-{row}" in ids and "ev" in str(a)]
+    assert [str(a["class"]) for a in better][:4] == [
+        "ev ev-own",
+        "ev ev-caption better",
+        "ev ev-image better",
+        "ev ev-runner better",
+    ]
+
+
+def test_a_runner_up_that_is_the_better_caption_is_said_once(
+    sample: tuple[pd.DataFrame, dict[str, Any]],
+) -> None:
+    audit, summary = sample
+    row = int(audit.loc[audit["action"] == "rematch", "row"].iloc[-1])
+    alt = int(audit.loc[row, "alt_caption_row"])
+    audit.loc[row, "runner_up_row"] = alt
+    card = " ".join(
+        Page(render_report(audit, summary, gallery_size=40)).text_by_id[f"row-{row}"].split()
+    )
+    assert f"Caption of row {alt} fits this image better (the runner-up)" in card
+    assert "Runner-up caption" not in card
+
+
+def test_old_audits_without_evidence_columns_still_render(
+    sample: tuple[pd.DataFrame, dict[str, Any]],
+) -> None:
+    audit, summary = sample
+    old = audit.drop(columns=[c for c in audit.columns if c.startswith(("alt_", "runner_up"))])
+    page = Page(render_report(old, summary))
+    card = page.text_by_id[f"row-{int(old.loc[old['is_mismatched'], 'row'].iloc[0])}"]
+    assert "This pair" in card and "fits this" not in card
+
+
+def test_flagged_table_lists_every_flagged_row(
+    sample: tuple[pd.DataFrame, dict[str, Any]],
+) -> None:
+    audit, summary = sample
+    text = render_report(audit, summary, gallery_size=3)
+    page = Page(text)
+    table = [r for r in page.rows if r and r[0] != "row"]
+    flagged = audit[audit["is_mismatched"]].sort_values("pair_score")
+    body = [a for t, a, ids in page.tags if t == "tr" and "flagged-table" in ids and a]
+    assert [a["data-action"] for a in body] == flagged["action"].tolist()
+    rows_shown = [r[0] for r in table if r[0].isdigit()]
+    want = [str(r) for r in flagged["row"]]
+    assert [r for r in rows_shown if r in want][: len(want)] == want
+    # every flagged row, though the gallery shows 3
+    first = flagged.iloc[0]
+    line = next(r for r in table if r[0] == str(first["row"]) and r[1] == first["action"])
+    assert line[2] == f"{first['pair_score']:.3f}"
+    assert line[4] == f"{first['alt_caption_similarity']:.3f} ({first['alt_caption_row']})"
+    cells = [a for t, a, ids in page.tags if t == "td" and "flagged-table" in ids]
+    assert all("data-sort" in a for a in cells)
+    tools = [a for t, a, _ in page.tags if a.get("id") == "flagged-tools"]
+    assert tools and "hidden" in tools[0]  # the controls appear only with scripts on
+    capped = Page(render_report(audit, summary, max_flagged_rows=5))
+    shown = [a for t, a, ids in capped.tags if t == "tr" and "flagged-table" in ids and a]
+    assert len(shown) == 5
+    assert f"Showing the 5 worst of {len(flagged)} flagged rows" in capped.text_by_id["flagged"]
+
+
+def test_banners_for_random_weights_and_undecided(
+    sample: tuple[pd.DataFrame, dict[str, Any]],
+) -> None:
+    audit, summary = sample
+    plain = Page(render_report(audit, summary))
+    assert "banner-random" not in plain.ids()
+    assert "Nothing was dropped" not in plain.text_by_id.get("verdict", "")
+    summary = {
+        **summary,
+        "model": {"source": "model:pmpclean-tiny/none", "device": "cpu", "random_weights": True},
+        "verdict": "undecided",
+        "verdict_reason": "the model does not separate pairs",
+    }
+    summary["warnings"] = [
+        "model 'x' has RANDOM weights (--pretrained none, seed 0): ...",
+        "Undecided: the model does not separate pairs. No pair is dropped ...",
+        "1 row has a remote image",
+    ]
+    page = Page(render_report(audit, summary))
+    assert "The model has random weights" in page.text_by_id["banner-random"]
+    verdict = " ".join(page.text_by_id["verdict"].split())
+    assert "Verdict: undecided" in verdict
+    assert "Nothing was dropped or rematched: every scored pair is left for review" in verdict
+    # nothing twice: the overview's warnings leave out what the banners say
+    assert page.text_by_id["warnings"].split() == "Warnings 1 row has a remote image".split()
+    decision = " ".join(page.text_by_id["decision"].split())
+    assert "Weights random (--pretrained none)" in decision and "Device cpu" in decision
+
+
+def test_decision_shows_what_a_user_decides_with(
+    sample: tuple[pd.DataFrame, dict[str, Any]],
+) -> None:
+    """Model and decision: words, integers, no solver internals (those are in Run details);
+    an --embeddings run lists no model settings."""
+    audit, summary = sample
+    summary = {
+        **summary,
+        "rematch": {
+            "n_suspects": 795,
+            "n_proposed": 40,
+            "min_confidence": 0.8,
+            "cost": "learned",
+            "mass": 0.8,
+            "eps": 0.0249,
+            "marginal_error": 1e-7,
+            "n_edges": 4371,
+        },
+        "settings": {
+            "data": {"image_col": "image", "text_col": "caption"},
+            "embed": {"model": "ViT-B-32", "embeddings": "emb.npz", "batch_size": 64, "k": 3},
+        },
+    }
+    page = Page(render_report(audit, summary))
+    text = " ".join(page.text_by_id["decision"].split())
+    assert "Suspects 795" in text and "Rematches proposed 40" in text and "795.000" not in text
+    assert "Embeddings file:emb.npz" in text
+    for internal in ("eps", "marginal", "edges", "_"):
+        assert internal not in text, internal
+    solver = " ".join(page.text_by_id["solver"].split())
+    assert "candidate edges 4,371" in solver and "marginal error 1e-07" in solver
+    settings = page.text_by_id["settings"]
+    assert "embed.embeddings" in settings and "embed.model" not in settings
+    assert "embed.batch_size" not in settings
+    # nothing listed twice: the decision's figures are not repeated in the solver table
+    assert "795" not in solver and "learned" not in solver and "0.8" not in solver
+
+
+def test_script_cannot_end_its_element() -> None:
+    from pmpclean.report import _resource
+
+    assert "</" not in _resource("table.js")

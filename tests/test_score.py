@@ -62,6 +62,41 @@ def test_hand_computed_alternatives() -> None:
     np.testing.assert_allclose(ps.score, want, atol=1e-6)
 
 
+def test_evidence_names_the_better_caption_and_image() -> None:
+    # Brute force over the cosine matrix: for each row, the other caption that fits its
+    # image best (and the second best) and the other image that fits its caption best.
+    rng = np.random.default_rng(3)
+    img = rng.standard_normal((12, 8)).astype(np.float32)
+    txt = (img + 0.3 * rng.standard_normal((12, 8))).astype(np.float32)
+    txt[[0, 5]] = txt[[5, 0]]  # two swapped pairs: each caption fits the other image
+    ps = pair_scores(img, txt, k=3)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    s = unit(img.astype(np.float64)) @ unit(txt.astype(np.float64)).T
+    off = s - 10 * np.eye(12)  # a row's own pair is never an alternative
+    caps = np.argsort(-off, axis=1)
+    np.testing.assert_array_equal(ps.alt_caption_row, caps[:, 0])
+    np.testing.assert_array_equal(ps.second_caption_row, caps[:, 1])
+    np.testing.assert_array_equal(ps.alt_image_row, off.argmax(axis=0))
+    np.testing.assert_allclose(ps.alt_caption_similarity, off.max(axis=1), atol=1e-5)
+    np.testing.assert_allclose(ps.alt_image_similarity, off.max(axis=0), atol=1e-5)
+    assert ps.alt_caption_row[0] == 5 and ps.alt_image_row[0] == 5  # the swap partner
+    assert ps.alt_caption_similarity[0] > ps.similarity[0]
+
+
+def test_evidence_shows_a_group_by_its_first_row_and_skips_invalid_rows() -> None:
+    rng = np.random.default_rng(4)
+    img = rng.standard_normal((7, 8)).astype(np.float32)
+    txt = img.copy()
+    img[[2, 3]] = img[1]  # rows 1-3 show one image with three captions
+    groups = np.array([0, 1, 1, 1, 4, 5, 6])
+    valid = np.array([True] * 6 + [False])
+    ps = pair_scores(img, txt, image_group=groups, valid=valid, k=2)
+    assert ps.alt_caption_row[6] == -1 and np.isnan(ps.alt_image_similarity[6])
+    assert 6 not in set(ps.alt_caption_row) | set(ps.alt_image_row)
+    assert 1 in set(ps.alt_image_row) and not {2, 3} & set(ps.alt_image_row)  # group 1: row 1
+    assert set(ps.alt_caption_row[1:4]).isdisjoint({1, 2, 3})  # own captions excluded
+
+
 def test_captions_of_the_same_image_are_not_alternatives() -> None:
     # Image A has 5 near-identical captions; B, C, D are unrelated pairs.
     rng = np.random.default_rng(0)
