@@ -761,7 +761,7 @@ def plant_pairs(
     out["random"] = (src[keep], dst[keep])
     x = np.asarray(image_emb, dtype=np.float32)
     norms, ok = _row_norms(x)
-    out.update(_band_plants(x, norms, g, pool, src, rng))
+    band_pool = pool
     # similar: one of the nearest pool images of another image (among at most
     # _SIMILAR_BASE pool rows, so that a large dataset is not copied whole)
     if pool.size > _SIMILAR_BASE:
@@ -780,7 +780,9 @@ def plant_pairs(
     col = np.argmax(allowed & (rank == pick[:, None]), axis=1)
     sim_dst = cand[np.arange(m), col]
     out["similar"] = (src[has], sim_dst[has])
-    return out
+    # drawn last, so that the random and similar plants do not depend on the bands
+    bands = _band_plants(x, norms, g, band_pool, src, rng)
+    return {kind: bands.get(kind, out[kind]) for kind in PLANT_KINDS}
 
 
 def _band_plants(

@@ -579,6 +579,9 @@ def _em_planted(
 #: mean): the fit keeps the one of highest likelihood (EM finds local optima, and on
 #: overlapping populations which one it finds depends on where it starts).
 _EM_STARTS = ((0.8, 0.75), (0.95, 0.5), (0.6, 0.85), (0.4, 0.9))
+#: Least likelihood-ratio statistic (2 n times the gain in mean log-likelihood) for
+#: which the calibration keeps the intermediate planted kinds.
+_BAND_EVIDENCE = 100.0
 
 
 def calibrated_split(
@@ -622,8 +625,9 @@ def calibrated_split(
       similar photos score like true pairs, and only an upper bound exists for them
       (the largest share of the data the planted similar pairs could make up). The 90 %
       interval runs from the bootstrap 5th percentile of the fitted noise rate (or of
-      the share of every kind but the similar one, if lower) to the bootstrap 95th
-      percentile of that upper bound:
+      the share of every kind but the similar one, if lower: the random share, unless
+      the intermediate kinds are kept) to the bootstrap 95th percentile of that upper
+      bound:
       it is wide exactly where the scores cannot tell.
     * **The verdict.** ``"noisy"`` when at least 1 % of the scored pairs (and at least
       3) are more likely mismatched than not; ``"clean"`` otherwise, with the interval
@@ -720,10 +724,23 @@ def calibrated_split(
     counts, _ = np.histogram(xc, bins=edges)
 
     dens = np.stack([_binned_density(p, edges) for p in plants])
-    fits = [
-        _em_planted(centres, counts.astype(np.float64), dens, clean_start=st) for st in _EM_STARTS
-    ]
-    w, mu, sd, _ = max(fits, key=lambda f: f[3])
+
+    def best_fit(d: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+        fits = [
+            _em_planted(centres, counts.astype(np.float64), d, clean_start=st) for st in _EM_STARTS
+        ]
+        return max(fits, key=lambda f: f[3])
+
+    w, mu, sd, ll = best_fit(dens)
+    if bands:
+        # the intermediate kinds stay only when the data ask for them: a likelihood-ratio
+        # statistic above _BAND_EVIDENCE (else they only trade mass with the clean tail)
+        w2, mu2, sd2, ll2 = best_fit(dens[[0, -1]])
+        evidence = float(2.0 * x.size * (ll - ll2))
+        mixture["band_evidence"] = evidence
+        if evidence < _BAND_EVIDENCE:
+            w, mu, sd = w2, mu2, sd2
+            kinds, plants, dens = [kinds[0], kinds[-1]], [plants[0], plants[-1]], dens[[0, -1]]
     # Posterior of every row, by linear interpolation of the planted densities.
     f0 = np.exp(-0.5 * ((xc - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
     mis = np.zeros_like(xc)

@@ -81,6 +81,20 @@ def test_calibrated_split_takes_local_shuffles_for_what_they_are() -> None:
     assert bare.noise_rate > rate + 0.05  # the bare fit mistakes them (why the kind exists)
 
 
+def test_calibrated_split_drops_planted_kinds_the_data_do_not_need() -> None:
+    """Random mismatches only: a local kind planted anyway is left out of the fit."""
+    score, truth, rand, similar = _known(0.2)
+    local = np.random.default_rng(1).normal(0.35, 0.12, 2000)
+    bare = calibrated_split(score, random_plants=rand, hard_plants=similar, seed=0)
+    sp = calibrated_split(
+        score, random_plants=rand, hard_plants=similar, band_plants={"local": local}, seed=0
+    )
+    assert sp.mixture["components"] == ["clean", "random", "similar"]
+    assert sp.mixture["band_evidence"] < 100
+    np.testing.assert_array_equal(sp.match_score, bare.match_score)
+    assert sp.noise_interval == bare.noise_interval
+
+
 def test_calibrated_split_of_clean_scores_is_clean() -> None:
     score, _, rand, similar = _known(0.0)
     sp = calibrated_split(score, random_plants=rand, hard_plants=similar, seed=0)
