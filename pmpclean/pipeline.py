@@ -707,6 +707,8 @@ def _scan(
         "warnings": warn_list,
     }
     result = ScanResult(audit=audit, summary=summary, out_dir=None)
+    # the stages so far, for the report written below; summary.json adds the write
+    summary["timings"] = {k: round(v, 4) for k, v in timer.seconds.items()}
     if target is not None:
         with timer("write"):
             _write_scan(result, target, cfg)

@@ -779,3 +779,12 @@ def test_random_weights_warned_in_summary_also_on_a_cache_hit(tmp_path, drawn_ca
         assert summary["model"]["device"] == "cpu" and summary["model"]["random_weights"]
         found = [w for w in summary["warnings"] if "RANDOM weights" in w]
         assert len(found) == 1 and "--pretrained none" in found[0]
+
+
+def test_report_shows_the_run_time_of_each_stage(dataset, tmp_path):
+    _, manifest, emb = dataset
+    pmpclean.scan(manifest, config=_cfg(emb), out_dir=tmp_path / "out")
+    html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "Run time per stage" in html
+    table = html.split('id="timings"', 1)[1].split("</table>", 1)[0]
+    assert all(f"<td>{stage}</td>" in table for stage in ("score", "split", "rematch"))
