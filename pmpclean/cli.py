@@ -56,6 +56,11 @@ class Pair(str, enum.Enum):
     l14 = "l14"
 
 
+class EngineName(str, enum.Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Cost(str, enum.Enum):
     learned = "learned"
     fixed = "fixed"
@@ -195,6 +200,26 @@ SeedOpt = Annotated[
     typer.Option("--seed", help="Seed of every random choice; the same seed repeats the run."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace output files that already exist.")]
+EngineOpt = Annotated[
+    EngineName,
+    typer.Option(
+        "--engine",
+        help=(
+            "Where the work runs: local (this machine), or ray (a Ray cluster: pip install "
+            "'pmpclean\\[ray]'). Same results."
+        ),
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help=(
+            "With --engine ray: the cluster to join (ray://head:10001, or auto on a cluster "
+            "node) \\[default: start a local cluster]."
+        ),
+    ),
+]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
@@ -204,6 +229,15 @@ ConfigOpt = Annotated[
         ),
     ),
 ]
+
+
+@contextmanager
+def _on_engine(engine: EngineName, address: str | None) -> Iterator[None]:
+    """Run the block's pipeline stages on the chosen engine (pmpclean.engine)."""
+    from .engine import make_engine, use_engine
+
+    with use_engine(make_engine(engine.value, address=address)):
+        yield
 
 
 def _explicit(ctx: typer.Context, name: str) -> bool:
@@ -433,6 +467,8 @@ def scan(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an audit already in the output folder.")
     ] = False,
+    engine: EngineOpt = EngineName.local,
+    ray_address: RayAddressOpt = None,
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
@@ -475,7 +511,7 @@ def scan(
         )
         seed_everything(cfg.seed)
         _warn_remote_images(output)
-        with output.progress() as progress:
+        with _on_engine(engine, ray_address), output.progress() as progress:
             result = run_scan(manifest, config=cfg, out_dir=out, force=force, progress=progress)
         output.scan_summary(result.summary, result.audit)
 
@@ -570,6 +606,8 @@ def rematch(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     config_file: ConfigOpt = None,
+    engine: EngineOpt = EngineName.local,
+    ray_address: RayAddressOpt = None,
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
@@ -607,7 +645,7 @@ def rematch(
         )
         seed_everything(cfg.seed)
         _warn_remote_images(output)
-        with output.progress() as progress:
+        with _on_engine(engine, ray_address), output.progress() as progress:
             result = run_rematch(
                 manifest,
                 out=out,
@@ -652,6 +690,8 @@ def embed(
     no_cache: NoCacheOpt = False,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
+    engine: EngineOpt = EngineName.local,
+    ray_address: RayAddressOpt = None,
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
@@ -683,7 +723,7 @@ def embed(
         )
         seed_everything(cfg.seed)
         _warn_remote_images(output)
-        with output.progress() as progress:
+        with _on_engine(engine, ray_address), output.progress() as progress:
             result = run_embed(manifest, out=out, config=cfg, force=force, progress=progress)
         output.embed_summary(result.info)
 

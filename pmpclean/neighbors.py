@@ -22,12 +22,15 @@ Two regimes, chosen by the size of the base set:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["knn_search", "ivf_nlist", "EXACT_MAX", "NPROBE"]
+__all__ = ["knn_search", "ivf_nlist", "ivf_backend", "EXACT_MAX", "NPROBE"]
 
 #: Default largest base set searched exactly (:func:`knn_search`).
 EXACT_MAX = 20_000
@@ -194,16 +197,8 @@ def _ivf_search(
         qc = q[lo : lo + chunk]
         m = qc.shape[0]
         _, probe = faiss.knn(qc, cent, max_probe, metric=ip)
-        # visit the nprobe nearest lists, and further ones while too few rows are seen
-        seen_before = np.cumsum(sizes[probe], axis=1) - sizes[probe]
-        visit = (np.arange(max_probe) < nprobe)[None, :] | (seen_before < min_cand)
-        q_rows = np.broadcast_to(np.arange(m)[:, None], probe.shape)[visit]
-        flat = probe[visit]
-        del probe, seen_before, visit
-        q_order = np.argsort(flat, kind="stable")
-        q_bounds = np.searchsorted(flat[q_order], np.arange(nlist + 1))
-        q_order = q_rows[q_order]  # query row of each (list, query) pair, grouped by list
-        del flat, q_rows
+        q_order, q_bounds = _visits(probe, sizes, nprobe, min_cand)
+        del probe
         cost = np.diff(q_bounds).astype(np.float64) * np.diff(b_bounds)
         groups = _balance(cost, np.flatnonzero(cost > 0), n_workers)
         # each worker keeps its own running top-k (lists share queries); merged below
@@ -226,11 +221,42 @@ def _ivf_search(
             all_rows = np.arange(m)
             for s_w, i_w in bufs[1:]:
                 _merge(bufs[0][0], bufs[0][1], all_rows, s_w, i_w)
+    return _finish(q, b, sims, idx)
+
+
+def _visits(
+    probe: np.ndarray, sizes: np.ndarray, nprobe: int, min_cand: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (list, query) pairs to scan, grouped by list: ``q_order[q_bounds[c]:q_bounds[c+1]]``
+    are the queries (rows of ``probe``) that visit list ``c``.
+
+    A query visits its ``nprobe`` nearest lists, and further ones (in ``probe``'s order)
+    while the lists seen so far hold fewer than ``min_cand`` rows.
+    """
+    nlist = sizes.size
+    seen_before = np.cumsum(sizes[probe], axis=1) - sizes[probe]
+    visit = (np.arange(probe.shape[1]) < nprobe)[None, :] | (seen_before < min_cand)
+    q_rows = np.broadcast_to(np.arange(probe.shape[0])[:, None], probe.shape)[visit]
+    flat = probe[visit]
+    del seen_before, visit
+    q_order = np.argsort(flat, kind="stable")
+    q_bounds = np.searchsorted(flat[q_order], np.arange(nlist + 1))
+    return q_rows[q_order], q_bounds  # query row of each (list, query) pair, grouped by list
+
+
+def _finish(
+    q: np.ndarray, b: np.ndarray, sims: np.ndarray, idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact search for queries still short of ``k`` neighbours; sort each row descending."""
+    import faiss
+
     # A query whose probed lists held fewer than k rows (tiny lists, nprobe=1) is
     # searched exactly, so -1 only ever means "the base has fewer than k rows".
     short = np.flatnonzero((idx < 0).any(axis=1))
     if short.size:
-        s, i = faiss.knn(np.ascontiguousarray(q[short]), b, k, metric=ip)
+        s, i = faiss.knn(
+            np.ascontiguousarray(q[short]), b, sims.shape[1], metric=faiss.METRIC_INNER_PRODUCT
+        )
         sims[short], idx[short] = s, i
     # descending order
     order = np.argsort(-sims, axis=1, kind="stable")
@@ -238,6 +264,30 @@ def _ivf_search(
     idx = np.take_along_axis(idx, order, axis=1)
     idx[~np.isfinite(sims)] = -1
     return sims, idx
+
+
+#: The approximate search :func:`knn_search` runs; another engine (``pmpclean.engine``)
+#: installs its own with :func:`ivf_backend`, of the signature of ``_ivf_search``.
+_IVF_BACKEND: ContextVar[Callable[..., tuple[np.ndarray, np.ndarray]] | None] = ContextVar(
+    "pmpclean_ivf_backend", default=None
+)
+
+
+@contextmanager
+def ivf_backend(
+    search: Callable[[np.ndarray, np.ndarray, int, int, int], tuple[np.ndarray, np.ndarray]],
+) -> Iterator[None]:
+    """Run the approximate searches of :func:`knn_search` with ``search`` inside the block.
+
+    ``search(query, base, k, nprobe, seed)`` gets float32 C-contiguous arrays and returns
+    ``(sims, idx)`` as the built-in inverted-file search does (same lists, same statistic);
+    the Ray engine's distributed search is one (:mod:`pmpclean.engine`).
+    """
+    token = _IVF_BACKEND.set(search)
+    try:
+        yield
+    finally:
+        _IVF_BACKEND.reset(token)
 
 
 def knn_search(
@@ -320,7 +370,8 @@ def knn_search(
     if nb <= exact_max:
         d_out, i_out = faiss.knn(q, b, kk, metric=faiss.METRIC_INNER_PRODUCT)
     else:
-        d_out, i_out = _ivf_search(q, b, kk, nprobe, 0 if seed is None else int(seed))
+        search = _IVF_BACKEND.get() or _ivf_search
+        d_out, i_out = search(q, b, kk, nprobe, 0 if seed is None else int(seed))
     missing = i_out < 0
     d_out[missing] = -np.inf
     sims[:, :kk] = d_out

@@ -238,12 +238,16 @@ def _embeddings(
     manifest: Any, cfg: ScanConfig, progress: Progress | None
 ) -> tuple[Any, dict[str, Any]]:
     from .embedding import embed_manifest
+    from .engine import current_engine
     from .sources import load_source_embeddings
 
     e = cfg.embed
     if e.embeddings is not None:
         emb = load_source_embeddings(e.embeddings, manifest, pair=e.embeddings_pair)
         return emb, {"source": emb.source, "device": None, "model_work": False}
+    engine = current_engine()
+    if engine is not None:  # e.g. Ray: shard by shard on a cluster (pmpclean.engine)
+        return engine.embed(manifest, cfg, progress)
     emb = embed_manifest(
         manifest,
         model=e.model,
@@ -712,6 +716,7 @@ def _scan(
     if target is not None:
         with timer("write"):
             _write_scan(result, target, cfg)
+            _engine_write(result, target)
     summary["timings"] = {k: round(v, 4) for k, v in timer.seconds.items()}
     summary["stage_spans"] = [[name, round(a, 3), round(b, 3)] for name, a, b in timer.spans]
     if target is not None:
@@ -884,6 +889,19 @@ def _write_scan(result: ScanResult, target: Path, cfg: ScanConfig) -> None:
         text_col=cfg.data.text_col,
         label_col=cfg.data.label_col,
     )
+
+
+def _engine_write(result: ScanResult, target: Path) -> None:
+    """An engine other than the local one also writes each source shard's audit."""
+    from .engine import current_engine
+
+    engine = current_engine()
+    if engine is None:
+        return
+    files, info = engine.write_shards(result.audit, target)
+    result.files.update(files)
+    result.summary["files"].update(files)
+    result.summary["engine"] = info
 
 
 def _to_parquet(frame: pd.DataFrame, path: Path) -> None:
