@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "RematchError",
     "LabelAuditError",
+    "EngineError",
 ]
 
 
@@ -44,3 +45,7 @@ class RematchError(PmpcleanError):
 
 class LabelAuditError(PmpcleanError):
     """The label column cannot be audited (one class, empty classes, ...)."""
+
+
+class EngineError(PmpcleanError):
+    """A distributed engine (``--engine ray``) could not finish a stage on its cluster."""

@@ -34,10 +34,10 @@ def ray_engine():
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("ray-pairs")
-    data = clip_like_pairs(3000, dim=32, noise_rate=0.2, semantic=1.2, noise=0.6, seed=0)
+    data = clip_like_pairs(1500, dim=32, noise_rate=0.2, semantic=1.2, noise=0.6, seed=0)
     manifest = tmp / "data.csv"
     frame = data.to_frame()
-    frame["shard"] = [f"{i // 700:05d}.tar" for i in range(len(frame))]  # five shards
+    frame["shard"] = [f"{i // 300:05d}.tar" for i in range(len(frame))]  # five shards
     frame.to_csv(manifest, index=False)
     emb = tmp / "emb.npz"
     np.savez(emb, image=data.image_emb, text=data.text_emb)
@@ -48,6 +48,13 @@ def _pairs_cfg(emb: Path) -> ScanConfig:
     return ScanConfig().replace(
         embed__embeddings=str(emb), data__truth_col="true_row", audit__exact_search_max=100
     )
+
+
+@pytest.fixture(scope="module")
+def local_audit(pairs) -> pd.DataFrame:
+    """The local engine's audit of ``pairs``."""
+    manifest, emb = pairs
+    return pmpclean.scan(manifest, config=_pairs_cfg(emb), write=False).audit
 
 
 def _assert_same_audit(local: pd.DataFrame, ray: pd.DataFrame) -> None:
@@ -122,14 +129,13 @@ def test_distributed_search_equals_the_local_search(ray_engine) -> None:
 
 
 @pytest.mark.ray
-def test_scan_of_pairs_equals_the_local_engine(ray_engine, pairs, tmp_path) -> None:
+def test_scan_of_pairs_equals_the_local_engine(ray_engine, pairs, local_audit, tmp_path) -> None:
     manifest, emb = pairs
-    cfg = _pairs_cfg(emb)
-    local = pmpclean.scan(manifest, config=cfg, write=False).audit
     with use_engine(ray_engine):
-        res = pmpclean.scan(manifest, config=cfg, out_dir=tmp_path / "ray")
+        res = pmpclean.scan(manifest, config=_pairs_cfg(emb), out_dir=tmp_path / "ray")
+    local = local_audit
     assert local["is_mismatched"].mean() > 0.1  # a decided audit: flags and rematches
-    assert (local["action"] == "rematch").sum() > 100
+    assert (local["action"] == "rematch").sum() > 50
     _assert_same_audit(local, res.audit)
     _assert_shards(tmp_path / "ray", res.audit, [f"{i:05d}" for i in range(5)])
     assert res.summary["engine"]["name"] == "ray"
@@ -169,20 +175,32 @@ def test_coco_mini_wds_embedded_on_ray_equals_local(ray_engine, shared_data, tmp
 
 
 @pytest.mark.ray
-def test_a_killed_search_worker_loses_and_duplicates_no_row(ray_engine, pairs, tmp_path) -> None:
+def test_a_killed_search_worker_loses_and_duplicates_no_row(
+    ray_engine, pairs, local_audit, tmp_path
+) -> None:
     from pmpclean.engine._ray import RayEngine
 
     manifest, emb = pairs
-    cfg = _pairs_cfg(emb)
-    with use_engine(ray_engine):
-        clean = pmpclean.scan(manifest, config=cfg, write=False).audit
     marker = tmp_path / "kill-once"
     marker.touch()
     with use_engine(RayEngine(fault=str(marker))):
-        res = pmpclean.scan(manifest, config=cfg, out_dir=tmp_path / "ray")
+        res = pmpclean.scan(manifest, config=_pairs_cfg(emb), out_dir=tmp_path / "ray")
     assert not marker.exists()  # a search task did die
-    pd.testing.assert_frame_equal(res.audit, clean)
+    _assert_same_audit(local_audit, res.audit)
     _assert_shards(tmp_path / "ray", res.audit, [f"{i:05d}" for i in range(5)])
+
+
+@pytest.mark.ray
+def test_a_task_that_keeps_failing_is_one_engine_error(ray_engine, pairs, tmp_path) -> None:
+    from pmpclean.engine._ray import RayEngine
+    from pmpclean.errors import EngineError
+
+    manifest, emb = pairs
+    marker = tmp_path / "fail-always"
+    marker.mkdir()  # os.remove raises in every search task: an error, not a crash
+    with use_engine(RayEngine(fault=str(marker))):
+        with pytest.raises(EngineError, match=r"neighbour search stage failed on the Ray clus"):
+            pmpclean.scan(manifest, config=_pairs_cfg(emb), write=False)
 
 
 @pytest.mark.ray
@@ -197,6 +215,7 @@ def test_a_killed_embedding_actor_loses_and_duplicates_no_row(ray_engine, tmp_pa
     for i in range(20):
         Image.new("RGB", (8, 8), (i * 12, 0, 255 - i * 12)).save(tmp_path / f"img{i}.png")
     frame.loc[5, "caption"] = ""  # an empty caption: its status survives the shards
+    (tmp_path / "img3.png").write_bytes(b"not a png")  # found by an actor: rows 3, 23, 43
     manifest = tmp_path / "m.csv"
     frame.to_csv(manifest, index=False)
     cfg = ScanConfig().replace(
@@ -213,6 +232,7 @@ def test_a_killed_embedding_actor_loses_and_duplicates_no_row(ray_engine, tmp_pa
     local = pmpclean.embed(manifest, out=tmp_path / "local.npz", config=cfg)
     assert res.status.tolist() == local.status.tolist()
     assert res.status[5] != "ok"
+    assert res.status[[3, 23, 43]].tolist() == ["unreadable_image"] * 3
     np.testing.assert_allclose(res.image, local.image, atol=1e-4)
     np.testing.assert_allclose(res.text, local.text, atol=1e-4)
     assert res.info["shards"] == 3 and res.info["shards_embedded"] == 3
@@ -227,8 +247,10 @@ def test_cli_scan_on_ray(ray_engine, pairs, tmp_path) -> None:
     manifest, emb = pairs
     out = tmp_path / "o"
     args = ["scan", str(manifest), "--embeddings", str(emb), "--out", str(out)]
-    res = CliRunner().invoke(app, [*args, "--engine", "ray", "--format", "json", "-q"])
+    res = CliRunner().invoke(
+        app, [*args, "--no-rematch", "--engine", "ray", "--format", "json", "-q"]
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["engine"]["name"] == "ray" and summary["n_rows"] == 3000
+    assert summary["engine"]["name"] == "ray" and summary["n_rows"] == 1500
     assert len(list((out / "audit_shards").glob("*.parquet"))) == 5

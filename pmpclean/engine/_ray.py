@@ -32,13 +32,15 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, EmbeddingError
+from ..errors import ConfigError, EmbeddingError, EngineError, PmpcleanError
 
 __all__ = ["RayEngine", "PART_ROWS", "shard_keys"]
 
@@ -232,6 +234,34 @@ def _concat_slices(order: np.ndarray, bounds: np.ndarray, lists: list[int]) -> t
     return np.concatenate(parts), np.concatenate([[0], np.cumsum(sizes)])
 
 
+@contextmanager
+def _on_cluster(stage: str) -> Iterator[None]:
+    """A stage's failure on the cluster (after Ray's retries) as one pmpclean error.
+
+    A pmpclean error raised by a worker (an image it cannot read as configured, ...) is
+    re-raised with its own message; anything else becomes an :class:`EngineError`.
+    """
+    try:
+        yield
+    except PmpcleanError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in its own types
+        seen: set[int] = set()
+        cause: BaseException | None = exc
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if isinstance(cause, PmpcleanError):
+                raise type(cause)(str(cause).splitlines()[-1]) from None
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise EngineError(
+            f"The {stage} stage failed on the Ray cluster after Ray's retries: "
+            f"{type(exc).__name__}: {first}. The workers' logs are under the cluster's "
+            "session folder (/tmp/ray/session_latest/logs); rerun to resume (finished shards "
+            "are kept), or run with --engine local."
+        ) from exc
+
+
 class RayEngine:
     """Runs the scan's embed, search and write stages on a Ray cluster.
 
@@ -415,12 +445,13 @@ class RayEngine:
         done = total - len(todo)
         if progress:
             progress("Embedding shards", done, total)
-        for row in ds.iter_rows():
-            n_images += int(row["images"])
-            n_texts += int(row["texts"])
-            done += 1
-            if progress:
-                progress("Embedding shards", done, total)
+        with _on_cluster("embed"):
+            for row in ds.iter_rows():
+                n_images += int(row["images"])
+                n_texts += int(row["texts"])
+                done += 1
+                if progress:
+                    progress("Embedding shards", done, total)
         return n_images, n_texts
 
     # ----------------------------------------------------------------- search
@@ -429,6 +460,12 @@ class RayEngine:
         self, q: np.ndarray, b: np.ndarray, k: int, nprobe: int, seed: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """The inverted-file search of :func:`pmpclean.neighbors.knn_search` on the cluster."""
+        with _on_cluster("neighbour search"):
+            return self._ivf_search(q, b, k, nprobe, seed)
+
+    def _ivf_search(
+        self, q: np.ndarray, b: np.ndarray, k: int, nprobe: int, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         from .. import neighbors as nbr
 
         ray = self._ray
@@ -490,7 +527,8 @@ class RayEngine:
             write.remote(audit.iloc[rows].reset_index(drop=True), str(folder / f"{name}.parquet"))
             for (_, rows), name in zip(groups, names, strict=True)
         ]
-        written = ray.get(futures)
+        with _on_cluster("write"):
+            written = ray.get(futures)
         expected = {str(folder / f"{name}.parquet") for name in names}
         for stale in folder.glob("*.parquet"):  # a previous scan's shards that are gone now
             if str(stale) not in expected:
