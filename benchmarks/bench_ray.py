@@ -60,6 +60,22 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds of the processes and of their reaped children."""
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / _TICK
+
+
 def _pss_mb(pids: list[int]) -> float:
     total = 0
     for p in pids:
@@ -97,12 +113,13 @@ def run_child(engine: str, manifest: Path, emb: Path, out: Path, audit_out: Path
     import pmpclean
     from pmpclean.engine import make_engine, use_engine
 
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float]] = []
     stop = threading.Event()
 
     def sampler() -> None:
         while not stop.is_set():
-            samples.append((time.time(), _pss_mb(_descendants(os.getpid()))))
+            pids = _descendants(os.getpid())
+            samples.append((time.time(), _pss_mb(pids), _cpu_s(pids)))
             stop.wait(0.5)
 
     t = threading.Thread(target=sampler, daemon=True)
@@ -117,10 +134,11 @@ def run_child(engine: str, manifest: Path, emb: Path, out: Path, audit_out: Path
     wall = time.time() - t0
     stop.set()
     t.join()
-    peak = {}
+    peak, cpu = {}, {}
     for name, a, b in res.summary.get("stage_spans", []):
-        inside = [r for ts, r in samples if a <= ts <= b]
-        peak[name] = round(max(inside), 1) if inside else None
+        inside = [(r, c) for ts, r, c in samples if a <= ts <= b]
+        peak[name] = round(max(r for r, _ in inside), 1) if inside else None
+        cpu[name] = round(inside[-1][1] - inside[0][1], 1) if len(inside) > 1 else None
     res.audit[["row", "status", "is_mismatched", "action", "match_score"]].to_parquet(audit_out)
     det = ((res.summary.get("evaluation") or {}).get("detection")) or {}
     return {
@@ -129,7 +147,9 @@ def run_child(engine: str, manifest: Path, emb: Path, out: Path, audit_out: Path
         "wall_seconds": round(wall, 1),
         "stage_seconds": res.summary["timings"],
         "stage_peak_pss_mb": peak,
-        "peak_pss_mb": round(max(r for _, r in samples), 1),
+        "stage_cpu_seconds": cpu,
+        "cpu_seconds": round(samples[-1][2] - samples[0][2], 1),
+        "peak_pss_mb": round(max(r for _, r, _ in samples), 1),
         "detection_f1": det.get("f1"),
         "verdict": res.summary.get("verdict"),
         "n_mismatched": res.summary.get("n_mismatched"),
@@ -225,11 +245,28 @@ def write_markdown(record: dict, path: Path) -> None:
             )
     lines += [
         "",
-        "Overhead ratio (Ray / local wall seconds) and agreement of the two audits:",
+        "CPU seconds of the scan's process tree per stage (less sensitive to the load than wall"
+        " time; Ray's GCS and raylet included):",
         "",
-        "| rows | total | " + " | ".join(STAGES) + " | statuses identical | flags identical |"
-        " actions identical | max abs diff match_score |",
-        "|---|---|" + "---|" * len(STAGES) + "---|---|---|---|",
+        "| rows | engine | CPU s | " + " | ".join(f"{s} CPU s" for s in STAGES) + " |",
+        "|---|---|---|" + "---|" * len(STAGES),
+    ]
+    for r in sorted(record["results"], key=lambda r: r["rows"]):
+        for e in (r["local"], r["ray"]):
+            c = e.get("stage_cpu_seconds") or {}
+            lines.append(
+                f"| {r['rows']:,} | {e['engine']} | {_fmt(e.get('cpu_seconds'))} | "
+                + " | ".join(_fmt(c.get(s)) for s in STAGES)
+                + " |"
+            )
+    lines += [
+        "",
+        "Overhead ratio Ray / local, of CPU seconds (wall seconds in brackets: the load differed)"
+        " and agreement of the two audits:",
+        "",
+        "| rows | total | " + " | ".join(STAGES) + " | peak PSS | statuses identical |"
+        " flags identical | actions identical | max abs diff match_score |",
+        "|---|---|" + "---|" * len(STAGES) + "---|---|---|---|---|",
     ]
     for r in sorted(record["results"], key=lambda r: r["rows"]):
         lo, ra, c = r["local"], r["ray"], r["agreement"]
@@ -237,11 +274,22 @@ def write_markdown(record: dict, path: Path) -> None:
         def ratio(a: float | None, b: float | None) -> str:
             return f"{b / a:.2f}" if a and b is not None else "–"
 
+        lc, rc = lo.get("stage_cpu_seconds") or {}, ra.get("stage_cpu_seconds") or {}
+
+        def both(a_cpu: float | None, b_cpu: float | None, a_w: float, b_w: float) -> str:
+            return f"{ratio(a_cpu, b_cpu)} ({ratio(a_w, b_w)})"
+
         lines.append(
-            f"| {r['rows']:,} | {ratio(lo['wall_seconds'], ra['wall_seconds'])} | "
-            + " | ".join(
-                ratio(lo["stage_seconds"].get(s), ra["stage_seconds"].get(s)) for s in STAGES
+            f"| {r['rows']:,} | "
+            + both(
+                lo.get("cpu_seconds"), ra.get("cpu_seconds"), lo["wall_seconds"], ra["wall_seconds"]
             )
+            + " | "
+            + " | ".join(
+                both(lc.get(s), rc.get(s), lo["stage_seconds"].get(s), ra["stage_seconds"].get(s))
+                for s in STAGES
+            )
+            + f" | {ratio(lo['peak_pss_mb'], ra['peak_pss_mb'])}"
             + f" | {c['status_identical']} | {100 * c['flags_identical_share']:.3f} % | "
             f"{100 * c['actions_identical_share']:.3f} % | {c['match_score_max_abs_diff']:.2g} |"
         )
