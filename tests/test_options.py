@@ -87,6 +87,11 @@ CASES: dict[tuple[str, str], tuple[list[str], dict[str, Any]]] = {
     ("scan", "--config"): _CONFIG,
     ("scan", "--format"): _FMT,
     ("scan", "--quiet"): _QUIET,
+    ("scan", "--engine"): (["--engine", "ray"], {"engine.name": "ray"}),
+    ("scan", "--ray-address"): (
+        ["--ray-address", "ray://head:10001"],
+        {"engine.address": "ray://head:10001"},
+    ),
     # ---------------------------------------------------------------- rematch
     ("rematch", "--out"): (["--out", "other.csv"], {"out": "other.csv"}),
     ("rematch", "--policy"): (["--policy", "drop"], {"policy": "drop"}),
@@ -118,6 +123,11 @@ CASES: dict[tuple[str, str], tuple[list[str], dict[str, Any]]] = {
     ("rematch", "--config"): _CONFIG,
     ("rematch", "--format"): _FMT,
     ("rematch", "--quiet"): _QUIET,
+    ("rematch", "--engine"): (["--engine", "ray"], {"engine.name": "ray"}),
+    ("rematch", "--ray-address"): (
+        ["--ray-address", "ray://head:10001"],
+        {"engine.address": "ray://head:10001"},
+    ),
     # ---------------------------------------------------------------- embed
     ("embed", "--out"): (["--out", "e.npz"], {"out": "e.npz"}),
     ("embed", "--image-col"): (["--image-col", "img"], {"config.data.image_col": "img"}),
@@ -135,6 +145,11 @@ CASES: dict[tuple[str, str], tuple[list[str], dict[str, Any]]] = {
     ("embed", "--seed"): _SEED,
     ("embed", "--format"): _FMT,
     ("embed", "--quiet"): _QUIET,
+    ("embed", "--engine"): (["--engine", "ray"], {"engine.name": "ray"}),
+    ("embed", "--ray-address"): (
+        ["--ray-address", "ray://head:10001"],
+        {"engine.address": "ray://head:10001"},
+    ),
     # ---------------------------------------------------------------- corrupt
     ("corrupt", "--out"): (["--out", "other.csv"], {"out": "other.csv"}),
     ("corrupt", "--rate"): (["--rate", "0.4"], {"rate": 0.4}),
@@ -264,6 +279,12 @@ def received(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     monkeypatch.setattr(_output, "Output", RecordingOutput)
     monkeypatch.setattr(_utils, "seed_everything", lambda seed: seen.update(seed_everything=seed))
+
+    def engine_recorder(name: str = "local", **kwargs: Any) -> None:
+        _flatten("engine", {"name": name, **kwargs}, seen)
+        return None  # the local engine: no cluster is started
+
+    monkeypatch.setattr(importlib.import_module("pmpclean.engine"), "make_engine", engine_recorder)
     return seen
 
 
