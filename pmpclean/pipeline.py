@@ -572,11 +572,8 @@ def _scan(
                 image_group=image_group,
                 text_group=text_group,
                 valid=valid,
-                k=cfg.audit.k,
-                exact_max=cfg.audit.exact_search_max,
-                nprobe=cfg.audit.search_nprobe,
-                seed=cfg.seed,
                 progress=progress,
+                **_search_settings(cfg),
             )
         similarity = np.asarray(ps.similarity, dtype=np.float64)
         evidence = _evidence(ps)
@@ -724,6 +721,16 @@ def _scan(
     return result
 
 
+def _search_settings(cfg: ScanConfig) -> dict[str, Any]:
+    """The neighbour-search settings that make plant scores comparable to pair scores."""
+    return {
+        "k": cfg.audit.k,
+        "exact_max": cfg.audit.exact_search_max,
+        "nprobe": cfg.audit.search_nprobe,
+        "seed": cfg.seed,
+    }
+
+
 def split_scores(
     img: np.ndarray,
     txt: np.ndarray,
@@ -773,10 +780,7 @@ def split_scores(
                 image_group=image_group,
                 text_group=text_group,
                 valid=valid,
-                k=cfg.audit.k,
-                exact_max=cfg.audit.exact_search_max,
-                nprobe=cfg.audit.search_nprobe,
-                seed=cfg.seed,
+                **_search_settings(cfg),
             )
             by_kind = dict(zip(plants, np.split(planted, np.cumsum(sizes)[:-1]), strict=True))
             return calibrated_split(
