@@ -906,3 +906,18 @@ def test_script_cannot_end_its_element() -> None:
     from pmpclean.report import _resource
 
     assert "</" not in _resource("table.js")
+
+
+def test_thumbnail_of_an_image_inside_a_shard(
+    image_twins: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """An img2dataset tar member ("<shard>.tar#<key>.jpg" in the audit) gets its thumbnail."""
+    import tarfile
+
+    path, _ = image_twins["RGBA png"]
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        tar.add(path, arcname="000000001.jpg")
+    got = report_ctx._thumbnail(f"{shard}#000000001.jpg", 64)
+    assert got is not None and got == report_ctx._thumbnail(str(path), 64)
+    assert report_ctx._thumbnail(f"{shard}#000000002.jpg", 64) is None  # not in the shard

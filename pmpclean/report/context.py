@@ -183,6 +183,19 @@ def _is_local_path(path: str) -> bool:
     return True
 
 
+def _tar_member(path: str) -> io.BytesIO | None:
+    """The bytes of ``"<shard>.tar#<member>"`` (how the audit names an image read from an
+    img2dataset shard, :class:`pmpclean.data.MemberRef`), or None."""
+    container, sep, name = path.rpartition("#")
+    if not sep or not container.endswith(".tar") or not os.path.isfile(container):
+        return None
+    import tarfile
+
+    with tarfile.open(container) as tar:
+        fh = tar.extractfile(name)
+        return None if fh is None else io.BytesIO(fh.read())
+
+
 def _thumbnail(path: str, px: int) -> tuple[str, int, int] | None:
     """Return ``(data_uri, width, height)`` of a small JPEG thumbnail, or None.
 
@@ -193,11 +206,15 @@ def _thumbnail(path: str, px: int) -> tuple[str, int, int] | None:
     if not _is_local_path(path):
         return None
     try:
-        if not os.path.isfile(path):
-            return None
         from ..data import open_image
 
-        im = open_image(path, draft_size=px)  # JPEG: decode at reduced scale, much faster
+        source: str | io.BytesIO = path
+        if not os.path.isfile(path):
+            member = _tar_member(path)
+            if member is None:
+                return None
+            source = member
+        im = open_image(source, draft_size=px)  # JPEG: decode at reduced scale, much faster
         im.thumbnail((px, px))
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=78, optimize=True)
