@@ -90,6 +90,7 @@ __all__ = [
     "read_table",
     "open_image",
     "remote_image_hint",
+    "text_groups",
     "to_rgb",
     "write_table",
 ]
@@ -1149,3 +1150,11 @@ def _compress(data: bytes, compression: str) -> bytes:
     import zstandard
 
     return zstandard.ZstdCompressor().compress(data)
+
+
+def text_groups(captions: Iterable[object]) -> np.ndarray:
+    """Caption-text id per row, (n,) int64: rows whose caption text is identical after
+    trimming and case folding share a value (the scan and fine-tuning both group so)."""
+    keys = pd.Series(list(captions), dtype=object).fillna("").astype(str)
+    codes, _ = pd.factorize(keys.str.strip().str.casefold())
+    return codes.astype(np.int64)

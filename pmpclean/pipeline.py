@@ -23,6 +23,7 @@ from . import __version__
 from ._numfmt import finite_or_none
 from ._utils import Timer, atomic_open, atomic_path, claim_output, to_jsonable
 from .config import ScanConfig, config_from_dict, config_to_dict
+from .data import text_groups
 from .errors import ConfigError, DatasetError
 
 __all__ = [
@@ -320,13 +321,6 @@ def _runner_up(
     return row.astype(np.int64), np.where(has & (row >= 0), sim, np.nan)
 
 
-def _text_groups(captions: np.ndarray) -> np.ndarray:
-    """Rows whose caption text is identical (after trimming and case folding) share a group."""
-    keys = pd.Series(captions, dtype=object).fillna("").astype(str).str.strip().str.casefold()
-    codes, _ = pd.factorize(keys)
-    return codes.astype(np.int64)
-
-
 def _image_groups(image_index: np.ndarray) -> np.ndarray:
     """Rows of the same image share a group; rows without an image get groups of their own."""
     groups = np.asarray(image_index, dtype=np.int64).copy()
@@ -526,7 +520,7 @@ def _scan(
     warn_list.extend(getattr(manifest, "notes", []) + getattr(emb, "notes", []))
 
     image_group = _image_groups(manifest.image_index)
-    text_group = _text_groups(manifest.captions)
+    text_group = text_groups(manifest.captions)
 
     similarity = np.full(n, np.nan)
     evidence = _no_evidence(n)
