@@ -296,6 +296,12 @@ def to_jsonable(obj: Any) -> Any:
         return os.fspath(obj)
     if isinstance(obj, (_dt.datetime, _dt.date)):  # pandas Timestamp included
         return obj.isoformat()
+    return _other_to_jsonable(obj)
+
+
+def _other_to_jsonable(obj: Any) -> Any:
+    """:func:`to_jsonable` of pandas' missing values and containers, 0-d arrays and
+    torch scalars; anything else as its ``str``."""
     pd = sys.modules.get("pandas")  # only pandas objects need pandas, and they bring it
     if pd is not None:
         if obj is pd.NA or obj is pd.NaT:

@@ -472,6 +472,7 @@ def scan(
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
+    # long: typer options, one per scan setting; to be generated from config.py (step 7)
     """Score every image-caption pair, flag mismatches, propose better captions.
 
     Writes audit.parquet, audit.csv, summary.json, config.yaml and report.html to the
@@ -611,6 +612,7 @@ def rematch(
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
+    # long: typer options, one per rematch setting; to be generated from config.py (step 7)
     """Write a cleaned manifest from the latest scan (scanning first when needed).
 
     Every input row lands in exactly one of the cleaned manifest and the dropped file.
@@ -1192,6 +1194,7 @@ def finetune(
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
+    # long: typer options, one per finetune setting; to be generated from config.py (step 7)
     """Fine-tune the open_clip model on a noisy dataset, robustly to mismatched pairs.
 
     Clean pairs get the usual contrastive loss; a pair the per-epoch split calls suspect trains with the caption a partial optimal-transport plan over all suspects proposes for its image (its own caption forbidden), or only as a negative when nothing fits.

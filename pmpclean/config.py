@@ -403,6 +403,7 @@ def _check_names(options: dict[str, Any]) -> None:
 
 
 def _validate(cfg: FinetuneConfig) -> None:
+    # long: one check per finetune setting; step 5 moves each beside its field
     """Check every setting once, naming the setting, the constraint and the fix."""
 
     def need(ok: bool, msg: str) -> None:

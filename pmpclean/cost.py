@@ -233,6 +233,7 @@ def fit_edge_cost(
     max_per_segment: int = 32,
     seed: int | np.random.Generator | None = None,
 ) -> EdgeCost:
+    # long: numpydoc of 50 lines; instances, standardisation, descent and folding back
     """Fit an :class:`EdgeCost` on key points with a known true edge.
 
     The training edges are the candidate edges of key images (``row_seg >= 0``)

@@ -669,7 +669,7 @@ def _check_ids(frame: pd.DataFrame, id_col: str, where: str) -> None:
         first_seen[key] = i
 
 
-def read_manifest(
+def read_manifest(  # noqa: C901 - see the comment below
     path_or_frame: str | os.PathLike[str] | pd.DataFrame,
     *,
     image_col: str = "image",
@@ -679,6 +679,7 @@ def read_manifest(
     check_files: bool = True,
     root: str | os.PathLike[str] | None = None,
 ) -> Manifest:
+    # long: numpydoc of 48 lines; the checks at the door, each naming its column or row
     """Read a manifest and validate it once: columns, ids, image files and captions.
 
     Parameters

@@ -715,7 +715,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
-def audit_labels(
+def audit_labels(  # noqa: C901 - see the comment below
     image_feats: np.ndarray,
     text_feats: np.ndarray,
     labels: Sequence[Any] | np.ndarray,
@@ -740,6 +740,7 @@ def audit_labels(
     progress: Progress | None = None,
     **options: Any,
 ) -> LabelAudit:
+    # long: numpydoc of 83 lines; the stages in order (heads, prototypes, transport, flags)
     """Audit the class label of every image-text pair.
 
     Parameters

@@ -487,6 +487,7 @@ def _scan(
     target: Path | None,
     progress: Progress | None,
 ) -> ScanResult:
+    # long: the scan's stages in order; its split part is being reworked (issue 18)
     """The work of :func:`scan`; writes the audit to ``target`` unless it is None."""
     timer = Timer()
     warn_list: list[str] = []
@@ -1236,6 +1237,7 @@ def _apply_scan(
     dry_run: bool,
     progress: Progress | None,
 ) -> RematchResult:
+    # long: the rematch command's policies end to end, not yet split
     """The work of :func:`rematch` once its arguments are checked and ``out`` is claimed."""
     import os
 
