@@ -12,7 +12,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -296,6 +296,84 @@ PRECISIONS = ("auto", "fp32", "amp", "amp_bf16")
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a setting allows, declared beside its field:
+    ``epochs: Annotated[int, Range("int", ge=1)] = 10``. :func:`check_settings` reads it
+    and names the setting, the constraint and the value that broke it.
+
+    ``kind`` is ``"int"``, ``"num"`` (finite, not bool) or ``"choice"`` (one of
+    ``choices``); ``ge``/``gt``/``le``/``lt`` bound a number; ``none`` allows None.
+    ``phrase`` replaces the generated constraint of the message ("an integer >= 1",
+    "in (0, 1]", ...); ``why`` follows it in parentheses.
+    """
+
+    kind: str = "num"
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] = ()
+    none: bool = False
+    phrase: str | None = None
+    why: str = ""
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.none
+        if self.kind == "choice":
+            return value in self.choices
+        number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        if self.kind == "int" and not (number and isinstance(value, (int, np.integer))):
+            return False
+        if not (number and math.isfinite(value)):
+            return False
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+        )
+
+    def message(self, name: str, value: Any) -> str:
+        if self.kind == "choice" and self.phrase is None:
+            return f"Unknown {name} {value!r}: expected one of {', '.join(self.choices)}."
+        text = self.phrase or self._bounds()
+        if self.why:
+            text += f" ({self.why})"
+        if self.none and self.phrase is None:
+            text += " or None"
+        return f"{name} must be {text}, got {value!r}."
+
+    def _bounds(self) -> str:
+        lo = ("[", self.ge) if self.ge is not None else ("(", self.gt)
+        hi = ("]", self.le) if self.le is not None else (")", self.lt)
+        if lo[1] is not None and hi[1] is not None:
+            return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+        if lo[1] is not None:
+            bound = f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+            return f"an integer {bound}" if self.kind == "int" else bound
+        return "an integer" if self.kind == "int" else "a number"
+
+
+def check_settings(cfg: Any) -> None:
+    """Check every field of a settings dataclass against the :class:`Range` declared
+    beside it; raise :class:`ConfigError` naming the first one out of range."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in fields(cfg):
+        spec = next(
+            (m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Range)), None
+        )
+        value = getattr(cfg, f.name)
+        if spec is not None and not spec.allows(value):
+            raise ConfigError(spec.message(f.name, value))
+
+
+_ROBUST_Q = "in [0, 1] (0: InfoNCE, 1: the most noise-robust RINCE) or None for the default"
+_TARGETS = "'global', 'batch' or None"
+_AUDIT_WEIGHT = "weight of the scan's match_score in refreshed splits"
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Every setting of :func:`finetune`. Precedence: CLI options > config file > these defaults.
 
@@ -312,76 +390,112 @@ class FinetuneConfig:
     truth_col: str | None = None  # optional column: original row of each caption (pmpclean
     #   corrupt's true_row); enables per-epoch split precision/recall in metrics.json
     # -- method ------------------------------------------------------------------------
-    method: str = "l2rm"  # l2rm | contrastive (plain InfoNCE on every pair)
+    # l2rm | contrastive (plain InfoNCE on every pair)
+    method: Annotated[str, Range("choice", choices=METHODS)] = "l2rm"
     # -- optimisation --------------------------------------------------------------------
-    epochs: int = 10  # passes over the training pairs
-    batch_size: int = 128  # pairs per micro-batch (the in-batch negatives and OT plan)
-    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation);
-    #   negatives and plans stay per micro-batch
-    lr: float | None = None  # peak learning rate (None: 1e-5 from pretrained weights,
-    #   1e-3 from random init)
-    weight_decay: float = 0.1  # AdamW decay, not applied to gains, biases, logit_scale
-    schedule: str = "cosine"  # cosine | linear | constant: decay after the warmup
-    warmup_steps: int | None = None  # linear warmup, in optimizer steps (None: 5% of all)
-    grad_clip: float | None = None  # clip the gradient norm to this (None: no clipping)
+    # passes over the training pairs
+    epochs: Annotated[int, Range("int", ge=1)] = 10
+    # pairs per micro-batch (the in-batch negatives and OT plan)
+    batch_size: Annotated[int, Range("int", ge=2, why="contrastive training needs negatives")] = 128
+    # micro-batches per optimizer step (gradient accumulation);
+    # negatives and plans stay per micro-batch
+    accum_steps: Annotated[int, Range("int", ge=1)] = 1
+    # peak learning rate (None: 1e-5 from pretrained weights,
+    # 1e-3 from random init)
+    lr: Annotated[
+        float | None, Range(gt=0, none=True, phrase="a positive number (or None for the default)")
+    ] = None
+    # AdamW decay, not applied to gains, biases, logit_scale
+    weight_decay: Annotated[float, Range(ge=0)] = 0.1
+    # cosine | linear | constant: decay after the warmup
+    schedule: Annotated[str, Range("choice", choices=SCHEDULES)] = "cosine"
+    # linear warmup, in optimizer steps (None: 5% of all)
+    warmup_steps: Annotated[
+        int | None,
+        Range("int", ge=0, none=True, phrase="an integer >= 0 (or None for 5% of all steps)"),
+    ] = None
+    # clip the gradient norm to this (None: no clipping)
+    grad_clip: Annotated[
+        float | None, Range(gt=0, none=True, phrase="a positive number or None")
+    ] = None
     lock_image: bool = False  # freeze the image tower (train the text tower only)
     lock_text: bool = False  # freeze the text tower (train the image tower only)
-    precision: str = "auto"  # auto | fp32 | amp | amp_bf16 (mixed precision needs CUDA)
+    # auto | fp32 | amp | amp_bf16 (mixed precision needs CUDA)
+    precision: Annotated[str, Range("choice", choices=PRECISIONS)] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    workers: int = 0  # image-decoding worker processes (0: decode in the main process)
+    # image-decoding worker processes (0: decode in the main process)
+    workers: Annotated[int, Range("int", ge=0)] = 0
     cache_images: bool | None = None  # keep preprocessed images in RAM (None: if < 1 GiB)
-    seed: int = 0  # seeds the validation split, data order and mixture fits (random init
-    #   always uses pmpclean.embedding.RANDOM_SEED)
+    # seeds the validation split, data order and mixture fits (random init
+    # always uses pmpclean.embedding.RANDOM_SEED)
+    seed: Annotated[int, Range("int")] = 0
     # -- validation ----------------------------------------------------------------------
-    val_fraction: float = 0.1  # fraction of images held out for validation (0: none); at
-    #   least 2 when 8 remain for training, else none, with a warning (small datasets)
+    # fraction of images held out for validation (0: none); at
+    # least 2 when 8 remain for training, else none, with a warning (small datasets)
+    val_fraction: Annotated[float, Range(ge=0, le=0.5, why="fraction of images held out")] = 0.1
     val_dataset: str | None = None  # separate manifest to validate on (val_fraction unused)
-    patience: int | None = None  # stop after this many epochs without a better validation
-    #   R-sum (None: train all epochs); the best epoch's weights are the output
+    # stop after this many epochs without a better validation
+    # R-sum (None: train all epochs); the best epoch's weights are the output
+    patience: Annotated[int | None, Range("int", ge=1, none=True)] = None
     # -- L2RM ----------------------------------------------------------------------------
-    split_warmup_epochs: int | None = None  # plain-contrastive epochs before the first split
-    #   (None: 0 with an audit or pretrained weights; from random init, until an epoch's
-    #   mean training loss is 5% below its chance level, log(batch_size) for InfoNCE,
-    #   (1 - batch_size^-q) / q for RINCE: before that the per-pair losses say nothing
-    #   about the pairs)
-    split_every: int = 1  # refresh the clean/suspect split every N epochs (0: never refresh)
-    split_threshold: float = 0.5  # pairs with clean probability below this are suspects
-    robust_q: float | None = None  # RINCE exponent of the clean pairs' contrastive loss, in
-    #   [0, 1]: each direction's loss is (1 - p^q) / q with p the softmax probability of the
-    #   true partner, so a pair's gradient is weighted by p^q and pairs the model cannot fit
-    #   (mostly mismatched ones) pull less (Chuang et al., "Robust Contrastive Learning
-    #   against Noisy Views", CVPR 2022); also during the split warmup. 0: InfoNCE.
-    #   None: 0.3 for method l2rm from random initialisation on a manifest (the model
-    #   audits itself), else 0: with a scan folder's split from the first epoch, RINCE's
-    #   weaker pull early on leaves the suspects' soft targets in charge and hurts
-    #   (benchmarks/results/finetune.md)
-    suspect_targets: str | None = None  # global | batch: where a suspect's new partner comes
-    #   from. global: at every split refresh, the dataset-scale partial OT of
-    #   pmpclean.rematching over all suspects (learned cost, original pairing forbidden;
-    #   with a scan folder, the scan's own proposals at the first split); a suspect whose
-    #   proposal reaches rematch_min_confidence trains as a pair with the proposed caption,
-    #   weighted by the confidence, and the others only serve as negatives. batch: L2RM's
-    #   in-batch plan as soft targets (the research code's scheme: a random batch rarely
-    #   holds a suspect's true partner). None: batch for method l2rm from random
-    #   initialisation on a manifest (a model that audits itself from scratch proposes
-    #   nothing confident, while in-batch targets still teach it; development runs in
-    #   benchmarks/results/finetune_n3000.md), else global
-    rematch_min_confidence: float = 0.6  # global: proposals below this are not trained on
-    ot_mass: float = 0.5  # batch: fraction of the batch's suspect mass the plan moves, (0, 1]
-    ot_reg: float = 0.05  # entropic regularisation of the plan (cost = cosine distance)
-    min_plan_mass: float = 0.1  # suspects receiving less than this fraction of their
-    #   marginal get no target (they contribute nothing)
-    noisy_weight: float = 1.0  # weight of the suspects' soft-target loss (0: drop suspects)
-    target_quantile: float | None = 0.25  # a suspect gets its plan target only when the
-    #   target is at least as similar (plan-weighted cosine) as this quantile of the batch's
-    #   clean pairs: the clean pairs calibrate what a true pair looks like (L2RM's "key
-    #   points"); None: every suspect with enough transported mass gets its target
-    audit_weight: float = 0.5  # with a scan folder: weight of the scan's match_score in every
-    #   refreshed split, averaged with the loss mixture's clean probability (0: the model's
-    #   own losses only after the first epoch; 1: keep the scan's split throughout)
+    # plain-contrastive epochs before the first split
+    # (None: 0 with an audit or pretrained weights; from random init, until an epoch's
+    # mean training loss is 5% below its chance level, log(batch_size) for InfoNCE,
+    # (1 - batch_size^-q) / q for RINCE: before that the per-pair losses say nothing
+    # about the pairs)
+    split_warmup_epochs: Annotated[int | None, Range("int", ge=0, none=True)] = None
+    # refresh the clean/suspect split every N epochs (0: never refresh)
+    split_every: Annotated[int, Range("int", ge=0, why="0: never refresh")] = 1
+    # pairs with clean probability below this are suspects
+    split_threshold: Annotated[float, Range(gt=0, lt=1)] = 0.5
+    # RINCE exponent of the clean pairs' contrastive loss, in
+    # [0, 1]: each direction's loss is (1 - p^q) / q with p the softmax probability of the
+    # true partner, so a pair's gradient is weighted by p^q and pairs the model cannot fit
+    # (mostly mismatched ones) pull less (Chuang et al., "Robust Contrastive Learning
+    # against Noisy Views", CVPR 2022); also during the split warmup. 0: InfoNCE.
+    # None: 0.3 for method l2rm from random initialisation on a manifest (the model
+    # audits itself), else 0: with a scan folder's split from the first epoch, RINCE's
+    # weaker pull early on leaves the suspects' soft targets in charge and hurts
+    # (benchmarks/results/finetune.md)
+    robust_q: Annotated[float | None, Range(ge=0, le=1, none=True, phrase=_ROBUST_Q)] = None
+    # global | batch: where a suspect's new partner comes
+    # from. global: at every split refresh, the dataset-scale partial OT of
+    # pmpclean.rematching over all suspects (learned cost, original pairing forbidden;
+    # with a scan folder, the scan's own proposals at the first split); a suspect whose
+    # proposal reaches rematch_min_confidence trains as a pair with the proposed caption,
+    # weighted by the confidence, and the others only serve as negatives. batch: L2RM's
+    # in-batch plan as soft targets (the research code's scheme: a random batch rarely
+    # holds a suspect's true partner). None: batch for method l2rm from random
+    # initialisation on a manifest (a model that audits itself from scratch proposes
+    # nothing confident, while in-batch targets still teach it; development runs in
+    # benchmarks/results/finetune_n3000.md), else global
+    suspect_targets: Annotated[
+        str | None, Range("choice", choices=("global", "batch"), none=True, phrase=_TARGETS)
+    ] = None
+    # global: proposals below this are not trained on
+    rematch_min_confidence: Annotated[float, Range(ge=0, le=1)] = 0.6
+    # batch: fraction of the batch's suspect mass the plan moves, (0, 1]
+    ot_mass: Annotated[float, Range(gt=0, le=1, why="fraction of suspect mass transported")] = 0.5
+    # entropic regularisation of the plan (cost = cosine distance)
+    ot_reg: Annotated[float, Range(gt=0)] = 0.05
+    # suspects receiving less than this fraction of their
+    # marginal get no target (they contribute nothing)
+    min_plan_mass: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    # weight of the suspects' soft-target loss (0: drop suspects)
+    noisy_weight: Annotated[float, Range(ge=0)] = 1.0
+    # a suspect gets its plan target only when the
+    # target is at least as similar (plan-weighted cosine) as this quantile of the batch's
+    # clean pairs: the clean pairs calibrate what a true pair looks like (L2RM's "key
+    # points"); None: every suspect with enough transported mass gets its target
+    target_quantile: Annotated[float | None, Range(ge=0, le=1, none=True)] = 0.25
+    # with a scan folder: weight of the scan's match_score in every
+    # refreshed split, averaged with the loss mixture's clean probability (0: the model's
+    # own losses only after the first epoch; 1: keep the scan's split throughout)
+    audit_weight: Annotated[float, Range(ge=0, le=1, why=_AUDIT_WEIGHT)] = 0.5
     # -- output and resumption ---------------------------------------------------------------
-    checkpoint_every: int | None = None  # also save resume.pt every N optimizer steps
-    #   (None: at the end of every epoch only)
+    # also save resume.pt every N optimizer steps
+    # (None: at the end of every epoch only)
+    checkpoint_every: Annotated[int | None, Range("int", ge=1, none=True)] = None
     keep_resume: bool = False  # keep resume.pt after a successful run
     resume: bool = False  # continue the interrupted run in out_dir from resume.pt
     overwrite: bool = False  # replace an earlier run in out_dir
@@ -403,141 +517,26 @@ def _check_names(options: dict[str, Any]) -> None:
 
 
 def _validate(cfg: FinetuneConfig) -> None:
-    # long: one check per finetune setting; step 5 moves each beside its field
-    """Check every setting once, naming the setting, the constraint and the fix."""
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    if cfg.method not in METHODS:
-        raise ConfigError(f"Unknown method {cfg.method!r}: expected one of {', '.join(METHODS)}.")
-    if cfg.schedule not in SCHEDULES:
-        raise ConfigError(
-            f"Unknown schedule {cfg.schedule!r}: expected one of {', '.join(SCHEDULES)}."
-        )
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(
-            f"Unknown precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}."
-        )
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    def is_num(v: Any) -> bool:
-        return (
-            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
-        )
-
-    need(
-        is_int(cfg.epochs) and cfg.epochs >= 1,
-        f"epochs must be an integer >= 1, got {cfg.epochs!r}.",
+    """Check every setting once, naming the setting, the constraint and the fix: each
+    field against the :class:`Range` beside it, then the rules between fields."""
+    check_settings(cfg)
+    rules = (
+        (
+            cfg.lock_image and cfg.lock_text,
+            "lock_image and lock_text are both set, which leaves nothing to train; "
+            "lock at most one tower.",
+        ),
+        (
+            cfg.patience is not None and cfg.val_fraction <= 0 and cfg.val_dataset is None,
+            "patience (early stopping) needs a validation split: set val_fraction > 0 or "
+            "val_dataset.",
+        ),
+        (
+            cfg.resume and cfg.overwrite,
+            "resume and overwrite are both set; pass resume to continue the run in the output "
+            "folder or overwrite to start over, not both.",
+        ),
     )
-    need(
-        is_int(cfg.batch_size) and cfg.batch_size >= 2,
-        f"batch_size must be an integer >= 2 (contrastive training needs negatives), "
-        f"got {cfg.batch_size!r}.",
-    )
-    need(
-        is_int(cfg.accum_steps) and cfg.accum_steps >= 1,
-        f"accum_steps must be an integer >= 1, got {cfg.accum_steps!r}.",
-    )
-    need(
-        cfg.lr is None or (is_num(cfg.lr) and cfg.lr > 0),
-        f"lr must be a positive number (or None for the default), got {cfg.lr!r}.",
-    )
-    need(
-        is_num(cfg.weight_decay) and cfg.weight_decay >= 0,
-        f"weight_decay must be >= 0, got {cfg.weight_decay!r}.",
-    )
-    need(
-        cfg.warmup_steps is None or (is_int(cfg.warmup_steps) and cfg.warmup_steps >= 0),
-        f"warmup_steps must be an integer >= 0 (or None for 5% of all steps), "
-        f"got {cfg.warmup_steps!r}.",
-    )
-    need(
-        cfg.grad_clip is None or (is_num(cfg.grad_clip) and cfg.grad_clip > 0),
-        f"grad_clip must be a positive number or None, got {cfg.grad_clip!r}.",
-    )
-    need(
-        not (cfg.lock_image and cfg.lock_text),
-        "lock_image and lock_text are both set, which leaves nothing to train; "
-        "lock at most one tower.",
-    )
-    need(
-        is_int(cfg.workers) and cfg.workers >= 0,
-        f"workers must be an integer >= 0, got {cfg.workers!r}.",
-    )
-    need(is_int(cfg.seed), f"seed must be an integer, got {cfg.seed!r}.")
-    need(
-        is_num(cfg.val_fraction) and 0 <= cfg.val_fraction <= 0.5,
-        f"val_fraction must be in [0, 0.5] (fraction of images held out), "
-        f"got {cfg.val_fraction!r}.",
-    )
-    need(
-        cfg.patience is None or (is_int(cfg.patience) and cfg.patience >= 1),
-        f"patience must be an integer >= 1 or None, got {cfg.patience!r}.",
-    )
-    need(
-        cfg.patience is None or cfg.val_fraction > 0 or cfg.val_dataset is not None,
-        "patience (early stopping) needs a validation split: set val_fraction > 0 or val_dataset.",
-    )
-    need(
-        cfg.split_warmup_epochs is None
-        or (is_int(cfg.split_warmup_epochs) and cfg.split_warmup_epochs >= 0),
-        f"split_warmup_epochs must be an integer >= 0 or None, got {cfg.split_warmup_epochs!r}.",
-    )
-    need(
-        is_int(cfg.split_every) and cfg.split_every >= 0,
-        f"split_every must be an integer >= 0 (0: never refresh), got {cfg.split_every!r}.",
-    )
-    need(
-        is_num(cfg.split_threshold) and 0 < cfg.split_threshold < 1,
-        f"split_threshold must be in (0, 1), got {cfg.split_threshold!r}.",
-    )
-    need(
-        cfg.robust_q is None or (is_num(cfg.robust_q) and 0 <= cfg.robust_q <= 1),
-        f"robust_q must be in [0, 1] (0: InfoNCE, 1: the most noise-robust RINCE) or None "
-        f"for the default, got {cfg.robust_q!r}.",
-    )
-    need(
-        is_num(cfg.ot_mass) and 0 < cfg.ot_mass <= 1,
-        f"ot_mass must be in (0, 1] (fraction of suspect mass transported), got {cfg.ot_mass!r}.",
-    )
-    need(is_num(cfg.ot_reg) and cfg.ot_reg > 0, f"ot_reg must be > 0, got {cfg.ot_reg!r}.")
-    need(
-        is_num(cfg.min_plan_mass) and 0 <= cfg.min_plan_mass < 1,
-        f"min_plan_mass must be in [0, 1), got {cfg.min_plan_mass!r}.",
-    )
-    need(
-        cfg.suspect_targets in (None, "global", "batch"),
-        f"suspect_targets must be 'global', 'batch' or None, got {cfg.suspect_targets!r}.",
-    )
-    need(
-        is_num(cfg.rematch_min_confidence) and 0 <= cfg.rematch_min_confidence <= 1,
-        f"rematch_min_confidence must be in [0, 1], got {cfg.rematch_min_confidence!r}.",
-    )
-    need(
-        is_num(cfg.noisy_weight) and cfg.noisy_weight >= 0,
-        f"noisy_weight must be >= 0, got {cfg.noisy_weight!r}.",
-    )
-    need(
-        cfg.target_quantile is None
-        or (is_num(cfg.target_quantile) and 0 <= cfg.target_quantile <= 1),
-        f"target_quantile must be in [0, 1] or None, got {cfg.target_quantile!r}.",
-    )
-    need(
-        is_num(cfg.audit_weight) and 0 <= cfg.audit_weight <= 1,
-        f"audit_weight must be in [0, 1] (weight of the scan's match_score in refreshed "
-        f"splits), got {cfg.audit_weight!r}.",
-    )
-    need(
-        cfg.checkpoint_every is None
-        or (is_int(cfg.checkpoint_every) and cfg.checkpoint_every >= 1),
-        f"checkpoint_every must be an integer >= 1 or None, got {cfg.checkpoint_every!r}.",
-    )
-    need(
-        not (cfg.resume and cfg.overwrite),
-        "resume and overwrite are both set; pass resume to continue the run in the output "
-        "folder or overwrite to start over, not both.",
-    )
+    for broken, message in rules:
+        if broken:
+            raise ConfigError(message)
