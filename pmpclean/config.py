@@ -35,6 +35,84 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a setting allows, declared beside its field:
+    ``epochs: Annotated[int, Range("int", ge=1)] = 10``. :func:`check_settings` reads it
+    and names the setting, the constraint and the value that broke it.
+
+    ``kind`` is ``"int"``, ``"num"`` (finite, not bool) or ``"choice"`` (one of
+    ``choices``); ``ge``/``gt``/``le``/``lt`` bound a number; ``none`` allows None.
+    ``phrase`` replaces the generated constraint of the message ("an integer >= 1",
+    "in (0, 1]", ...); ``why`` follows it in parentheses. The message reads
+    ``<label> must <verb> <constraint>, got <value><after>.`` (label: the field's name).
+    """
+
+    kind: str = "num"
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] = ()
+    none: bool = False
+    phrase: str | None = None
+    why: str = ""
+    verb: str = "be"
+    label: str | None = None
+    after: str = ""
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.none
+        if self.kind == "choice":
+            return value in self.choices
+        number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        if self.kind == "int" and not (number and isinstance(value, (int, np.integer))):
+            return False
+        if not (number and math.isfinite(value)):
+            return False
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+        )
+
+    def message(self, name: str, value: Any) -> str:
+        name = self.label or name
+        if self.kind == "choice" and self.phrase is None:
+            return f"Unknown {name} {value!r}: expected one of {', '.join(self.choices)}."
+        text = self.phrase or self._bounds()
+        if self.why:
+            text += f" ({self.why})"
+        if self.none and self.phrase is None:
+            text += " or None"
+        return f"{name} must {self.verb} {text}, got {value!r}{self.after}."
+
+    def _bounds(self) -> str:
+        lo = ("[", self.ge) if self.ge is not None else ("(", self.gt)
+        hi = ("]", self.le) if self.le is not None else (")", self.lt)
+        if lo[1] is not None and hi[1] is not None:
+            return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+        if lo[1] is not None:
+            bound = f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+            return f"an integer {bound}" if self.kind == "int" else bound
+        return "an integer" if self.kind == "int" else "a number"
+
+
+def check_settings(cfg: Any) -> None:
+    """Check every field of a settings dataclass against the :class:`Range` declared
+    beside it; raise :class:`ConfigError` naming the first one out of range."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in fields(cfg):
+        spec = next(
+            (m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Range)), None
+        )
+        value = getattr(cfg, f.name)
+        if spec is not None and not spec.allows(value):
+            raise ConfigError(spec.message(f.name, value))
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """How to read the manifest."""
 
@@ -64,37 +142,68 @@ class EmbedConfig:
     use_cache: bool = True  # reuse and extend the on-disk embedding cache
 
 
+COSTS = ("learned", "fixed", "paper")
+_THRESHOLD_NOTE = "; the default 0.5 needs no tuning"
+_MASS_NOTE = ": it is the fraction of suspect mass transported"
+_EXACT_NOTE = (
+    ": it is the largest number of images (captions) searched exactly; 0 always searches "
+    "approximately"
+)
+_NPROBE_NOTE = (
+    ": it is the number of inverted lists each query visits in the approximate search (default 8)"
+)
+_FIT_MAX = {
+    "label": "audit.mixture_fit_max",
+    "phrase": "an integer >= 100 or null",
+    "after": ": it is the most scores the mixture is fitted on (null fits on every row)",
+}
+_PLANTS_NOTE = (
+    ": it is the number of known mismatches of each kind planted to calibrate the split "
+    "(0 turns it off)"
+)
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """Scoring, splitting and rematching of image-caption pairs."""
 
-    k: int = 3  # dataset neighbours per side that a pair is compared against (3 measures best)
-    threshold: float = 0.5  # match_score below this flags a pair as mismatched
+    # dataset neighbours per side that a pair is compared against (3 measures best)
+    k: Annotated[int, Range("int", phrase="at least 1", ge=1)] = 3
+    # match_score below this flags a pair as mismatched
+    threshold: Annotated[float, Range(gt=0, lt=1, verb="lie", after=_THRESHOLD_NOTE)] = 0.5
     # flagged pairs within this of the threshold, with no proposal: review
-    review_margin: float = 0.2
+    review_margin: Annotated[float, Range(ge=0)] = 0.2
     rematch: bool = True  # propose captions for flagged pairs with partial optimal transport
-    mass: float | None = None  # fraction s of suspect mass transported (None: rematch default 0.8)
+    # fraction s of suspect mass transported (None: rematch default 0.8)
+    mass: Annotated[
+        float | None, Range(gt=0, le=1, none=True, verb="lie", phrase="in (0, 1]", after=_MASS_NOTE)
+    ] = None
     reg: float | None = None  # entropic regularisation, in similarity-spread units (None: 0.4)
-    cost: str = "learned"  # learned | fixed | paper: similarity-to-cost mapping
+    # learned | fixed | paper: similarity-to-cost mapping
+    cost: Annotated[str, Range("choice", choices=COSTS)] = "learned"
     candidates: int | None = None  # caption candidates per suspect image (None: 32)
     block_size: int | None = None  # largest dense transport matrix per side (None: 4096)
     # proposals below this rematch_confidence are withheld; the confidence is the share of
     # planted proposals at that confidence that were right (0.8: precision 0.93-0.95 on
     # Flickr8k shuffle and mixed noise, benchmarks/results/rematch_calibration.md)
-    min_confidence: float = 0.8
+    min_confidence: Annotated[float, Range(ge=0, le=1, verb="lie")] = 0.8
     # Up to this many images (captions), a pair's dataset alternatives are found by exact
     # search; above it by an approximate inverted-file search (cost ~ n^1.5 instead of n^2).
-    exact_search_max: int = 20_000
+    exact_search_max: Annotated[
+        int, Range("int", ge=0, label="audit.exact_search_max", after=_EXACT_NOTE)
+    ] = 20_000
     # Inverted lists each query visits in the approximate search: higher = closer to exact,
     # slower (8: ~80 % of the exact top-4 at 1M CLIP-like rows, F1 within 0.002 at 100k).
-    search_nprobe: int = 8
+    search_nprobe: Annotated[
+        int, Range("int", ge=1, label="audit.search_nprobe", after=_NPROBE_NOTE)
+    ] = 8
     # Most scores the two-component mixture is fitted on; above it EM runs on a seeded
     # subsample and every row still gets its posterior. None fits on every row.
-    mixture_fit_max: int | None = 200_000
+    mixture_fit_max: Annotated[int | None, Range("int", ge=100, none=True, **_FIT_MAX)] = 200_000
     # Known mismatches of each kind (random caption, caption of a similar image) planted
     # among the dataset's confident pairs to calibrate the split, check that the model
     # sees, and bound the noise rate. 0: the bimodality mixture alone (no verdict check).
-    plants: int = 2000
+    plants: Annotated[int, Range("int", ge=0, label="audit.plants", after=_PLANTS_NOTE)] = 2000
 
 
 @dataclass(frozen=True)
@@ -293,79 +402,6 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 #: ``auto`` = ``amp`` on CUDA, ``fp32`` elsewhere; ``amp``/``amp_bf16`` need a CUDA device.
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16")
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a setting allows, declared beside its field:
-    ``epochs: Annotated[int, Range("int", ge=1)] = 10``. :func:`check_settings` reads it
-    and names the setting, the constraint and the value that broke it.
-
-    ``kind`` is ``"int"``, ``"num"`` (finite, not bool) or ``"choice"`` (one of
-    ``choices``); ``ge``/``gt``/``le``/``lt`` bound a number; ``none`` allows None.
-    ``phrase`` replaces the generated constraint of the message ("an integer >= 1",
-    "in (0, 1]", ...); ``why`` follows it in parentheses.
-    """
-
-    kind: str = "num"
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    choices: tuple[str, ...] = ()
-    none: bool = False
-    phrase: str | None = None
-    why: str = ""
-
-    def allows(self, value: Any) -> bool:
-        if value is None:
-            return self.none
-        if self.kind == "choice":
-            return value in self.choices
-        number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-        if self.kind == "int" and not (number and isinstance(value, (int, np.integer))):
-            return False
-        if not (number and math.isfinite(value)):
-            return False
-        return not (
-            (self.ge is not None and value < self.ge)
-            or (self.gt is not None and value <= self.gt)
-            or (self.le is not None and value > self.le)
-            or (self.lt is not None and value >= self.lt)
-        )
-
-    def message(self, name: str, value: Any) -> str:
-        if self.kind == "choice" and self.phrase is None:
-            return f"Unknown {name} {value!r}: expected one of {', '.join(self.choices)}."
-        text = self.phrase or self._bounds()
-        if self.why:
-            text += f" ({self.why})"
-        if self.none and self.phrase is None:
-            text += " or None"
-        return f"{name} must be {text}, got {value!r}."
-
-    def _bounds(self) -> str:
-        lo = ("[", self.ge) if self.ge is not None else ("(", self.gt)
-        hi = ("]", self.le) if self.le is not None else (")", self.lt)
-        if lo[1] is not None and hi[1] is not None:
-            return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
-        if lo[1] is not None:
-            bound = f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
-            return f"an integer {bound}" if self.kind == "int" else bound
-        return "an integer" if self.kind == "int" else "a number"
-
-
-def check_settings(cfg: Any) -> None:
-    """Check every field of a settings dataclass against the :class:`Range` declared
-    beside it; raise :class:`ConfigError` naming the first one out of range."""
-    hints = typing.get_type_hints(type(cfg), include_extras=True)
-    for f in fields(cfg):
-        spec = next(
-            (m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Range)), None
-        )
-        value = getattr(cfg, f.name)
-        if spec is not None and not spec.allows(value):
-            raise ConfigError(spec.message(f.name, value))
 
 
 _ROBUST_Q = "in [0, 1] (0: InfoNCE, 1: the most noise-robust RINCE) or None for the default"

@@ -22,7 +22,7 @@ import pandas as pd
 from . import __version__
 from ._numfmt import finite_or_none
 from ._utils import Timer, atomic_open, atomic_path, claim_output, to_jsonable
-from .config import ScanConfig, config_from_dict, config_to_dict
+from .config import ScanConfig, check_settings, config_from_dict, config_to_dict
 from .data import text_groups
 from .errors import ConfigError, DatasetError
 
@@ -166,50 +166,8 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def _validate_audit_config(cfg: ScanConfig) -> None:
-    a = cfg.audit
-    if not 0.0 < a.threshold < 1.0:
-        raise ConfigError(
-            f"threshold must lie in (0, 1), got {a.threshold}; the default 0.5 needs no tuning."
-        )
-    if a.mass is not None and not 0.0 < a.mass <= 1.0:
-        raise ConfigError(
-            f"mass must lie in (0, 1], got {a.mass}: "
-            "it is the fraction of suspect mass transported."
-        )
-    if not 0.0 <= a.min_confidence <= 1.0:
-        raise ConfigError(f"min_confidence must lie in [0, 1], got {a.min_confidence}.")
-    if a.k < 1:
-        raise ConfigError(f"k must be at least 1, got {a.k}.")
-    if a.review_margin < 0:
-        raise ConfigError(f"review_margin must be >= 0, got {a.review_margin}.")
-    if a.cost not in ("learned", "fixed", "paper"):
-        raise ConfigError(f"Unknown cost {a.cost!r}: expected one of learned, fixed, paper.")
-
-    def _is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    if not _is_int(a.exact_search_max) or a.exact_search_max < 0:
-        raise ConfigError(
-            f"audit.exact_search_max must be an integer >= 0, got {a.exact_search_max!r}: it is "
-            "the largest number of images (captions) searched exactly; 0 always searches "
-            "approximately."
-        )
-    if not _is_int(a.search_nprobe) or a.search_nprobe < 1:
-        raise ConfigError(
-            f"audit.search_nprobe must be an integer >= 1, got {a.search_nprobe!r}: it is the "
-            "number of inverted lists each query visits in the approximate search (default 8)."
-        )
-    fit_max = a.mixture_fit_max
-    if fit_max is not None and (not _is_int(fit_max) or fit_max < 100):
-        raise ConfigError(
-            f"audit.mixture_fit_max must be an integer >= 100 or null, got {fit_max!r}: it is "
-            "the most scores the mixture is fitted on (null fits on every row)."
-        )
-    if not _is_int(a.plants) or a.plants < 0:
-        raise ConfigError(
-            f"audit.plants must be an integer >= 0, got {a.plants!r}: it is the number of "
-            "known mismatches of each kind planted to calibrate the split (0 turns it off)."
-        )
+    """The audit settings against the ranges declared beside them (config.AuditConfig)."""
+    check_settings(cfg.audit)
 
 
 def _opt(**kwargs: Any) -> dict[str, Any]:
