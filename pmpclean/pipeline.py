@@ -438,7 +438,7 @@ def _refuse_existing_scan(target: Path, *, force: bool) -> None:
         )
 
 
-def _scan(
+def _scan(  # noqa: C901 - the stages in order; the split part is the lead's (issue 18)
     source: str | Path | pd.DataFrame,
     manifest_path: Path | None,
     cfg: ScanConfig,
