@@ -29,6 +29,7 @@ __all__ = [
     "SCHEDULES",
     "PRECISIONS",
     "load_config",
+    "load_finetune_config",
     "config_to_dict",
     "config_from_dict",
 ]
@@ -540,6 +541,33 @@ class FinetuneConfig:
         """Return a copy with ``changes`` applied (unknown names raise :class:`ConfigError`)."""
         _check_names(changes)
         return dataclasses.replace(self, **changes)
+
+
+def load_finetune_config(path: str | Path) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of a YAML file: the ``finetune_config.yaml`` of an
+    earlier run (its ``settings``) or a mapping of setting names to values; settings it
+    leaves out keep their defaults. Unknown names raise :class:`ConfigError`."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Settings file {path} does not exist.") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Cannot read settings file {path}: {exc}") from None
+    doc = {} if doc is None else doc
+    if isinstance(doc, dict) and isinstance(doc.get("settings"), dict):
+        doc = doc["settings"]  # finetune_config.yaml of an earlier run
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"Settings file {path} must hold a mapping of finetune setting names to values "
+            f"(or an earlier run's finetune_config.yaml), not a {type(doc).__name__}."
+        )
+    try:
+        return FinetuneConfig().replace(**{str(k): v for k, v in doc.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _check_names(options: dict[str, Any]) -> None:
