@@ -416,6 +416,11 @@ class FinetuneConfig:
 
     ``None`` means "choose from context"; the resolved values are written to
     ``finetune_config.yaml`` and ``metrics.json`` in the output folder.
+
+    Nine settings have no option of ``pmpclean finetune`` (weight_decay, grad_clip,
+    cache_images, split_threshold, ot_reg, min_plan_mass, noisy_weight, target_quantile,
+    keep_resume): they are tuning knobs of the method that the command line does not
+    need to show; set them with ``--config FILE`` (:func:`load_finetune_config`).
     """
 
     # -- model -------------------------------------------------------------------------
