@@ -256,6 +256,25 @@ def claim_output(path: str | os.PathLike[str], *, folder: bool) -> Iterator[Path
         raise
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch single-threaded, restoring the caller's setting afterwards.
+
+    For the small models fitted inside the audit (the label heads, the learned
+    transport cost): on thousands of rows and tens of features, several intra-op
+    threads synchronise for longer than they compute (the label heads 6x, the cost's
+    key-point loss 10-20x slower with 2 threads on a busy 2-core machine).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def to_jsonable(obj: Any) -> Any:
     """Convert ``obj`` to plain JSON types: numpy scalars/arrays, paths, dates, NaN -> null."""
     if obj is None or isinstance(obj, (str, bool)):
@@ -277,6 +296,12 @@ def to_jsonable(obj: Any) -> Any:
         return os.fspath(obj)
     if isinstance(obj, (_dt.datetime, _dt.date)):  # pandas Timestamp included
         return obj.isoformat()
+    return _other_to_jsonable(obj)
+
+
+def _other_to_jsonable(obj: Any) -> Any:
+    """:func:`to_jsonable` of pandas' missing values and containers, 0-d arrays and
+    torch scalars; anything else as its ``str``."""
     pd = sys.modules.get("pandas")  # only pandas objects need pandas, and they bring it
     if pd is not None:
         if obj is pd.NA or obj is pd.NaT:

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .config import ScanConfig, load_config
+from .config import ScanConfig, load_config, load_finetune_config
 from .errors import PmpcleanError
 
 app = typer.Typer(
@@ -472,6 +472,7 @@ def scan(
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
+    # long: typer options, one per scan setting; to be generated from config.py (step 7)
     """Score every image-caption pair, flag mismatches, propose better captions.
 
     Writes audit.parquet, audit.csv, summary.json, config.yaml and report.html to the
@@ -611,6 +612,7 @@ def rematch(
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
+    # long: typer options, one per rematch setting; to be generated from config.py (step 7)
     """Write a cleaned manifest from the latest scan (scanning first when needed).
 
     Every input row lands in exactly one of the cleaned manifest and the dropped file.
@@ -842,6 +844,7 @@ def _ot_mass_in_range(value: float) -> float:
     )
 )
 def finetune(
+    ctx: typer.Context,
     dataset: Annotated[
         Path,
         typer.Argument(
@@ -1189,9 +1192,20 @@ def finetune(
             ),
         ),
     ] = 0,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help=(
+                "Settings file: an earlier run's finetune_config.yaml, or setting: value "
+                "lines. Options given on the command line win."
+            ),
+        ),
+    ] = None,
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
+    # long: typer options, one per finetune setting; to be generated from config.py (step 7)
     """Fine-tune the open_clip model on a noisy dataset, robustly to mismatched pairs.
 
     Clean pairs get the usual contrastive loss; a pair the per-epoch split calls suspect trains with the caption a partial optimal-transport plan over all suspects proposes for its image (its own caption forbidden), or only as a negative when nothing fits.
@@ -1206,40 +1220,45 @@ def finetune(
 
     output = _output(fmt, quiet)
     with _run(output):
-        cfg = FinetuneConfig(
-            model=model,
-            pretrained=pretrained,
-            image_col=image_col,
-            text_col=text_col,
-            truth_col=truth_col,
-            method=method.value,
-            epochs=epochs,
-            batch_size=batch_size,
-            accum_steps=accum_steps,
-            lr=lr,
-            schedule=schedule.value,
-            warmup_steps=warmup_steps,
-            lock_image=lock_image,
-            lock_text=lock_text,
-            precision=precision.value,
-            device=device,
-            workers=workers,
-            seed=seed,
-            val_fraction=val_fraction,
-            val_dataset=str(val_dataset) if val_dataset else None,
-            patience=patience,
-            split_warmup_epochs=split_warmup_epochs,
-            split_every=split_every,
-            suspect_targets=None if suspect_targets is None else suspect_targets.value,
-            rematch_min_confidence=rematch_min_confidence,
-            ot_mass=ot_mass,
-            robust_q=robust_q,
-            audit_weight=audit_weight,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            overwrite=overwrite,
-        )
-        seed_everything(seed)
+        options = {
+            "model": model,
+            "pretrained": pretrained,
+            "image_col": image_col,
+            "text_col": text_col,
+            "truth_col": truth_col,
+            "method": method.value,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "accum_steps": accum_steps,
+            "lr": lr,
+            "schedule": schedule.value,
+            "warmup_steps": warmup_steps,
+            "lock_image": lock_image,
+            "lock_text": lock_text,
+            "precision": precision.value,
+            "device": device,
+            "workers": workers,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "val_dataset": str(val_dataset) if val_dataset else None,
+            "patience": patience,
+            "split_warmup_epochs": split_warmup_epochs,
+            "split_every": split_every,
+            "suspect_targets": None if suspect_targets is None else suspect_targets.value,
+            "rematch_min_confidence": rematch_min_confidence,
+            "ot_mass": ot_mass,
+            "robust_q": robust_q,
+            "audit_weight": audit_weight,
+            "checkpoint_every": checkpoint_every,
+            "resume": resume,
+            "overwrite": overwrite,
+        }
+        if config_file is None:
+            cfg = FinetuneConfig(**options)
+        else:  # defaults < the file < options given on the command line
+            given = {k: v for k, v in options.items() if _explicit(ctx, k)}
+            cfg = load_finetune_config(config_file).replace(**given)
+        seed_everything(cfg.seed)
         _warn_remote_images(output)
         with output.progress() as progress:
             result = run_finetune(dataset, out_dir=out, config=cfg, progress=progress)

@@ -12,7 +12,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
@@ -29,9 +29,88 @@ __all__ = [
     "SCHEDULES",
     "PRECISIONS",
     "load_config",
+    "load_finetune_config",
     "config_to_dict",
     "config_from_dict",
 ]
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a setting allows, declared beside its field:
+    ``epochs: Annotated[int, Range("int", ge=1)] = 10``. :func:`check_settings` reads it
+    and names the setting, the constraint and the value that broke it.
+
+    ``kind`` is ``"int"``, ``"num"`` (finite, not bool) or ``"choice"`` (one of
+    ``choices``); ``ge``/``gt``/``le``/``lt`` bound a number; ``none`` allows None.
+    ``phrase`` replaces the generated constraint of the message ("an integer >= 1",
+    "in (0, 1]", ...); ``why`` follows it in parentheses. The message reads
+    ``<label> must <verb> <constraint>, got <value><after>.`` (label: the field's name).
+    """
+
+    kind: str = "num"
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] = ()
+    none: bool = False
+    phrase: str | None = None
+    why: str = ""
+    verb: str = "be"
+    label: str | None = None
+    after: str = ""
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.none
+        if self.kind == "choice":
+            return value in self.choices
+        number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        if self.kind == "int" and not (number and isinstance(value, (int, np.integer))):
+            return False
+        if not (number and math.isfinite(value)):
+            return False
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+        )
+
+    def message(self, name: str, value: Any) -> str:
+        name = self.label or name
+        if self.kind == "choice" and self.phrase is None:
+            return f"Unknown {name} {value!r}: expected one of {', '.join(self.choices)}."
+        text = self.phrase or self._bounds()
+        if self.why:
+            text += f" ({self.why})"
+        if self.none and self.phrase is None:
+            text += " or None"
+        return f"{name} must {self.verb} {text}, got {value!r}{self.after}."
+
+    def _bounds(self) -> str:
+        lo = ("[", self.ge) if self.ge is not None else ("(", self.gt)
+        hi = ("]", self.le) if self.le is not None else (")", self.lt)
+        if lo[1] is not None and hi[1] is not None:
+            return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+        if lo[1] is not None:
+            bound = f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+            return f"an integer {bound}" if self.kind == "int" else bound
+        return "an integer" if self.kind == "int" else "a number"
+
+
+def check_settings(cfg: Any) -> None:
+    """Check every field of a settings dataclass against the :class:`Range` declared
+    beside it; raise :class:`ConfigError` naming the first one out of range."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in fields(cfg):
+        spec = next(
+            (m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Range)), None
+        )
+        value = getattr(cfg, f.name)
+        if spec is not None and not spec.allows(value):
+            raise ConfigError(spec.message(f.name, value))
 
 
 @dataclass(frozen=True)
@@ -64,37 +143,68 @@ class EmbedConfig:
     use_cache: bool = True  # reuse and extend the on-disk embedding cache
 
 
+COSTS = ("learned", "fixed", "paper")
+_THRESHOLD_NOTE = "; the default 0.5 needs no tuning"
+_MASS_NOTE = ": it is the fraction of suspect mass transported"
+_EXACT_NOTE = (
+    ": it is the largest number of images (captions) searched exactly; 0 always searches "
+    "approximately"
+)
+_NPROBE_NOTE = (
+    ": it is the number of inverted lists each query visits in the approximate search (default 8)"
+)
+_FIT_MAX = {
+    "label": "audit.mixture_fit_max",
+    "phrase": "an integer >= 100 or null",
+    "after": ": it is the most scores the mixture is fitted on (null fits on every row)",
+}
+_PLANTS_NOTE = (
+    ": it is the number of known mismatches of each kind planted to calibrate the split "
+    "(0 turns it off)"
+)
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """Scoring, splitting and rematching of image-caption pairs."""
 
-    k: int = 3  # dataset neighbours per side that a pair is compared against (3 measures best)
-    threshold: float = 0.5  # match_score below this flags a pair as mismatched
+    # dataset neighbours per side that a pair is compared against (3 measures best)
+    k: Annotated[int, Range("int", phrase="at least 1", ge=1)] = 3
+    # match_score below this flags a pair as mismatched
+    threshold: Annotated[float, Range(gt=0, lt=1, verb="lie", after=_THRESHOLD_NOTE)] = 0.5
     # flagged pairs within this of the threshold, with no proposal: review
-    review_margin: float = 0.2
+    review_margin: Annotated[float, Range(ge=0)] = 0.2
     rematch: bool = True  # propose captions for flagged pairs with partial optimal transport
-    mass: float | None = None  # fraction s of suspect mass transported (None: rematch default 0.8)
+    # fraction s of suspect mass transported (None: rematch default 0.8)
+    mass: Annotated[
+        float | None, Range(gt=0, le=1, none=True, verb="lie", phrase="in (0, 1]", after=_MASS_NOTE)
+    ] = None
     reg: float | None = None  # entropic regularisation, in similarity-spread units (None: 0.4)
-    cost: str = "learned"  # learned | fixed | paper: similarity-to-cost mapping
+    # learned | fixed | paper: similarity-to-cost mapping
+    cost: Annotated[str, Range("choice", choices=COSTS)] = "learned"
     candidates: int | None = None  # caption candidates per suspect image (None: 32)
     block_size: int | None = None  # largest dense transport matrix per side (None: 4096)
     # proposals below this rematch_confidence are withheld; the confidence is the share of
     # planted proposals at that confidence that were right (0.8: precision 0.93-0.95 on
     # Flickr8k shuffle and mixed noise, benchmarks/results/rematch_calibration.md)
-    min_confidence: float = 0.8
+    min_confidence: Annotated[float, Range(ge=0, le=1, verb="lie")] = 0.8
     # Up to this many images (captions), a pair's dataset alternatives are found by exact
     # search; above it by an approximate inverted-file search (cost ~ n^1.5 instead of n^2).
-    exact_search_max: int = 20_000
+    exact_search_max: Annotated[
+        int, Range("int", ge=0, label="audit.exact_search_max", after=_EXACT_NOTE)
+    ] = 20_000
     # Inverted lists each query visits in the approximate search: higher = closer to exact,
     # slower (8: ~80 % of the exact top-4 at 1M CLIP-like rows, F1 within 0.002 at 100k).
-    search_nprobe: int = 8
+    search_nprobe: Annotated[
+        int, Range("int", ge=1, label="audit.search_nprobe", after=_NPROBE_NOTE)
+    ] = 8
     # Most scores the two-component mixture is fitted on; above it EM runs on a seeded
     # subsample and every row still gets its posterior. None fits on every row.
-    mixture_fit_max: int | None = 200_000
+    mixture_fit_max: Annotated[int | None, Range("int", ge=100, none=True, **_FIT_MAX)] = 200_000
     # Known mismatches of each kind (random caption, caption of a similar image) planted
     # among the dataset's confident pairs to calibrate the split, check that the model
     # sees, and bound the noise rate. 0: the bimodality mixture alone (no verdict check).
-    plants: int = 2000
+    plants: Annotated[int, Range("int", ge=0, label="audit.plants", after=_PLANTS_NOTE)] = 2000
 
 
 @dataclass(frozen=True)
@@ -295,12 +405,22 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16")
 
 
+_ROBUST_Q = "in [0, 1] (0: InfoNCE, 1: the most noise-robust RINCE) or None for the default"
+_TARGETS = "'global', 'batch' or None"
+_AUDIT_WEIGHT = "weight of the scan's match_score in refreshed splits"
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Every setting of :func:`finetune`. Precedence: CLI options > config file > these defaults.
 
     ``None`` means "choose from context"; the resolved values are written to
     ``finetune_config.yaml`` and ``metrics.json`` in the output folder.
+
+    Nine settings have no option of ``pmpclean finetune`` (weight_decay, grad_clip,
+    cache_images, split_threshold, ot_reg, min_plan_mass, noisy_weight, target_quantile,
+    keep_resume): they are tuning knobs of the method that the command line does not
+    need to show; set them with ``--config FILE`` (:func:`load_finetune_config`).
     """
 
     # -- model -------------------------------------------------------------------------
@@ -312,76 +432,112 @@ class FinetuneConfig:
     truth_col: str | None = None  # optional column: original row of each caption (pmpclean
     #   corrupt's true_row); enables per-epoch split precision/recall in metrics.json
     # -- method ------------------------------------------------------------------------
-    method: str = "l2rm"  # l2rm | contrastive (plain InfoNCE on every pair)
+    # l2rm | contrastive (plain InfoNCE on every pair)
+    method: Annotated[str, Range("choice", choices=METHODS)] = "l2rm"
     # -- optimisation --------------------------------------------------------------------
-    epochs: int = 10  # passes over the training pairs
-    batch_size: int = 128  # pairs per micro-batch (the in-batch negatives and OT plan)
-    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation);
-    #   negatives and plans stay per micro-batch
-    lr: float | None = None  # peak learning rate (None: 1e-5 from pretrained weights,
-    #   1e-3 from random init)
-    weight_decay: float = 0.1  # AdamW decay, not applied to gains, biases, logit_scale
-    schedule: str = "cosine"  # cosine | linear | constant: decay after the warmup
-    warmup_steps: int | None = None  # linear warmup, in optimizer steps (None: 5% of all)
-    grad_clip: float | None = None  # clip the gradient norm to this (None: no clipping)
+    # passes over the training pairs
+    epochs: Annotated[int, Range("int", ge=1)] = 10
+    # pairs per micro-batch (the in-batch negatives and OT plan)
+    batch_size: Annotated[int, Range("int", ge=2, why="contrastive training needs negatives")] = 128
+    # micro-batches per optimizer step (gradient accumulation);
+    # negatives and plans stay per micro-batch
+    accum_steps: Annotated[int, Range("int", ge=1)] = 1
+    # peak learning rate (None: 1e-5 from pretrained weights,
+    # 1e-3 from random init)
+    lr: Annotated[
+        float | None, Range(gt=0, none=True, phrase="a positive number (or None for the default)")
+    ] = None
+    # AdamW decay, not applied to gains, biases, logit_scale
+    weight_decay: Annotated[float, Range(ge=0)] = 0.1
+    # cosine | linear | constant: decay after the warmup
+    schedule: Annotated[str, Range("choice", choices=SCHEDULES)] = "cosine"
+    # linear warmup, in optimizer steps (None: 5% of all)
+    warmup_steps: Annotated[
+        int | None,
+        Range("int", ge=0, none=True, phrase="an integer >= 0 (or None for 5% of all steps)"),
+    ] = None
+    # clip the gradient norm to this (None: no clipping)
+    grad_clip: Annotated[
+        float | None, Range(gt=0, none=True, phrase="a positive number or None")
+    ] = None
     lock_image: bool = False  # freeze the image tower (train the text tower only)
     lock_text: bool = False  # freeze the text tower (train the image tower only)
-    precision: str = "auto"  # auto | fp32 | amp | amp_bf16 (mixed precision needs CUDA)
+    # auto | fp32 | amp | amp_bf16 (mixed precision needs CUDA)
+    precision: Annotated[str, Range("choice", choices=PRECISIONS)] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    workers: int = 0  # image-decoding worker processes (0: decode in the main process)
+    # image-decoding worker processes (0: decode in the main process)
+    workers: Annotated[int, Range("int", ge=0)] = 0
     cache_images: bool | None = None  # keep preprocessed images in RAM (None: if < 1 GiB)
-    seed: int = 0  # seeds the validation split, data order and mixture fits (random init
-    #   always uses pmpclean.embedding.RANDOM_SEED)
+    # seeds the validation split, data order and mixture fits (random init
+    # always uses pmpclean.embedding.RANDOM_SEED)
+    seed: Annotated[int, Range("int")] = 0
     # -- validation ----------------------------------------------------------------------
-    val_fraction: float = 0.1  # fraction of images held out for validation (0: none); at
-    #   least 2 when 8 remain for training, else none, with a warning (small datasets)
+    # fraction of images held out for validation (0: none); at
+    # least 2 when 8 remain for training, else none, with a warning (small datasets)
+    val_fraction: Annotated[float, Range(ge=0, le=0.5, why="fraction of images held out")] = 0.1
     val_dataset: str | None = None  # separate manifest to validate on (val_fraction unused)
-    patience: int | None = None  # stop after this many epochs without a better validation
-    #   R-sum (None: train all epochs); the best epoch's weights are the output
+    # stop after this many epochs without a better validation
+    # R-sum (None: train all epochs); the best epoch's weights are the output
+    patience: Annotated[int | None, Range("int", ge=1, none=True)] = None
     # -- L2RM ----------------------------------------------------------------------------
-    split_warmup_epochs: int | None = None  # plain-contrastive epochs before the first split
-    #   (None: 0 with an audit or pretrained weights; from random init, until an epoch's
-    #   mean training loss is 5% below its chance level, log(batch_size) for InfoNCE,
-    #   (1 - batch_size^-q) / q for RINCE: before that the per-pair losses say nothing
-    #   about the pairs)
-    split_every: int = 1  # refresh the clean/suspect split every N epochs (0: never refresh)
-    split_threshold: float = 0.5  # pairs with clean probability below this are suspects
-    robust_q: float | None = None  # RINCE exponent of the clean pairs' contrastive loss, in
-    #   [0, 1]: each direction's loss is (1 - p^q) / q with p the softmax probability of the
-    #   true partner, so a pair's gradient is weighted by p^q and pairs the model cannot fit
-    #   (mostly mismatched ones) pull less (Chuang et al., "Robust Contrastive Learning
-    #   against Noisy Views", CVPR 2022); also during the split warmup. 0: InfoNCE.
-    #   None: 0.3 for method l2rm from random initialisation on a manifest (the model
-    #   audits itself), else 0: with a scan folder's split from the first epoch, RINCE's
-    #   weaker pull early on leaves the suspects' soft targets in charge and hurts
-    #   (benchmarks/results/finetune.md)
-    suspect_targets: str | None = None  # global | batch: where a suspect's new partner comes
-    #   from. global: at every split refresh, the dataset-scale partial OT of
-    #   pmpclean.rematching over all suspects (learned cost, original pairing forbidden;
-    #   with a scan folder, the scan's own proposals at the first split); a suspect whose
-    #   proposal reaches rematch_min_confidence trains as a pair with the proposed caption,
-    #   weighted by the confidence, and the others only serve as negatives. batch: L2RM's
-    #   in-batch plan as soft targets (the research code's scheme: a random batch rarely
-    #   holds a suspect's true partner). None: batch for method l2rm from random
-    #   initialisation on a manifest (a model that audits itself from scratch proposes
-    #   nothing confident, while in-batch targets still teach it; development runs in
-    #   benchmarks/results/finetune_n3000.md), else global
-    rematch_min_confidence: float = 0.6  # global: proposals below this are not trained on
-    ot_mass: float = 0.5  # batch: fraction of the batch's suspect mass the plan moves, (0, 1]
-    ot_reg: float = 0.05  # entropic regularisation of the plan (cost = cosine distance)
-    min_plan_mass: float = 0.1  # suspects receiving less than this fraction of their
-    #   marginal get no target (they contribute nothing)
-    noisy_weight: float = 1.0  # weight of the suspects' soft-target loss (0: drop suspects)
-    target_quantile: float | None = 0.25  # a suspect gets its plan target only when the
-    #   target is at least as similar (plan-weighted cosine) as this quantile of the batch's
-    #   clean pairs: the clean pairs calibrate what a true pair looks like (L2RM's "key
-    #   points"); None: every suspect with enough transported mass gets its target
-    audit_weight: float = 0.5  # with a scan folder: weight of the scan's match_score in every
-    #   refreshed split, averaged with the loss mixture's clean probability (0: the model's
-    #   own losses only after the first epoch; 1: keep the scan's split throughout)
+    # plain-contrastive epochs before the first split
+    # (None: 0 with an audit or pretrained weights; from random init, until an epoch's
+    # mean training loss is 5% below its chance level, log(batch_size) for InfoNCE,
+    # (1 - batch_size^-q) / q for RINCE: before that the per-pair losses say nothing
+    # about the pairs)
+    split_warmup_epochs: Annotated[int | None, Range("int", ge=0, none=True)] = None
+    # refresh the clean/suspect split every N epochs (0: never refresh)
+    split_every: Annotated[int, Range("int", ge=0, why="0: never refresh")] = 1
+    # pairs with clean probability below this are suspects
+    split_threshold: Annotated[float, Range(gt=0, lt=1)] = 0.5
+    # RINCE exponent of the clean pairs' contrastive loss, in
+    # [0, 1]: each direction's loss is (1 - p^q) / q with p the softmax probability of the
+    # true partner, so a pair's gradient is weighted by p^q and pairs the model cannot fit
+    # (mostly mismatched ones) pull less (Chuang et al., "Robust Contrastive Learning
+    # against Noisy Views", CVPR 2022); also during the split warmup. 0: InfoNCE.
+    # None: 0.3 for method l2rm from random initialisation on a manifest (the model
+    # audits itself), else 0: with a scan folder's split from the first epoch, RINCE's
+    # weaker pull early on leaves the suspects' soft targets in charge and hurts
+    # (benchmarks/results/finetune.md)
+    robust_q: Annotated[float | None, Range(ge=0, le=1, none=True, phrase=_ROBUST_Q)] = None
+    # global | batch: where a suspect's new partner comes
+    # from. global: at every split refresh, the dataset-scale partial OT of
+    # pmpclean.rematching over all suspects (learned cost, original pairing forbidden;
+    # with a scan folder, the scan's own proposals at the first split); a suspect whose
+    # proposal reaches rematch_min_confidence trains as a pair with the proposed caption,
+    # weighted by the confidence, and the others only serve as negatives. batch: L2RM's
+    # in-batch plan as soft targets (the research code's scheme: a random batch rarely
+    # holds a suspect's true partner). None: batch for method l2rm from random
+    # initialisation on a manifest (a model that audits itself from scratch proposes
+    # nothing confident, while in-batch targets still teach it; development runs in
+    # benchmarks/results/finetune_n3000.md), else global
+    suspect_targets: Annotated[
+        str | None, Range("choice", choices=("global", "batch"), none=True, phrase=_TARGETS)
+    ] = None
+    # global: proposals below this are not trained on
+    rematch_min_confidence: Annotated[float, Range(ge=0, le=1)] = 0.6
+    # batch: fraction of the batch's suspect mass the plan moves, (0, 1]
+    ot_mass: Annotated[float, Range(gt=0, le=1, why="fraction of suspect mass transported")] = 0.5
+    # entropic regularisation of the plan (cost = cosine distance)
+    ot_reg: Annotated[float, Range(gt=0)] = 0.05
+    # suspects receiving less than this fraction of their
+    # marginal get no target (they contribute nothing)
+    min_plan_mass: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    # weight of the suspects' soft-target loss (0: drop suspects)
+    noisy_weight: Annotated[float, Range(ge=0)] = 1.0
+    # a suspect gets its plan target only when the
+    # target is at least as similar (plan-weighted cosine) as this quantile of the batch's
+    # clean pairs: the clean pairs calibrate what a true pair looks like (L2RM's "key
+    # points"); None: every suspect with enough transported mass gets its target
+    target_quantile: Annotated[float | None, Range(ge=0, le=1, none=True)] = 0.25
+    # with a scan folder: weight of the scan's match_score in every
+    # refreshed split, averaged with the loss mixture's clean probability (0: the model's
+    # own losses only after the first epoch; 1: keep the scan's split throughout)
+    audit_weight: Annotated[float, Range(ge=0, le=1, why=_AUDIT_WEIGHT)] = 0.5
     # -- output and resumption ---------------------------------------------------------------
-    checkpoint_every: int | None = None  # also save resume.pt every N optimizer steps
-    #   (None: at the end of every epoch only)
+    # also save resume.pt every N optimizer steps
+    # (None: at the end of every epoch only)
+    checkpoint_every: Annotated[int | None, Range("int", ge=1, none=True)] = None
     keep_resume: bool = False  # keep resume.pt after a successful run
     resume: bool = False  # continue the interrupted run in out_dir from resume.pt
     overwrite: bool = False  # replace an earlier run in out_dir
@@ -390,6 +546,33 @@ class FinetuneConfig:
         """Return a copy with ``changes`` applied (unknown names raise :class:`ConfigError`)."""
         _check_names(changes)
         return dataclasses.replace(self, **changes)
+
+
+def load_finetune_config(path: str | Path) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of a YAML file: the ``finetune_config.yaml`` of an
+    earlier run (its ``settings``) or a mapping of setting names to values; settings it
+    leaves out keep their defaults. Unknown names raise :class:`ConfigError`."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Settings file {path} does not exist.") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Cannot read settings file {path}: {exc}") from None
+    doc = {} if doc is None else doc
+    if isinstance(doc, dict) and isinstance(doc.get("settings"), dict):
+        doc = doc["settings"]  # finetune_config.yaml of an earlier run
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"Settings file {path} must hold a mapping of finetune setting names to values "
+            f"(or an earlier run's finetune_config.yaml), not a {type(doc).__name__}."
+        )
+    try:
+        return FinetuneConfig().replace(**{str(k): v for k, v in doc.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _check_names(options: dict[str, Any]) -> None:
@@ -403,140 +586,26 @@ def _check_names(options: dict[str, Any]) -> None:
 
 
 def _validate(cfg: FinetuneConfig) -> None:
-    """Check every setting once, naming the setting, the constraint and the fix."""
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    if cfg.method not in METHODS:
-        raise ConfigError(f"Unknown method {cfg.method!r}: expected one of {', '.join(METHODS)}.")
-    if cfg.schedule not in SCHEDULES:
-        raise ConfigError(
-            f"Unknown schedule {cfg.schedule!r}: expected one of {', '.join(SCHEDULES)}."
-        )
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(
-            f"Unknown precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}."
-        )
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    def is_num(v: Any) -> bool:
-        return (
-            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
-        )
-
-    need(
-        is_int(cfg.epochs) and cfg.epochs >= 1,
-        f"epochs must be an integer >= 1, got {cfg.epochs!r}.",
+    """Check every setting once, naming the setting, the constraint and the fix: each
+    field against the :class:`Range` beside it, then the rules between fields."""
+    check_settings(cfg)
+    rules = (
+        (
+            cfg.lock_image and cfg.lock_text,
+            "lock_image and lock_text are both set, which leaves nothing to train; "
+            "lock at most one tower.",
+        ),
+        (
+            cfg.patience is not None and cfg.val_fraction <= 0 and cfg.val_dataset is None,
+            "patience (early stopping) needs a validation split: set val_fraction > 0 or "
+            "val_dataset.",
+        ),
+        (
+            cfg.resume and cfg.overwrite,
+            "resume and overwrite are both set; pass resume to continue the run in the output "
+            "folder or overwrite to start over, not both.",
+        ),
     )
-    need(
-        is_int(cfg.batch_size) and cfg.batch_size >= 2,
-        f"batch_size must be an integer >= 2 (contrastive training needs negatives), "
-        f"got {cfg.batch_size!r}.",
-    )
-    need(
-        is_int(cfg.accum_steps) and cfg.accum_steps >= 1,
-        f"accum_steps must be an integer >= 1, got {cfg.accum_steps!r}.",
-    )
-    need(
-        cfg.lr is None or (is_num(cfg.lr) and cfg.lr > 0),
-        f"lr must be a positive number (or None for the default), got {cfg.lr!r}.",
-    )
-    need(
-        is_num(cfg.weight_decay) and cfg.weight_decay >= 0,
-        f"weight_decay must be >= 0, got {cfg.weight_decay!r}.",
-    )
-    need(
-        cfg.warmup_steps is None or (is_int(cfg.warmup_steps) and cfg.warmup_steps >= 0),
-        f"warmup_steps must be an integer >= 0 (or None for 5% of all steps), "
-        f"got {cfg.warmup_steps!r}.",
-    )
-    need(
-        cfg.grad_clip is None or (is_num(cfg.grad_clip) and cfg.grad_clip > 0),
-        f"grad_clip must be a positive number or None, got {cfg.grad_clip!r}.",
-    )
-    need(
-        not (cfg.lock_image and cfg.lock_text),
-        "lock_image and lock_text are both set, which leaves nothing to train; "
-        "lock at most one tower.",
-    )
-    need(
-        is_int(cfg.workers) and cfg.workers >= 0,
-        f"workers must be an integer >= 0, got {cfg.workers!r}.",
-    )
-    need(is_int(cfg.seed), f"seed must be an integer, got {cfg.seed!r}.")
-    need(
-        is_num(cfg.val_fraction) and 0 <= cfg.val_fraction <= 0.5,
-        f"val_fraction must be in [0, 0.5] (fraction of images held out), "
-        f"got {cfg.val_fraction!r}.",
-    )
-    need(
-        cfg.patience is None or (is_int(cfg.patience) and cfg.patience >= 1),
-        f"patience must be an integer >= 1 or None, got {cfg.patience!r}.",
-    )
-    need(
-        cfg.patience is None or cfg.val_fraction > 0 or cfg.val_dataset is not None,
-        "patience (early stopping) needs a validation split: set val_fraction > 0 or val_dataset.",
-    )
-    need(
-        cfg.split_warmup_epochs is None
-        or (is_int(cfg.split_warmup_epochs) and cfg.split_warmup_epochs >= 0),
-        f"split_warmup_epochs must be an integer >= 0 or None, got {cfg.split_warmup_epochs!r}.",
-    )
-    need(
-        is_int(cfg.split_every) and cfg.split_every >= 0,
-        f"split_every must be an integer >= 0 (0: never refresh), got {cfg.split_every!r}.",
-    )
-    need(
-        is_num(cfg.split_threshold) and 0 < cfg.split_threshold < 1,
-        f"split_threshold must be in (0, 1), got {cfg.split_threshold!r}.",
-    )
-    need(
-        cfg.robust_q is None or (is_num(cfg.robust_q) and 0 <= cfg.robust_q <= 1),
-        f"robust_q must be in [0, 1] (0: InfoNCE, 1: the most noise-robust RINCE) or None "
-        f"for the default, got {cfg.robust_q!r}.",
-    )
-    need(
-        is_num(cfg.ot_mass) and 0 < cfg.ot_mass <= 1,
-        f"ot_mass must be in (0, 1] (fraction of suspect mass transported), got {cfg.ot_mass!r}.",
-    )
-    need(is_num(cfg.ot_reg) and cfg.ot_reg > 0, f"ot_reg must be > 0, got {cfg.ot_reg!r}.")
-    need(
-        is_num(cfg.min_plan_mass) and 0 <= cfg.min_plan_mass < 1,
-        f"min_plan_mass must be in [0, 1), got {cfg.min_plan_mass!r}.",
-    )
-    need(
-        cfg.suspect_targets in (None, "global", "batch"),
-        f"suspect_targets must be 'global', 'batch' or None, got {cfg.suspect_targets!r}.",
-    )
-    need(
-        is_num(cfg.rematch_min_confidence) and 0 <= cfg.rematch_min_confidence <= 1,
-        f"rematch_min_confidence must be in [0, 1], got {cfg.rematch_min_confidence!r}.",
-    )
-    need(
-        is_num(cfg.noisy_weight) and cfg.noisy_weight >= 0,
-        f"noisy_weight must be >= 0, got {cfg.noisy_weight!r}.",
-    )
-    need(
-        cfg.target_quantile is None
-        or (is_num(cfg.target_quantile) and 0 <= cfg.target_quantile <= 1),
-        f"target_quantile must be in [0, 1] or None, got {cfg.target_quantile!r}.",
-    )
-    need(
-        is_num(cfg.audit_weight) and 0 <= cfg.audit_weight <= 1,
-        f"audit_weight must be in [0, 1] (weight of the scan's match_score in refreshed "
-        f"splits), got {cfg.audit_weight!r}.",
-    )
-    need(
-        cfg.checkpoint_every is None
-        or (is_int(cfg.checkpoint_every) and cfg.checkpoint_every >= 1),
-        f"checkpoint_every must be an integer >= 1 or None, got {cfg.checkpoint_every!r}.",
-    )
-    need(
-        not (cfg.resume and cfg.overwrite),
-        "resume and overwrite are both set; pass resume to continue the run in the output "
-        "folder or overwrite to start over, not both.",
-    )
+    for broken, message in rules:
+        if broken:
+            raise ConfigError(message)

@@ -30,10 +30,11 @@ References
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from ._utils import check_random_state
+from ._utils import check_random_state, one_torch_thread
 
 __all__ = [
     "DEFAULT_FEATURES",
@@ -213,29 +214,6 @@ def average_costs(models: list[EdgeCost]) -> EdgeCost:
     )
 
 
-class _Adam:
-    """Plain Adam on a list of numpy arrays (updated in place)."""
-
-    def __init__(self, params: list[np.ndarray], lr: float, weight_decay: float = 0.0) -> None:
-        self.params, self.lr, self.wd = params, lr, weight_decay
-        self.m = [np.zeros_like(p) for p in params]
-        self.v = [np.zeros_like(p) for p in params]
-        self.t = 0
-
-    def step(self, grads: list[np.ndarray]) -> None:
-        self.t += 1
-        b1, b2 = 0.9, 0.999
-        for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
-            g = g + self.wd * p
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            mhat = m / (1 - b1**self.t)
-            vhat = v / (1 - b2**self.t)
-            p -= self.lr * mhat / (np.sqrt(vhat) + 1e-8)
-
-
 def fit_edge_cost(
     features: np.ndarray,
     sim: np.ndarray,
@@ -255,6 +233,7 @@ def fit_edge_cost(
     max_per_segment: int = 32,
     seed: int | np.random.Generator | None = None,
 ) -> EdgeCost:
+    # long: numpydoc of 50 lines; instances, standardisation, descent and folding back
     """Fit an :class:`EdgeCost` on key points with a known true edge.
 
     The training edges are the candidate edges of key images (``row_seg >= 0``)
@@ -314,7 +293,7 @@ def fit_edge_cost(
     u = rng.normal(0.0, 0.5, size=(n_feat, hidden))
     b1_init = rng.normal(0.0, 1.0, size=hidden)
     model = EdgeCost(
-        _softplus(u).astype(np.float32),
+        np.logaddexp(0.0, u).astype(np.float32),
         np.zeros(hidden, np.float32),
         np.zeros(hidden, np.float32),
         0.0,
@@ -370,25 +349,12 @@ def fit_edge_cost(
     n_hold = int(is_hold.sum())
 
     # raw parameters: u (n_feat, h), b1 (h), v (h), b2 (1), rho (1)
-    params = [u, b1_init, np.full(hidden, -2.0), np.zeros(1), np.zeros(1)]
+    init = [u, b1_init, np.full(hidden, -2.0), np.zeros(1), np.zeros(1)]
     loss = _KeyLoss(z, base, factor, starts, counts, true_pos, hold_inst, n_fit)
-
-    nll0, _ = loss.nll_of(-base)  # the fixed cost 1 - sim
-    best_loss, best_params, best_step = float(nll0[is_hold].mean()), None, 0
-    opt = _Adam(params, lr=lr, weight_decay=weight_decay)
-    last = 0
-    for step in range(1, steps + 1):
-        last = step
-        h, soft, nll = loss.forward(params)
-        hold_loss = float(nll[is_hold].mean())
-        if hold_loss < best_loss - 1e-6:
-            best_loss, best_params, best_step = hold_loss, [p.copy() for p in params], step - 1
-        elif step - 1 - best_step > patience:
-            break
-        opt.step(loss.grads(params, h, soft))
-    _, _, nll = loss.forward(params)
-    if float(nll[is_hold].mean()) < best_loss - 1e-6:
-        best_loss, best_params, best_step = float(nll[is_hold].mean()), params, last
+    with one_torch_thread():
+        nll0, best_loss, best_params, best_step, last = _descend(
+            loss, init, is_hold, steps=steps, lr=lr, weight_decay=weight_decay, patience=patience
+        )
     info.update(
         n_fit=n_fit,
         n_holdout=n_hold,
@@ -398,10 +364,11 @@ def fit_edge_cost(
         steps=int(last),
     )
     if best_params is not None:
-        w1, w2, slope = loss.weights(best_params)
+        w1, w2, slope = (np.asarray(w.numpy(), dtype=np.float64) for w in _weights(best_params))
+        slope = float(slope[0])
         w1 = w1 / sd[:, None]  # (f - mu) / sd @ w1 + b1 == f @ (w1 / sd) + (b1 - mu @ (w1 / sd))
         model.w1 = w1.astype(np.float32)
-        model.b1 = (best_params[1] - mu @ w1).astype(np.float32)
+        model.b1 = (best_params[1].numpy() - mu @ w1).astype(np.float32)
         model.w2 = w2.astype(np.float32)
         model.b2 = float(best_params[3][0])
         model.slope = slope
@@ -412,14 +379,68 @@ def fit_edge_cost(
     return model
 
 
+def _descend(
+    loss: _KeyLoss,
+    init: list[np.ndarray],
+    is_hold: np.ndarray,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    patience: int,
+) -> tuple[np.ndarray, float, list[Any] | None, int, int]:
+    """Full-batch Adam on the fit segments' mean loss from the raw parameters ``init``.
+
+    Returns the held-out segments' loss under the fixed cost ``1 - sim`` (per segment),
+    the best held-out loss, the raw parameters that reached it (None: no step beat the
+    fixed cost), the step before which they were taken and the steps run.
+    """
+    import torch
+
+    params = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in init]
+    with torch.no_grad():
+        nll0 = loss.nll_of(-loss.base).numpy()  # the fixed cost 1 - sim
+    best_loss, best_params, best_step = float(nll0[is_hold].mean()), None, 0
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    hold = torch.from_numpy(is_hold)
+    last = 0
+    for step in range(1, steps + 1):
+        last = step
+        opt.zero_grad()
+        nll = loss.forward(params)
+        hold_loss = float(nll.detach()[hold].mean())
+        if hold_loss < best_loss - 1e-6:
+            best_loss, best_step = hold_loss, step - 1
+            best_params = [p.detach().clone() for p in params]
+        elif step - 1 - best_step > patience:
+            break
+        nll[~hold].mean().backward()  # the held-out segments select; they never pull
+        opt.step()
+    with torch.no_grad():
+        final = float(loss.forward(params)[hold].mean())
+    if final < best_loss - 1e-6:
+        best_loss, best_step = final, last
+        best_params = [p.detach().clone() for p in params]
+    return nll0, best_loss, best_params, best_step, last
+
+
+def _weights(p: list[Any]) -> tuple[Any, Any, Any]:
+    """``w1 = softplus(u) >= 0``, ``w2 = -softplus(v) <= 0``, ``slope = exp(rho) > 0``
+    from the raw parameters ``[u, b1, v, b2, rho]`` (torch tensors): the monotone
+    parametrisation of :class:`EdgeCost`."""
+    import torch.nn.functional as F
+
+    return F.softplus(p[0]), -F.softplus(p[2]), p[4].exp()
+
+
 class _KeyLoss:
-    """The key-point loss :func:`fit_edge_cost` minimises, and its hand-written gradient.
+    """The key-point loss :func:`fit_edge_cost` minimises (torch; autograd differentiates it).
 
     Per instance (edge, segment): ``x = -(slope * base + factor * (tanh(z @ w1 + b1) @ w2
-    + b2))`` with ``w1 = softplus(u)``, ``w2 = -softplus(v)``, ``slope = exp(rho)``; the
-    loss is the cross-entropy of each segment's true edge under ``softmax(x)`` within the
-    segment, averaged over the segments that are not held out. The raw parameters are
-    ``[u (n_feat, h), b1 (h), v (h), b2 (1), rho (1)]``.
+    + b2))`` with ``w1, w2, slope`` from :func:`_weights`; the loss of a segment is the
+    cross-entropy of its true edge under ``softmax(x)`` within the segment. The raw
+    parameters are ``[u (n_feat, h), b1 (h), v (h), b2 (1), rho (1)]``, float64 tensors.
+    Instances are ordered by segment; ``hold_inst`` marks those of held-out segments.
     """
 
     def __init__(
@@ -433,57 +454,39 @@ class _KeyLoss:
         hold_inst: np.ndarray,
         n_fit: int,
     ) -> None:
-        self.z, self.base, self.factor = z, base, factor
-        self.starts, self.counts, self.true_pos = starts, counts, true_pos
-        self.hold_inst, self.n_fit = hold_inst, n_fit
+        import torch
 
-    @staticmethod
-    def weights(p: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
-        return _softplus(p[0]), -_softplus(p[2]), float(np.exp(p[4][0]))
+        self.z = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+        self.base = torch.from_numpy(np.asarray(base, dtype=np.float64))
+        self.factor = float(factor)
+        counts = np.asarray(counts, dtype=np.int64)
+        starts = np.asarray(starts, dtype=np.int64)
+        # segments as rows of an (n_seg, longest) index into x, padded with an index
+        # past its end (where the logits get -inf): one dense log-sum-exp per step
+        width = int(counts.max(initial=1))
+        col = np.arange(width)
+        pad = np.where(col < counts[:, None], starts[:, None] + col, int(counts.sum()))
+        self.pad = torch.from_numpy(pad)
+        self.true_pos = torch.from_numpy(np.asarray(true_pos, dtype=np.int64))
+        self.hold_inst = np.asarray(hold_inst, dtype=bool)
+        self.n_fit = n_fit
 
-    def nll_of(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-segment cross-entropy of the true edge, and the softmax per instance."""
-        mx = np.maximum.reduceat(x, self.starts)
-        ex = np.exp(x - np.repeat(mx, self.counts))
-        se = np.add.reduceat(ex, self.starts)
-        return np.log(se) + mx - x[self.true_pos], ex / np.repeat(se, self.counts)
+    def nll_of(self, x: Any) -> Any:
+        """Per-segment cross-entropy of the true edge, (n_seg,), from the logits ``x`` (E,)."""
+        import torch
 
-    def forward(self, p: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Hidden layer (E, h), softmax (E,) and per-segment loss (n_seg,) at ``p``."""
-        w1, w2, slope = self.weights(p)
-        # float32 einsum: no BLAS threads for these thin products, half the memory traffic
-        h = np.tanh(np.einsum("ef,fh->eh", self.z, w1.astype(np.float32)) + p[1].astype(np.float32))
-        x = -(slope * self.base + self.factor * (h @ w2 + p[3][0]))
-        nll, soft = self.nll_of(x)
-        return h, soft, nll
+        ext = torch.cat([x, x.new_full((1,), -torch.inf)])
+        return torch.logsumexp(ext[self.pad], dim=1) - x[self.true_pos]
 
-    def grads(self, p: list[np.ndarray], h: np.ndarray, soft: np.ndarray) -> list[np.ndarray]:
-        """Gradient of the mean fit loss with respect to each raw parameter of ``p``."""
-        _, w2, slope = self.weights(p)
-        # d(mean fit nll)/dx = (softmax - onehot) / n_fit on fit segments
-        gx = soft.copy()
-        gx[self.true_pos] -= 1.0
-        gx[self.hold_inst] = 0.0
-        gx /= self.n_fit
-        g_out = -self.factor * gx
-        g_pre = (g_out[:, None].astype(np.float32) * w2.astype(np.float32)) * (1.0 - h * h)
-        g_w1 = np.einsum("ef,eh->fh", self.z, g_pre).astype(np.float64)
-        g_w2 = np.einsum("eh,e->h", h, g_out.astype(np.float32)).astype(np.float64)
-        return [
-            g_w1 * _sigmoid(p[0]),
-            g_pre.sum(0, dtype=np.float64),
-            -g_w2 * _sigmoid(p[2]),
-            np.array([g_out.sum()]),
-            np.array([-float(gx @ self.base) * slope]),
-        ]
+    def forward(self, p: list[Any]) -> Any:
+        """Per-segment loss (n_seg,) at the raw parameters ``p``."""
+        import torch
 
-
-def _softplus(x: np.ndarray) -> np.ndarray:
-    return np.logaddexp(0.0, x)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+        w1, w2, slope = _weights(p)
+        # float32 hidden layer: half the memory traffic of these thin products
+        h = torch.tanh(self.z @ w1.float() + p[1].float()).double()
+        x = -(slope * self.base + self.factor * (h @ w2 + p[3]))
+        return self.nll_of(x)
 
 
 @dataclass
@@ -552,23 +555,26 @@ def fit_paper_cost(
     -------
     PaperCost
     """
-    s = np.asarray(sims, dtype=np.float64)
+    import torch
+
+    s = torch.from_numpy(np.asarray(sims, dtype=np.float64))
     sup = np.asarray(supervision, dtype=bool)
     b = s.shape[-1]
-    weight, bias = -np.eye(b), np.ones(b)
-    opt = _Adam([weight, bias], lr=lr)
+    weight = (-torch.eye(b, dtype=torch.float64)).requires_grad_()
+    bias = torch.ones(b, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([weight, bias], lr=lr, betas=(0.9, 0.999), eps=1e-8)
     loss = float("nan")
-    for t in range(s.shape[0]):
-        i, j = np.nonzero(sup[t])
-        pre = np.einsum("nk,nk->n", s[t][i], weight[j]) + bias[j]
-        active = pre > 0
-        loss = float(pre[active].sum())
-        gw = np.zeros_like(weight)
-        np.add.at(gw, j[active], s[t][i[active]])
-        gb = np.bincount(j[active], minlength=b).astype(np.float64)
-        opt.step([gw, gb])
+    with one_torch_thread():
+        for t in range(s.shape[0]):
+            i, j = (torch.from_numpy(a) for a in np.nonzero(sup[t]))
+            # the cost of each key point's true pairing: relu(s[i] . weight[j] + bias[j])
+            cost = torch.relu((s[t][i] * weight[j]).sum(1) + bias[j]).sum()
+            loss = float(cost.detach())
+            opt.zero_grad()
+            cost.backward()
+            opt.step()
     return PaperCost(
-        weight.astype(np.float32),
-        bias.astype(np.float32),
+        weight.detach().numpy().astype(np.float32),
+        bias.detach().numpy().astype(np.float32),
         {"steps": int(s.shape[0]), "last_loss": loss, "lr": float(lr)},
     )

@@ -90,6 +90,7 @@ __all__ = [
     "read_table",
     "open_image",
     "remote_image_hint",
+    "text_groups",
     "to_rgb",
     "write_table",
 ]
@@ -668,7 +669,7 @@ def _check_ids(frame: pd.DataFrame, id_col: str, where: str) -> None:
         first_seen[key] = i
 
 
-def read_manifest(
+def read_manifest(  # noqa: C901 - see the comment below
     path_or_frame: str | os.PathLike[str] | pd.DataFrame,
     *,
     image_col: str = "image",
@@ -678,6 +679,7 @@ def read_manifest(
     check_files: bool = True,
     root: str | os.PathLike[str] | None = None,
 ) -> Manifest:
+    # long: numpydoc of 48 lines; the checks at the door, each naming its column or row
     """Read a manifest and validate it once: columns, ids, image files and captions.
 
     Parameters
@@ -1149,3 +1151,11 @@ def _compress(data: bytes, compression: str) -> bytes:
     import zstandard
 
     return zstandard.ZstdCompressor().compress(data)
+
+
+def text_groups(captions: Iterable[object]) -> np.ndarray:
+    """Caption-text id per row, (n,) int64: rows whose caption text is identical after
+    trimming and case folding share a value (the scan and fine-tuning both group so)."""
+    keys = pd.Series(list(captions), dtype=object).fillna("").astype(str)
+    codes, _ = pd.factorize(keys.str.strip().str.casefold())
+    return codes.astype(np.int64)

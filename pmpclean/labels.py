@@ -48,7 +48,6 @@ References
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -59,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from ._utils import check_random_state, resolve_device
+from ._utils import check_random_state, one_torch_thread, resolve_device
 from .errors import ConfigError, LabelAuditError
 from .transport import partial_plan
 
@@ -411,7 +410,7 @@ class LabelHeads:
     def _proba(self, x: np.ndarray, which: int) -> np.ndarray:
         import torch
 
-        with torch.no_grad(), _one_thread():
+        with torch.no_grad(), one_torch_thread():
             z = self._module.enc[which](self._tensor(x, which))
             return torch.softmax(self._module.logits(z, which), 1).double().numpy()
 
@@ -421,7 +420,7 @@ class LabelHeads:
         """Per-modality class log-probabilities, each ``(m, n_classes)``."""
         import torch
 
-        with torch.no_grad(), _one_thread():
+        with torch.no_grad(), one_torch_thread():
             lv, lt = self._module(self._tensor(image_feats, 0), self._tensor(text_feats, 1))[:2]
             return (
                 torch.log_softmax(lv, 1).double().numpy(),
@@ -506,26 +505,8 @@ def _train_module(
     The pair-alignment term uses a seeded random block of ``cfg.batch`` rows per step.
     """
 
-    with _one_thread():
+    with one_torch_thread():
         return _train_loop(xv, xt, targets, weights, cfg, rng, device, module, steps)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Any:
-    """Run torch single-threaded, restoring the caller's setting afterwards.
-
-    The heads are tiny (thousands of rows, tens of features): with several intra-op
-    threads the per-step synchronisation costs more than the arithmetic (measured 6x
-    slower with 2 threads on a busy 2-core machine).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train_loop(xv, xt, targets, weights, cfg, rng, device, module, steps):  # type: ignore[no-untyped-def]
@@ -734,7 +715,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
-def audit_labels(
+def audit_labels(  # noqa: C901 - see the comment below
     image_feats: np.ndarray,
     text_feats: np.ndarray,
     labels: Sequence[Any] | np.ndarray,
@@ -759,6 +740,7 @@ def audit_labels(
     progress: Progress | None = None,
     **options: Any,
 ) -> LabelAudit:
+    # long: numpydoc of 83 lines; the stages in order (heads, prototypes, transport, flags)
     """Audit the class label of every image-text pair.
 
     Parameters

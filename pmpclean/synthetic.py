@@ -129,6 +129,7 @@ def clip_like_pairs(
     noise: float = 1.0,
     seed: int | np.random.Generator | None = 0,
 ) -> SyntheticPairs:
+    # long: numpydoc of 39 lines; body 94
     """Generate ``n_pairs`` CLIP-like (image, caption) rows with injected mismatches.
 
     Parameters

@@ -372,6 +372,7 @@ def partial_transport(
     tol: float = 1e-4,
     eps_start: float | None = None,
 ) -> tuple[np.ndarray, dict]:
+    # long: numpydoc of 48 lines; body 109
     """Entropic partial optimal transport on a sparse bipartite graph.
 
     Solves, for each block (default: one block),

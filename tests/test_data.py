@@ -24,6 +24,7 @@ from pmpclean.data import (
     read_manifest,
     read_table,
     remote_image_hint,
+    text_groups,
     to_rgb,
     write_table,
 )
@@ -705,3 +706,9 @@ def test_coco_mini_real_jpegs(shared_data: Path) -> None:
         assert m.frame[col].tolist() == raw[col].tolist()
     assert m.frame.columns.tolist() == raw.columns.tolist()
     assert [check_image(p) for p in m.unique_images] == ["ok"] * 159
+
+
+def test_text_groups_ignore_case_and_surrounding_space() -> None:
+    groups = text_groups(["A cat", " a CAT ", "a dog", None, "", "a  cat"])
+    assert groups.dtype == np.int64
+    assert groups.tolist() == [0, 0, 1, 2, 2, 3]  # inner spaces count; empty is one text

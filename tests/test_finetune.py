@@ -1008,3 +1008,20 @@ def test_cli_finetune_rejects_bad_options_before_any_work(
     assert res.exit_code == 2
     text = re.sub(r"[\s│╭╮╰╯─]+", " ", res.output)
     assert re.search(match, text), text
+
+
+def test_identical_captions_group_as_in_the_scan_ignoring_case_and_spaces(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """Fine-tuning groups caption texts as the scan does (pmpclean.data.text_groups):
+    texts equal after trimming and case folding share a group, so neither is used as a
+    negative of the other."""
+    frame = pd.read_csv(dataset)
+    frame.loc[1, "caption"] = "  " + frame.loc[0, "caption"].upper()
+    frame.loc[2, "caption"] = frame.loc[0, "caption"].lower() + " "
+    path = tmp_path / "captions.csv"
+    frame["image"] = [str(dataset.parent / p) for p in frame["image"]]
+    frame.to_csv(path, index=False)
+    data = TD._read_dataset(path, FinetuneConfig())
+    assert data.text_group[0] == data.text_group[1] == data.text_group[2]
+    assert len(set(data.text_group.tolist())) == len(frame) - 2

@@ -44,6 +44,7 @@ CALLS: dict[str, tuple[str, str]] = {
 
 # "--config" cases write this file and expect its one setting to arrive.
 CONFIG_FILE = "audit:\n  k: 5\n"
+CONFIG_FILES = {"finetune": "settings:\n  epochs: 4\n"}  # finetune_config.yaml's layout
 
 _FMT = (["--format", "json"], {"output.format": "json"})
 _QUIET = (["--quiet"], {"output.quiet": True})
@@ -164,6 +165,7 @@ CASES: dict[tuple[str, str], tuple[list[str], dict[str, Any]]] = {
     ("corrupt", "--quiet"): _QUIET,
     # ---------------------------------------------------------------- finetune
     ("finetune", "--out"): (["--out", "elsewhere"], {"out_dir": "elsewhere"}),
+    ("finetune", "--config"): (["--config", "{config}"], {"config.epochs": 4}),
     ("finetune", "--model"): (["--model", "RN50"], {"config.model": "RN50"}),
     ("finetune", "--pretrained"): (["--pretrained", "none"], {"config.pretrained": "none"}),
     ("finetune", "--image-col"): (["--image-col", "img"], {"config.image_col": "img"}),
@@ -305,7 +307,7 @@ def test_option_reaches_its_setting(
     )
     extra, expected = CASES[command, option]
     config = tmp_path / "settings.yaml"
-    config.write_text(CONFIG_FILE, encoding="utf-8")
+    config.write_text(CONFIG_FILES.get(command, CONFIG_FILE), encoding="utf-8")
     extra = [a.replace("{config}", str(config)) for a in extra]
     base = _invoke(received, [command, *REQUIRED[command]])
     got = _invoke(received, [command, *REQUIRED[command], *extra])
@@ -359,3 +361,20 @@ def test_a_command_without_options_passes_the_library_defaults(
     assert differ == {}
     # every setting of the config arrives (no section or field left behind)
     assert {k for k in expected if k.startswith("config.")} <= set(got)
+
+
+def test_finetune_options_given_win_over_the_config_file(
+    received: dict[str, Any], tmp_path: Path
+) -> None:
+    """Defaults < --config file < options given on the command line (finetune)."""
+    config = tmp_path / "finetune.yaml"
+    config.write_text("epochs: 4\nlr: 0.01\nseed: 7\n", encoding="utf-8")
+    got = _invoke(received, ["finetune", *REQUIRED["finetune"], "--config", str(config)])
+    assert (got["config.epochs"], got["config.lr"], got["config.seed"]) == (4, 0.01, 7)
+    assert got["seed_everything"] == 7
+    args = ["finetune", *REQUIRED["finetune"], "--config", str(config), "--epochs", "3"]
+    got = _invoke(received, args)
+    assert (got["config.epochs"], got["config.lr"]) == (3, 0.01)
+    config.write_text("epoch: 4\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["finetune", *REQUIRED["finetune"], "--config", str(config)])
+    assert res.exit_code == 1 and "Unknown finetune setting(s) epoch" in res.output

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .._utils import Progress
 from ..config import FinetuneConfig
+from ..data import text_groups
 from ..errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,7 +170,7 @@ def _from_manifest(
     uniq, inv = np.unique(img_idx, return_inverse=True)
     paths = [str(manifest.unique_images[int(u)]) for u in uniq]
     captions = [str(c) for c in np.asarray(manifest.captions)[ok]]
-    text_group = pd.factorize(pd.Series(captions))[0].astype(np.int64)
+    text_group = text_groups(captions)
     true_mis = None
     if cfg.truth_col is not None and with_truth:
         if cfg.truth_col not in manifest.frame.columns:

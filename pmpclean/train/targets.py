@@ -69,7 +69,13 @@ def _per_pair_loss(
 
 
 def _gmm_clean_probability(loss: np.ndarray, *, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Posterior of the low-loss component of a 2-component GMM on the per-pair loss."""
+    """Posterior of the low-loss component of a 2-component GMM on the per-pair loss.
+
+    Not the scan's guarded split (:func:`pmpclean.split.split_pairs`) on purpose: its
+    guard refuses the losses of a model training on 60 % noise as one population and
+    turns the run into plain InfoNCE; measured worse over 20-80 % noise
+    (``benchmarks/results/finetune_split.md``).
+    """
     from sklearn.mixture import GaussianMixture
 
     lo, hi = float(loss.min()), float(loss.max())
