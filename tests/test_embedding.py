@@ -590,7 +590,9 @@ def test_saved_embeddings_are_memory_mapped_not_read(tmp_path: Path) -> None:
     path = save_embeddings(tmp_path / "e.npz", Embeddings(image=image, text=image, source="x"))
     before = _rss_anon_mb()
     emb = load_embeddings(path, n)
-    assert _rss_anon_mb() - before < 20  # not 2 x 40 MB
+    # reading would take 2 x 40 MB (plus a normalised copy); checking the rows takes
+    # a float32 chunk at a time (32 MB), which the allocator may keep
+    assert _rss_anon_mb() - before < 40
     assert isinstance(emb.image, np.memmap) and str(emb.image.filename) == str(path.absolute())
     assert emb.image.dtype == np.float16 and not emb.image.flags.writeable
     assert np.isnan(emb.image[7]).all()
