@@ -27,17 +27,24 @@ Exact vs approximate neighbour search at 100k (recorded under its own tag)::
 
     python benchmarks/bench_scale.py --sizes 100000 --exact-search-max 1000000000 --tag exact
 
-Embedding loading: until ``pmpclean.embedding._normalise_rows`` works in chunks
-(the lead applies that patch), loading 1M x 512 rows takes ~16 GB of float64
-temporaries. The child then swaps in a chunked, in-place equivalent (same float64
-arithmetic per row) and records ``"embedding_load": "lean (benchmark patch)"``;
-once the library function has an ``inplace`` parameter nothing is patched.
+Embeddings are float16 unit rows in an uncompressed ``.npz`` (``scale16_<n>.npz``,
+generated block by block; ``--old`` converts the blocks of an earlier float32 cache
+instead of regenerating them), which pmpclean memory-maps. The child samples its
+anonymous memory (``RssAnon``: what the process itself holds) and its file-backed
+pages (``RssFile``: the mapped embeddings, which the kernel can drop) separately.
+
+The same data scanned by another checkout's code (e.g. main before this change)::
+
+    python benchmarks/bench_scale.py --sizes 1000000 --code /work/main --tag main
+
+Clustered data (2,000 tight topics per 100k block)::
+
+    python benchmarks/bench_scale.py --sizes 200000 --clusters 2000 --tag clustered
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -55,47 +62,66 @@ HERE = Path(__file__).resolve().parent
 BLOCK = 100_000
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        pages = int(fh.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _cpu_s() -> float:
     t = os.times()
     return t.user + t.system
 
 
-def make_data(n: int, work: Path, *, dim: int, seed: int) -> tuple[Path, Path]:
+def _block_source(old: Path | None) -> tuple[dict, object] | None:
+    """Arrays and frame of an earlier float32 cache (same blocks, same seeds), if given."""
+    if old is None or not old.with_suffix(".npz").exists():
+        return None
     import pandas as pd
 
+    from pmpclean.embedding import _npz_memmap
+
+    npz = old.with_suffix(".npz")
+    arrays = {k: _npz_memmap(npz, k) for k in ("image", "text")}
+    return arrays, pd.read_csv(old.with_suffix(".csv"))
+
+
+def make_data(
+    n: int, work: Path, *, dim: int, seed: int, n_clusters: int = 50, old: Path | None = None
+) -> tuple[Path, Path]:
+    """Manifest + float16 ``.npz`` of ``n`` rows, generated block by block.
+
+    Blocks already in the float32 cache ``old`` (``scale_<m>`` of earlier runs: the
+    same generator and seeds) are copied from it instead of regenerated.
+    """
     from pmpclean.synthetic import clip_like_pairs
 
-    manifest = work / f"scale_{n}.csv"
-    emb = work / f"scale_{n}.npz"
+    tag = "" if n_clusters == 50 else f"_c{n_clusters}"
+    manifest = work / f"scale16{tag}_{n}.csv"
+    emb = work / f"scale16{tag}_{n}.npz"
     if manifest.exists() and emb.exists():
         return manifest, emb
-    tmp = {k: work / f".scale_{n}_{k}.npy" for k in ("image", "text")}
+    src = _block_source(old) if not tag else None
+    tmp = {k: work / f".scale16{tag}_{n}_{k}.npy" for k in ("image", "text")}
     arrays = {
-        k: np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(n, dim))
+        k: np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=(n, dim))
         for k, p in tmp.items()
     }
-    frames = []
+    part_csv = manifest.with_suffix(".csv.part")
     for b, start in enumerate(range(0, n, BLOCK)):
         m = min(BLOCK, n - start)
-        d = clip_like_pairs(m, dim=dim, noise_rate=0.2, seed=seed + b)
-        arrays["image"][start : start + m] = d.image_emb
-        arrays["text"][start : start + m] = d.text_emb
-        f = d.to_frame()
-        f["image"] = [f"b{b}_{x}" for x in f["image"]]
-        f["caption"] = [f"b{b} {x}" for x in f["caption"]]
-        f["true_row"] = f["true_row"] + start
-        frames.append(f)
-        del d
+        if src is not None and start + m <= len(src[1]) and src[0]["image"].shape[1] == dim:
+            for k in arrays:
+                arrays[k][start : start + m] = src[0][k][start : start + m]
+            f = src[1].iloc[start : start + m]
+        else:
+            d = clip_like_pairs(m, dim=dim, noise_rate=0.2, n_clusters=n_clusters, seed=seed + b)
+            arrays["image"][start : start + m] = d.image_emb
+            arrays["text"][start : start + m] = d.text_emb
+            f = d.to_frame()
+            f["image"] = [f"b{b}_{x}" for x in f["image"]]
+            f["caption"] = [f"b{b} {x}" for x in f["caption"]]
+            f["true_row"] = f["true_row"] + start
+            del d
+        f.to_csv(part_csv, index=False, header=b == 0, mode="w" if b == 0 else "a")
     for a in arrays.values():
         a.flush()
     del arrays
-    pd.concat(frames, ignore_index=True).to_csv(manifest, index=False)
+    part_csv.replace(manifest)
     part = emb.with_suffix(".part")
     with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for k, p in tmp.items():
@@ -106,40 +132,28 @@ def make_data(n: int, work: Path, *, dim: int, seed: int) -> tuple[Path, Path]:
     return manifest, emb
 
 
-def _lean_normalise_rows(x: np.ndarray) -> np.ndarray:
-    """Chunked, in-place twin of pmpclean.embedding._normalise_rows (same arithmetic)."""
-    x = np.asarray(x)
-    out = (
-        x
-        if (x.dtype == np.float32 and x.flags.writeable and x.flags.c_contiguous)
-        else (np.empty(x.shape, dtype=np.float32))
-    )
-    for lo in range(0, x.shape[0], 1 << 16):
-        blk = np.asarray(x[lo : lo + (1 << 16)], dtype=np.float64)
-        finite = np.isfinite(blk).all(axis=1)
-        norms = np.linalg.norm(np.where(finite[:, None], blk, 0.0), axis=1)
-        good = finite & (norms > 0)
-        res = np.full(blk.shape, np.nan, dtype=np.float32)
-        res[good] = (blk[good] / norms[good, None]).astype(np.float32)
-        out[lo : lo + (1 << 16)] = res
-    return out
+def _memory_mb() -> tuple[float, float]:
+    """(RssAnon, RssFile) of this process in MB: anonymous memory, and file-backed
+    pages (memory-mapped embeddings, which the kernel can drop and reread)."""
+    got = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                key, value = line.split()[:2]
+                got[key] = int(value) / 1024
+    return got.get("RssAnon:", 0.0), got.get("RssFile:", 0.0)
 
 
 def run_one(manifest: Path, emb: Path, out: Path, seed: int, changes: dict) -> dict:
     """Runs in the child process."""
     import pmpclean
-    import pmpclean.embedding as embedding
 
-    lean = "inplace" not in inspect.signature(embedding._normalise_rows).parameters
-    if lean:
-        embedding._normalise_rows = _lean_normalise_rows
-
-    samples: list[tuple[float, float, float]] = []
+    samples: list[tuple[float, float, float, float]] = []
     stop = threading.Event()
 
     def sampler() -> None:
         while not stop.is_set():
-            samples.append((time.time(), _rss_mb(), _cpu_s()))
+            samples.append((time.time(), *_memory_mb(), _cpu_s()))
             stop.wait(0.05)
 
     t = threading.Thread(target=sampler, daemon=True)
@@ -152,11 +166,12 @@ def run_one(manifest: Path, emb: Path, out: Path, seed: int, changes: dict) -> d
     total, cpu = time.time() - t0, _cpu_s() - c0
     stop.set()
     t.join()
-    peak_by_stage, cpu_by_stage = {}, {}
+    peak_by_stage, file_by_stage, cpu_by_stage = {}, {}, {}
     for name, a, b in res.summary.get("stage_spans", []):
-        inside = [(r, c) for (ts, r, c) in samples if a <= ts <= b]
-        peak_by_stage[name] = round(max(r for r, _ in inside), 1) if inside else None
-        cpu_by_stage[name] = round(inside[-1][1] - inside[0][1], 1) if len(inside) > 1 else None
+        inside = [(r, f, c) for (ts, r, f, c) in samples if a <= ts <= b]
+        peak_by_stage[name] = round(max(x[0] for x in inside), 1) if inside else None
+        file_by_stage[name] = round(max(x[1] for x in inside), 1) if inside else None
+        cpu_by_stage[name] = round(inside[-1][2] - inside[0][2], 1) if len(inside) > 1 else None
     ev = res.summary.get("evaluation") or {}
     rem = res.summary.get("rematch") or {}
     return {
@@ -165,8 +180,12 @@ def run_one(manifest: Path, emb: Path, out: Path, seed: int, changes: dict) -> d
         "cpu_seconds": round(cpu, 1),
         "stage_seconds": res.summary["timings"],
         "stage_cpu_seconds": cpu_by_stage,
-        "stage_peak_rss_mb": peak_by_stage,
-        "peak_rss_mb": round(max(r for _, r, _ in samples), 1),
+        "stage_peak_rss_anon_mb": peak_by_stage,
+        "stage_peak_rss_file_mb": file_by_stage,
+        "peak_rss_anon_mb": round(max(x[1] for x in samples), 1),
+        "peak_rss_file_mb": round(max(x[2] for x in samples), 1),
+        "embeddings_dtype": _npz_dtype(emb),
+        "code": pmpclean.__file__,
         "detection": {
             k: (ev.get("detection") or {}).get(k) for k in ("f1", "precision", "recall", "auroc")
         },
@@ -180,8 +199,14 @@ def run_one(manifest: Path, emb: Path, out: Path, seed: int, changes: dict) -> d
             k: res.summary["settings"]["audit"].get(k)
             for k in ("exact_search_max", "search_nprobe", "mixture_fit_max", "k")
         },
-        "embedding_load": "lean (benchmark patch)" if lean else "library",
     }
+
+
+def _npz_dtype(path: Path) -> str:
+    with zipfile.ZipFile(path) as zf, zf.open("image.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = getattr(np.lib.format, f"read_array_header_{version[0]}_{version[1]}")
+        return str(read(fh)[2])
 
 
 def _fmt(v: object, digits: int = 3) -> str:
@@ -190,6 +215,13 @@ def _fmt(v: object, digits: int = 3) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def _anon(r: dict) -> str:
+    """Peak RssAnon in GB; earlier rows recorded only the total RSS (marked *)."""
+    if r.get("peak_rss_anon_mb") is not None:
+        return _fmt(r["peak_rss_anon_mb"] / 1024, 2)
+    return _fmt(r["peak_rss_mb"] / 1024, 2) + "*"
 
 
 def write_markdown(record: dict, path: Path) -> None:
@@ -213,9 +245,9 @@ def write_markdown(record: dict, path: Path) -> None:
         "",
         "| size | tag | wall s | CPU s | "
         + " | ".join(f"{s} s" for s in stages)
-        + " | peak RSS GB | det. F1 | rematch precision | rematch coverage"
-        + " | load avg (mean / max) |",
-        "|" + "---|" * (9 + len(stages)),
+        + " | peak RssAnon GB | peak RssFile GB | det. F1 | rematch precision"
+        + " | rematch coverage | load avg (mean / max) |",
+        "|" + "---|" * (10 + len(stages)),
     ]
     for r in rows:
         st = r.get("stage_seconds", {})
@@ -225,13 +257,15 @@ def write_markdown(record: dict, path: Path) -> None:
             f"| {r['n_rows']:,} | {r.get('tag') or ''} | {_fmt(r['wall_seconds'], 0)} | "
             f"{_fmt(r.get('cpu_seconds'), 0)} | "
             + " | ".join(_fmt(st.get(s), 1) for s in stages)
-            + f" | {_fmt(r['peak_rss_mb'] / 1024, 2)} | {_fmt(r.get('detection_f1'), 4)} | "
+            + f" | {_anon(r)} | {_fmt((r.get('peak_rss_file_mb') or 0) / 1024 or None, 2)}"
+            f" | {_fmt(r.get('detection_f1'), 4)} | "
             f"{_fmt(rem.get('precision'), 3)} | {_fmt(rem.get('coverage'), 3)} | "
             f"{_fmt(load.get('mean'), 1)} / {_fmt(load.get('max'), 1)} |"
         )
     lines += [
         "",
-        "Per-stage CPU seconds and peak RSS (MB) of the scan process:",
+        "Per-stage CPU seconds and peak RssAnon (MB; RSS for rows marked * in the first "
+        "table) of the scan process:",
         "",
         "| size | tag | "
         + " | ".join(f"{s} CPU s" for s in stages)
@@ -242,7 +276,7 @@ def write_markdown(record: dict, path: Path) -> None:
     ]
     for r in rows:
         c = r.get("stage_cpu_seconds", {})
-        m = r.get("stage_peak_rss_mb", {})
+        m = r.get("stage_peak_rss_anon_mb") or r.get("stage_peak_rss_mb", {})
         lines.append(
             f"| {r['n_rows']:,} | {r.get('tag') or ''} | "
             + " | ".join(_fmt(c.get(s), 0) for s in stages)
@@ -272,6 +306,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--plants", type=int, default=None, help="audit.plants (0: the split before calibration)"
     )
+    ap.add_argument(
+        "--clusters", type=int, default=50, help="topics per 100k block (2000: clustered data)"
+    )
+    ap.add_argument(
+        "--old",
+        type=Path,
+        default=None,
+        help="float32 cache (path stem, e.g. .cache/scale/scale_1000000) whose blocks are "
+        "converted instead of regenerated",
+    )
+    ap.add_argument(
+        "--code",
+        type=Path,
+        default=None,
+        help="checkout whose pmpclean the scan runs (PYTHONPATH of the child), e.g. /work/main",
+    )
     ap.add_argument("--child", nargs=3, metavar=("MANIFEST", "EMB", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--changes", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -298,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         record["results"] = [r for r in old.get("results", []) if "cpu_seconds" in r]
     for n in args.sizes:
         t0 = time.time()
-        manifest, emb = make_data(n, args.work, dim=args.dim, seed=args.seed)
+        manifest, emb = make_data(
+            n, args.work, dim=args.dim, seed=args.seed, n_clusters=args.clusters, old=args.old
+        )
         gen = time.time() - t0
         loads: list[float] = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -318,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                env={**os.environ, "PYTHONPATH": str(args.code or HERE.parent)},
             )
             # sample the machine's load while the child runs (stderr drained by a thread)
             err: list[str] = []

@@ -24,6 +24,7 @@ __all__ = [
     "atomic_open",
     "claim_output",
     "check_random_state",
+    "finite_rows",
     "resolve_device",
     "seed_everything",
     "Timer",
@@ -316,3 +317,15 @@ def _other_to_jsonable(obj: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return str(obj)
+
+
+def finite_rows(x: np.ndarray, *, chunk: int = 1 << 13) -> np.ndarray:
+    """Mask (n,) of the rows of a 2-D array whose values are all finite.
+
+    Read ``chunk`` rows at a time: a (10M, 512) memory-mapped array never gets a
+    full-size boolean temporary (5 GB).
+    """
+    out = np.empty(x.shape[0], dtype=bool)
+    for lo in range(0, x.shape[0], chunk):
+        out[lo : lo + chunk] = np.isfinite(x[lo : lo + chunk]).all(axis=1)
+    return out

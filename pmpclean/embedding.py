@@ -649,12 +649,16 @@ class Embeddings:
 
     Attributes
     ----------
-    image : numpy.ndarray, shape (n_rows, d_img), float32
+    image : numpy.ndarray, shape (n_rows, d_img), float16
         L2-normalised image embedding per manifest row; rows without a usable image
-        (status not ``"ok"``) are all-NaN.
-    text : numpy.ndarray, shape (n_rows, d_txt), float32
-        L2-normalised caption embedding per row; rows without a usable caption are
-        all-NaN. ``d_txt`` may differ from ``d_img`` for precomputed features.
+        (status not ``"ok"``) are all-NaN. Held as float16 (half the memory of
+        float32; CLIP's cosines move by about 1e-4) and, above 256 MB, memory-mapped:
+        the embeddings file itself when it already holds unit float16 rows
+        uncompressed, else an unnamed temporary file (:func:`new_float16`).
+    text : numpy.ndarray, shape (n_rows, d_txt), float16
+        L2-normalised caption embedding per row, held like ``image``; rows without a
+        usable caption are all-NaN. ``d_txt`` may differ from ``d_img`` for
+        precomputed features.
     source : str
         ``"model:<name>/<pretrained>"`` or ``"file:<path>"``.
     n_model_images, n_model_texts : int
@@ -676,29 +680,121 @@ class Embeddings:
         return int(self.image.shape[0])
 
 
-def _normalise_rows(x: np.ndarray, *, inplace: bool = False) -> np.ndarray:
-    """L2-normalise rows as float32; non-finite or zero-norm rows become NaN.
+#: Rows handled at once when embeddings are checked, normalised or copied: bounds the
+#: temporaries (8,192 x 512 float64 = 32 MB) whatever the number of rows.
+_ROWS = 1 << 13
+#: Float16 arrays larger than this are memory-mapped on an unnamed temporary file in
+#: :func:`default_cache_dir` instead of held in memory: their pages count as file
+#: cache, which the kernel can write back and drop, not as the process's memory.
+_SPILL_BYTES = 1 << 28
+#: A float16 row counts as unit-norm when its norm is within this of 1 (float16 keeps
+#: 11 significant bits: rounding a unit 512-d row moves its norm by about 1e-4).
+_UNIT_TOL = 2e-3
 
-    Works in chunks of rows (float64 only per chunk): a million 512-d rows need no
-    full-size float64 temporaries (which took ~16 GB). With ``inplace=True`` and a
-    writable C-contiguous float32 input, the input itself is overwritten (used for
-    arrays just read from a file, which nobody else holds).
+
+def new_float16(n: int, d: int) -> np.ndarray:
+    """An (n, d) float16 array: in memory when small, else on an unnamed temporary file.
+
+    Above ``_SPILL_BYTES`` (256 MB) the array is memory-mapped on a file without a
+    name in :func:`default_cache_dir` (gone when the array is), so 10M x 512 rows
+    (10 GB) live in the page cache, not in the process's anonymous memory.
     """
-    x = np.asarray(x)
-    if inplace and x.dtype == np.float32 and x.flags.writeable and x.flags.c_contiguous:
-        out = x
-    else:
-        out = np.empty(x.shape, dtype=np.float32)
-    chunk = 1 << 16
-    for lo in range(0, x.shape[0], chunk):
-        blk = np.asarray(x[lo : lo + chunk], dtype=np.float64)
+    if n * d * 2 <= _SPILL_BYTES:
+        return np.empty((n, d), dtype=np.float16)
+    import tempfile
+
+    folder = default_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as fh:
+        return np.memmap(fh, dtype=np.float16, mode="w+", shape=(n, d))
+
+
+def _is_unit_float16(x: np.ndarray) -> bool:
+    """True when ``x`` is C-ordered float16 whose rows are unit-norm or all-NaN."""
+    if x.dtype != np.float16 or not x.flags.c_contiguous:
+        return False
+    for lo in range(0, x.shape[0], _ROWS):
+        blk = np.asarray(x[lo : lo + _ROWS], dtype=np.float32)
+        whole_nan = np.isnan(blk).all(axis=1)
+        norms = np.linalg.norm(blk[~whole_nan], axis=1)
+        if not (np.abs(norms - 1.0) <= _UNIT_TOL).all():  # False for NaN and inf too
+            return False
+    return True
+
+
+def _normalise_rows(
+    parts: np.ndarray | Sequence[np.ndarray], index: np.ndarray | None = None
+) -> np.ndarray:
+    """L2-normalised float16 rows; non-finite or zero-norm rows become NaN.
+
+    ``parts`` is one (n, d) array or a sequence of arrays of one width, read as if
+    concatenated (e.g. memory-mapped shards, which are never concatenated in memory).
+    Row ``i`` of the result is row ``index[i]`` of that concatenation (NaN where
+    ``index[i] < 0``); without ``index``, every row in order. An unindexed float16
+    array whose rows are already unit-norm (or all-NaN) is returned as it is, so a
+    memory-mapped file stays a memory map. Otherwise rows are normalised in float64
+    ``_ROWS`` at a time into :func:`new_float16`: a million 512-d rows never get a
+    full-size temporary.
+    """
+    arrays = [parts] if isinstance(parts, np.ndarray) else list(parts)
+    if index is None and len(arrays) == 1 and _is_unit_float16(arrays[0]):
+        return arrays[0]
+    sizes = np.array([a.shape[0] for a in arrays], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(starts[-1])
+    idx = np.arange(total) if index is None else np.asarray(index, dtype=np.int64)
+    d = arrays[0].shape[1]
+    out = new_float16(idx.size, d)
+    for lo in range(0, idx.size, _ROWS):
+        want = idx[lo : lo + _ROWS]
+        blk = np.full((want.size, d), np.nan)
+        part = np.searchsorted(starts, want, side="right") - 1
+        for j in np.unique(part[want >= 0]).tolist():
+            sel = np.flatnonzero((part == j) & (want >= 0))
+            blk[sel] = arrays[j][want[sel] - starts[j]]
         finite = np.isfinite(blk).all(axis=1)
         norms = np.linalg.norm(np.where(finite[:, None], blk, 0.0), axis=1)
         good = finite & (norms > 0)
-        res = np.full(blk.shape, np.nan, dtype=np.float32)
-        res[good] = (blk[good] / norms[good, None]).astype(np.float32)
-        out[lo : lo + chunk] = res
+        res = np.full(blk.shape, np.nan, dtype=np.float16)
+        res[good] = blk[good] / norms[good, None]
+        out[lo : lo + _ROWS] = res
     return out
+
+
+def _npz_memmap(path: Path, key: str) -> np.ndarray | None:
+    """Array ``key`` of an uncompressed ``.npz`` as a read-only memory map (None if compressed).
+
+    ``np.savez`` stores each array as an ``.npy`` member without compression, so the
+    array's bytes lie in the file as they are: map them instead of reading them.
+    """
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{key}.npy")
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        head = fh.read(30)
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            return None
+        offset = fh.tell()
+    if dtype.hasobject:
+        return None
+    return np.memmap(
+        path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+    )
 
 
 def _parquet_column(frame: Any, column: str, path: Path) -> np.ndarray:
@@ -751,8 +847,11 @@ def load_embeddings(path: str | Path, n_rows: int) -> Embeddings:
     Returns
     -------
     Embeddings
-        float32, L2-normalised rows; NaN rows stay NaN, rows with a zero norm or any
-        non-finite value become NaN. ``source="file:<abs path>"``.
+        float16, L2-normalised rows; NaN rows stay NaN, rows with a zero norm or any
+        non-finite value become NaN. ``source="file:<abs path>"``. An ``.npz``
+        saved without compression (``np.savez``) is memory-mapped, not read: when
+        its arrays already hold float16 unit rows (as :func:`save_embeddings`
+        writes them), they are used in place and the file is never copied.
 
     Raises
     ------
@@ -784,7 +883,8 @@ def load_embeddings(path: str | Path, n_rows: int) -> Embeddings:
                         "np.savez(path, image=img, text=txt)."
                     )
                 for key in ("image", "text"):
-                    arrays[key] = data[key]
+                    mapped = _npz_memmap(p, key)
+                    arrays[key] = data[key] if mapped is None else mapped
         except EmbeddingError:
             raise
         except (OSError, ValueError) as exc:
@@ -834,14 +934,15 @@ def load_embeddings(path: str | Path, n_rows: int) -> Embeddings:
                 f"embeddings file {str(p)!r}: array {key!r} has {arr.shape[0]} rows but the "
                 f"manifest has {n_rows} rows; embeddings must be row-aligned with the manifest."
             )
-        out[key] = _normalise_rows(arr, inplace=True)  # arr was just read: ours
+        out[key] = _normalise_rows(arr)
     return Embeddings(image=out["image"], text=out["text"], source=f"file:{p}")
 
 
 def save_embeddings(path: str | Path, emb: Embeddings) -> Path:
     """Write embeddings to ``.npz`` (arrays ``image`` and ``text``), atomically.
 
-    The file loads back with :func:`load_embeddings` (and ``--embeddings``).
+    Arrays are written as float16 unit rows, uncompressed: :func:`load_embeddings`
+    memory-maps such a file and uses it in place (also with ``--embeddings``).
 
     Raises
     ------
@@ -858,8 +959,8 @@ def save_embeddings(path: str | Path, emb: Embeddings) -> Path:
         with open(tmp, "wb") as fh:
             np.savez(
                 fh,
-                image=np.ascontiguousarray(emb.image, dtype=np.float32),
-                text=np.ascontiguousarray(emb.text, dtype=np.float32),
+                image=_normalise_rows(emb.image),
+                text=_normalise_rows(emb.text),
                 source=np.asarray(emb.source),
             )
     return p
@@ -1067,7 +1168,7 @@ def embed_manifest(  # noqa: C901 - see the comment below
     Returns
     -------
     Embeddings
-        ``image`` ``(n, d)`` and ``text`` ``(n, d)`` float32, L2-normalised, row-aligned
+        ``image`` ``(n, d)`` and ``text`` ``(n, d)`` float16, L2-normalised, row-aligned
         with the manifest; rows whose status is not ``"ok"`` (after decoding) are NaN
         in both.
 
@@ -1182,17 +1283,22 @@ def embed_manifest(  # noqa: C901 - see the comment below
     ok_rows = np.asarray(manifest.status == "ok")
     d_img = _dim(img_vecs, get_model, "image")
     d_txt = _dim(txt_vecs, get_model, "text")
-    image = np.full((n, d_img), np.nan, dtype=np.float32)
-    text = np.full((n, d_txt), np.nan, dtype=np.float32)
+    # Rows point at their unique image / caption vector (-1: no usable row); the float16
+    # row arrays are filled chunk by chunk, never through a float32 (n, d) copy.
     rows = np.flatnonzero(ok_rows)
+    img_at = np.full(n, -1, dtype=np.int64)
+    txt_at = np.full(n, -1, dtype=np.int64)
+    img_ids = sorted(img_vecs)
+    img_unique = np.stack([img_vecs[i] for i in img_ids]) if img_ids else np.zeros((0, d_img))
+    txt_unique = np.stack(list(txt_vecs.values())) if txt_vecs else np.zeros((0, d_txt))
     if len(rows):
-        img_ids = sorted(img_vecs)
         lookup = np.full(len(manifest.unique_images), -1, dtype=np.int64)
         lookup[img_ids] = np.arange(len(img_ids))
-        image[rows] = np.stack([img_vecs[i] for i in img_ids])[lookup[manifest.image_index[rows]]]
+        img_at[rows] = lookup[manifest.image_index[rows]]
         txt_ids = {t: j for j, t in enumerate(txt_vecs)}
-        text_pos = np.fromiter((txt_ids[str(c)] for c in manifest.captions[rows]), np.int64)
-        text[rows] = np.stack(list(txt_vecs.values()))[text_pos]
+        txt_at[rows] = np.fromiter((txt_ids[str(c)] for c in manifest.captions[rows]), np.int64)
+    image = _normalise_rows(img_unique, img_at)
+    text = _normalise_rows(txt_unique, txt_at)
     return Embeddings(
         image=image, text=text, source=source, n_model_images=n_images, n_model_texts=n_texts
     )

@@ -17,6 +17,15 @@ Two regimes, chosen by the size of the base set:
   lists (``benchmarks/results/knn.md``). ``nlist`` balances the coarse step
   (queries x centroids) against the scan (queries x probed rows): a million x
   million 512-d search takes about 130 CPU-seconds instead of ~5 CPU-hours exact.
+  That balance costs ``n^1.5``; above about 1.3M rows the lists stop growing
+  (512 rows on average), and the coarse step, which then has more than 4,096
+  centroids, is itself a list-major inverted-file search over the centroids
+  (trained by two-level k-means), as billion-scale faiss indexes put a second
+  index in front of their centroids. The scan then costs the same per query at
+  any size and the coarse step grows like ``sqrt(n)``: near-linear in ``n``.
+
+Float16 input (the embeddings pmpclean holds, possibly memory-mapped) is converted
+to float32 a block or a list at a time, never as a whole.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["knn_search", "ivf_nlist", "ivf_backend", "EXACT_MAX", "NPROBE"]
+__all__ = ["knn_search", "ivf_nlist", "EXACT_MAX", "NPROBE"]
 
 #: Default largest base set searched exactly (:func:`knn_search`).
 EXACT_MAX = 20_000
@@ -43,7 +52,7 @@ NPROBE = 8
 _TRAIN_PER_LIST = 32
 _KMEANS_ITER = 10
 # Most (query, probed list) pairs bookkept at once: queries are handled in chunks.
-_PROBE_ENTRIES = 1 << 22
+_PROBE_ENTRIES = 1 << 23
 # Lists are very unequal (real topics are; a million CLIP-like rows give lists of
 # median 42 and mean 447 rows), so a query whose ``nprobe`` nearest lists hold fewer
 # than ``_MIN_CAND_PER_K * k`` rows visits further lists, up to ``_MAX_PROBE_FACTOR *
@@ -51,13 +60,34 @@ _PROBE_ENTRIES = 1 << 22
 # exactly.
 _MIN_CAND_PER_K = 4
 _MAX_PROBE_FACTOR = 4
+# Longest mean list: above ~1.3M base rows the lists stop growing (ivf_nlist).
+_LIST_ROWS = 512
+# Most centroids searched flat in the coarse step (and trained by one k-means).
+_FLAT_COARSE_MAX = 4096
+# Bytes of float32 rows converted at once from float16 input (exact blocks, the
+# coarse step): 16,384 rows of 512-d.
+_BLOCK_BYTES = 1 << 25
 
 
-def _as_faiss(x: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(x)
+def _block_rows(d: int) -> int:
+    return max(1, _BLOCK_BYTES // (4 * max(d, 1)))
+
+
+def _as_rows(x: np.ndarray, name: str) -> np.ndarray:
+    """``x`` as a 2-D float array, not copied: float16 (or memory-mapped) rows are
+    converted to float32 a block at a time where faiss reads them, so a 10M x 512
+    float16 base never gets a 20 GB float32 twin."""
+    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if arr.ndim != 2:
         raise ConfigError(f"{name} must be a 2-D array (n, d), got shape {arr.shape}.")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.dtype not in (np.float16, np.float32):
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    """What faiss takes: float32, C-contiguous (a copy only when ``x`` is not already)."""
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _check_int(name: str, value: object, minimum: int, meaning: str) -> int:
@@ -67,35 +97,45 @@ def _check_int(name: str, value: object, minimum: int, meaning: str) -> int:
 
 
 def ivf_nlist(nq: int, nb: int, nprobe: int) -> int:
-    """Number of inverted lists that minimises the cost of an approximate search.
+    """Number of inverted lists of an approximate search.
 
-    The coarse step costs about ``(nq + nb) * nlist`` inner products (assigning the
-    base, probing the queries) and the scan ``nq * nprobe * 1.25 * nb / nlist``
-    (1.25: lists are unequal and big lists are probed more often), so the optimum is
-    ``sqrt(1.25 * nprobe * nq * nb / (nq + nb))``: 2,236 lists for a million queries
-    against a million rows at ``nprobe=8``. Kept between 1 and ``nb / 8`` (lists of at
-    least 8 rows).
+    With a flat coarse step, the coarse step costs about ``(nq + nb) * nlist`` inner
+    products (assigning the base, probing the queries) and the scan ``nq * nprobe *
+    1.25 * nb / nlist`` (1.25: lists are unequal and big lists are probed more
+    often), so the optimum is ``sqrt(1.25 * nprobe * nq * nb / (nq + nb))``: 2,236
+    lists for a million queries against a million rows at ``nprobe=8``. That
+    optimum grows like ``sqrt(n)`` and so does each query's cost, so a search costs
+    ``n^1.5``. Lists are therefore never longer than ``_LIST_ROWS`` (512) on average:
+    above about 1.3M rows ``nlist`` grows linearly with ``nb``, the scan per query
+    stays constant and the coarse step itself becomes an inverted-file search over
+    the centroids (:class:`_InvertedLists`), whose cost grows like ``sqrt(nlist)``.
+    Kept between 1 and ``nb / 8`` (lists of at least 8 rows).
 
     Examples
     --------
     >>> ivf_nlist(1_000_000, 1_000_000, 8)
     2236
+    >>> ivf_nlist(10_000_000, 10_000_000, 8)
+    19531
     """
     opt = math.sqrt(1.25 * nprobe * nq * nb / max(nq + nb, 1))
+    opt = max(opt, nb / _LIST_ROWS)
     return int(max(1, min(round(opt), nb // 8)))
 
 
-def _kmeans(base: np.ndarray, nlist: int, seed: int) -> np.ndarray:
-    """Spherical k-means centroids (nlist, d) trained on a seeded sample of ``base``."""
+def _sample_rows(base: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` seeded rows of ``base`` (all of it when smaller) as float32."""
+    nb = base.shape[0]
+    if n >= nb:
+        return _f32(base)
+    return _f32(base[np.sort(rng.choice(nb, size=n, replace=False))])
+
+
+def _kmeans_flat(train: np.ndarray, nlist: int, seed: int) -> np.ndarray:
     import faiss
 
-    nb, d = base.shape
-    rng = np.random.default_rng(seed)
-    n_train = min(nb, _TRAIN_PER_LIST * nlist)
-    sample = np.sort(rng.choice(nb, size=n_train, replace=False)) if n_train < nb else None
-    train = base if sample is None else base[sample]
     km = faiss.Kmeans(
-        d,
+        train.shape[1],
         nlist,
         niter=_KMEANS_ITER,
         seed=seed,
@@ -104,8 +144,217 @@ def _kmeans(base: np.ndarray, nlist: int, seed: int) -> np.ndarray:
         min_points_per_centroid=1,  # (also silences faiss' stderr warning)
         verbose=False,
     )
-    km.train(np.ascontiguousarray(train))
-    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+    km.train(train)
+    return _f32(km.centroids)
+
+
+def _kmeans(base: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids (nlist, d) trained on a seeded sample of ``base``.
+
+    Up to ``_FLAT_COARSE_MAX`` lists, one k-means over ``_TRAIN_PER_LIST * nlist``
+    sample rows. Above, its cost (sample x nlist per iteration: ~10^14 inner products
+    at 20,000 lists) is cut by two-level clustering (as faiss'
+    ``two_level_clustering``): ``sqrt(nlist)`` coarse clusters, then each split into
+    centroids in proportion to its share of the sample.
+    """
+    rng = np.random.default_rng(seed)
+    train = _sample_rows(base, _TRAIN_PER_LIST * nlist, rng)
+    if nlist <= _FLAT_COARSE_MAX:
+        return _kmeans_flat(train, nlist, seed)
+    import faiss
+
+    n1 = max(2, round(math.sqrt(nlist)))
+    top = _kmeans_flat(train, n1, seed)
+    _, lab = faiss.knn(train, top, 1, metric=faiss.METRIC_INNER_PRODUCT)
+    lab = lab.ravel()
+    sizes = np.bincount(lab, minlength=n1)
+    share = np.maximum(1, np.round(sizes * nlist / max(train.shape[0], 1)).astype(np.int64))
+    share = np.minimum(share, sizes)
+    parts = []
+    for c in np.flatnonzero(sizes).tolist():
+        sub = train[lab == c]
+        parts.append(sub if share[c] >= sub.shape[0] else _kmeans_flat(sub, int(share[c]), seed))
+    return _f32(np.concatenate(parts))
+
+
+def _exact(q: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner products (k <= nb), float16 input converted block by block."""
+    import faiss
+
+    nq, nb = q.shape[0], b.shape[0]
+    ip = faiss.METRIC_INNER_PRODUCT
+    step = _block_rows(q.shape[1])
+    whole = _f32(b) if nb <= step else None
+    sims = np.full((nq, k), -np.inf, dtype=np.float32)
+    idx = np.full((nq, k), -1, dtype=np.int64)
+    for lo in range(0, nq, step):
+        qq = _f32(q[lo : lo + step])
+        if whole is not None:
+            sims[lo : lo + step], idx[lo : lo + step] = faiss.knn(qq, whole, k, metric=ip)
+            continue
+        # a large base: base blocks merged into a running top-k
+        rows = np.arange(lo, lo + qq.shape[0])
+        for b0 in range(0, nb, step):
+            blk = _f32(b[b0 : b0 + step])
+            s, i = faiss.knn(qq, blk, min(k, blk.shape[0]), metric=ip)
+            _merge(sims, idx, rows, s, np.where(i >= 0, i + b0, -1))
+    return sims, idx
+
+
+class _InvertedLists:
+    """Base rows grouped by nearest centroid, searched list-major.
+
+    The coarse step (which lists a query visits) is flat (every centroid) up to
+    ``_FLAT_COARSE_MAX`` lists, and above that itself an inverted-file search over
+    the centroids, so that its cost grows like ``sqrt(nlist)`` rather than ``nlist``.
+    """
+
+    def __init__(self, base: np.ndarray, nlist: int, seed: int, n_queries: int) -> None:
+        self.base: np.ndarray | None = base  # None between searches in reuse_indexes
+        self.cent = _kmeans(base, nlist, seed)
+        self.nlist = self.cent.shape[0]
+        self.coarse: _InvertedLists | None = None
+        if self.nlist > _FLAT_COARSE_MAX:
+            n_c = ivf_nlist(n_queries + base.shape[0], self.nlist, NPROBE)
+            self.coarse = _InvertedLists(self.cent, n_c, seed + 1, n_queries + base.shape[0])
+        lab = self.nearest_lists(base, 1)[:, 0]
+        self.order = np.argsort(lab, kind="stable")
+        self.bounds = np.searchsorted(lab[self.order], np.arange(self.nlist + 1))
+        self.sizes = np.diff(self.bounds)
+
+    def nearest_lists(self, q: np.ndarray, m: int) -> np.ndarray:
+        """The ``m`` lists whose centroids are nearest each query row, (nq, m)."""
+        import faiss
+
+        if self.coarse is not None:
+            _, probe = self.coarse.search(q, m, NPROBE)
+        else:
+            probe = np.empty((q.shape[0], m), dtype=np.int64)
+            step = _block_rows(q.shape[1])
+            for lo in range(0, q.shape[0], step):
+                _, probe[lo : lo + step] = faiss.knn(
+                    _f32(q[lo : lo + step]), self.cent, m, metric=faiss.METRIC_INNER_PRODUCT
+                )
+        # (-1 only when fewer than m centroids: never, m <= nlist; guard anyway)
+        return np.where(probe >= 0, probe, 0)
+
+    def search(self, q: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-``k`` (k <= nb) of each query row, descending."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import faiss
+
+        base = self.base
+        if base is None:
+            raise RuntimeError("inverted lists searched without their rows")
+        nq, nb = q.shape[0], base.shape[0]
+        nlist, sizes = self.nlist, self.sizes
+        nprobe = min(nprobe, nlist)
+        n_workers = max(1, int(faiss.omp_get_max_threads()))
+        max_probe = min(nlist, _MAX_PROBE_FACTOR * nprobe)
+        min_cand = min(nb, _MIN_CAND_PER_K * k)
+        sims = np.full((nq, k), -np.inf, dtype=np.float32)
+        idx = np.full((nq, k), -1, dtype=np.int64)
+        # queries in chunks bound the (query, probe) bookkeeping
+        chunk = max(1024, _PROBE_ENTRIES // max_probe)
+        for lo in range(0, nq, chunk):
+            qc = q[lo : lo + chunk]  # a view: rows become float32 a list at a time
+            m = qc.shape[0]
+            probe = self.nearest_lists(qc, max_probe)
+            q_order, q_bounds = _visits(probe, sizes, nprobe, min_cand)
+            del probe
+            cost = np.diff(q_bounds).astype(np.float64) * sizes
+            groups = _balance(cost, np.flatnonzero(cost > 0), n_workers)
+            # each worker keeps its own running top-k (lists share queries); merged below
+            bufs = [(sims[lo : lo + m], idx[lo : lo + m])] + [
+                (np.full((m, k), -np.inf, np.float32), np.full((m, k), -1, np.int64))
+                for _ in groups[1:]
+            ]
+            args = (qc, base, q_order, q_bounds, self.order, self.bounds)
+            if len(groups) <= 1:
+                for g in groups:
+                    _scan_lists(g, *args, *bufs[0], False)
+            else:
+                with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+                    futures = [
+                        pool.submit(_scan_lists, g, *args, *buf, True)
+                        for g, buf in zip(groups, bufs, strict=False)
+                    ]
+                    for f in futures:
+                        f.result()
+                all_rows = np.arange(m)
+                for s_w, i_w in bufs[1:]:
+                    _merge(bufs[0][0], bufs[0][1], all_rows, s_w, i_w)
+        return _finish(q, base, sims, idx)
+
+
+def _visits(
+    probe: np.ndarray, sizes: np.ndarray, nprobe: int, min_cand: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (list, query) pairs to scan, grouped by list: ``q_order[q_bounds[c]:q_bounds[c+1]]``
+    are the queries (rows of ``probe``) that visit list ``c``.
+
+    A query visits its ``nprobe`` nearest lists, and further ones (in ``probe``'s order)
+    while the lists seen so far hold fewer than ``min_cand`` rows.
+    """
+    nlist = sizes.size
+    seen_before = np.cumsum(sizes[probe], axis=1) - sizes[probe]
+    visit = (np.arange(probe.shape[1]) < nprobe)[None, :] | (seen_before < min_cand)
+    q_rows = np.broadcast_to(np.arange(probe.shape[0])[:, None], probe.shape)[visit]
+    flat = probe[visit]
+    del seen_before, visit
+    q_order = np.argsort(flat, kind="stable")
+    q_bounds = np.searchsorted(flat[q_order], np.arange(nlist + 1))
+    return q_rows[q_order], q_bounds  # query row of each (list, query) pair, grouped by list
+
+
+def _finish(
+    q: np.ndarray, b: np.ndarray, sims: np.ndarray, idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact search for queries still short of ``k`` neighbours; sort each row descending."""
+    # A query whose probed lists held fewer than k rows (tiny lists, nprobe=1) is
+    # searched exactly, so -1 only ever means "the base has fewer than k rows".
+    short = np.flatnonzero((idx < 0).any(axis=1))
+    if short.size:
+        sims[short], idx[short] = _exact(q[short], b, sims.shape[1])
+    order = np.argsort(-sims, axis=1, kind="stable")
+    sims = np.take_along_axis(sims, order, axis=1)
+    idx = np.take_along_axis(idx, order, axis=1)
+    idx[~np.isfinite(sims)] = -1
+    return sims, idx
+
+
+def _ivf_search(
+    q: np.ndarray, b: np.ndarray, k: int, nprobe: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The built-in approximate search: inverted lists trained on ``b``, searched by ``q``."""
+    return _InvertedLists(b, ivf_nlist(q.shape[0], b.shape[0], nprobe), seed, q.shape[0]).search(
+        q, k, nprobe
+    )
+
+
+#: The approximate search :func:`knn_search` runs; another engine (``pmpclean.engine``)
+#: installs its own with :func:`ivf_backend`, of the signature of ``_ivf_search``.
+_IVF_BACKEND: ContextVar[Callable[..., tuple[np.ndarray, np.ndarray]] | None] = ContextVar(
+    "pmpclean_ivf_backend", default=None
+)
+
+
+@contextmanager
+def ivf_backend(
+    search: Callable[[np.ndarray, np.ndarray, int, int, int], tuple[np.ndarray, np.ndarray]],
+) -> Iterator[None]:
+    """Run the approximate searches of :func:`knn_search` with ``search`` inside the block.
+
+    ``search(query, base, k, nprobe, seed)`` gets float32 C-contiguous arrays and returns
+    ``(sims, idx)`` as the built-in inverted-file search does (same lists, same statistic);
+    the Ray engine's distributed search is one (:mod:`pmpclean.engine`).
+    """
+    token = _IVF_BACKEND.set(search)
+    try:
+        yield
+    finally:
+        _IVF_BACKEND.reset(token)
 
 
 def _merge(
@@ -151,7 +400,10 @@ def _scan_lists(
         members = b_order[b0:b1]
         kk = min(k, b1 - b0)
         s, i = faiss.knn(
-            np.ascontiguousarray(qc[rows]), b[members], kk, metric=faiss.METRIC_INNER_PRODUCT
+            _f32(qc[rows]),  # the list's queries and rows, float16 -> float32 here
+            _f32(b[members]),
+            kk,
+            metric=faiss.METRIC_INNER_PRODUCT,
         )
         _merge(sims, idx, rows, s, np.where(i >= 0, members[np.maximum(i, 0)], -1))
 
@@ -165,129 +417,6 @@ def _balance(cost: np.ndarray, lists: np.ndarray, n_workers: int) -> list[list[i
         out[w].append(c)
         load[w] += cost[c]
     return [sorted(x) for x in out if x]
-
-
-def _ivf_search(
-    q: np.ndarray, b: np.ndarray, k: int, nprobe: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import faiss
-
-    nq, nb = q.shape[0], b.shape[0]
-    nlist = ivf_nlist(nq, nb, nprobe)
-    nprobe = min(nprobe, nlist)
-    cent = _kmeans(b, nlist, seed)
-    ip = faiss.METRIC_INNER_PRODUCT
-    # base rows grouped by nearest centroid (each row in exactly one list)
-    _, lab = faiss.knn(b, cent, 1, metric=ip)
-    lab = lab.ravel()
-    b_order = np.argsort(lab, kind="stable")
-    b_bounds = np.searchsorted(lab[b_order], np.arange(nlist + 1))
-    del lab
-    sizes = np.diff(b_bounds)
-    n_workers = max(1, int(faiss.omp_get_max_threads()))
-    max_probe = min(nlist, _MAX_PROBE_FACTOR * nprobe)
-    min_cand = min(nb, _MIN_CAND_PER_K * k)
-    sims = np.full((nq, k), -np.inf, dtype=np.float32)
-    idx = np.full((nq, k), -1, dtype=np.int64)
-    # queries in chunks bound the (query, probe) bookkeeping
-    chunk = max(1024, _PROBE_ENTRIES // max_probe)
-    for lo in range(0, nq, chunk):
-        qc = q[lo : lo + chunk]
-        m = qc.shape[0]
-        _, probe = faiss.knn(qc, cent, max_probe, metric=ip)
-        q_order, q_bounds = _visits(probe, sizes, nprobe, min_cand)
-        del probe
-        cost = np.diff(q_bounds).astype(np.float64) * np.diff(b_bounds)
-        groups = _balance(cost, np.flatnonzero(cost > 0), n_workers)
-        # each worker keeps its own running top-k (lists share queries); merged below
-        bufs = [(sims[lo : lo + m], idx[lo : lo + m])] + [
-            (np.full((m, k), -np.inf, np.float32), np.full((m, k), -1, np.int64))
-            for _ in groups[1:]
-        ]
-        args = (qc, b, q_order, q_bounds, b_order, b_bounds)
-        if len(groups) <= 1:
-            for g in groups:
-                _scan_lists(g, *args, *bufs[0], False)
-        else:
-            with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-                futures = [
-                    pool.submit(_scan_lists, g, *args, *buf, True)
-                    for g, buf in zip(groups, bufs, strict=False)
-                ]
-                for f in futures:
-                    f.result()
-            all_rows = np.arange(m)
-            for s_w, i_w in bufs[1:]:
-                _merge(bufs[0][0], bufs[0][1], all_rows, s_w, i_w)
-    return _finish(q, b, sims, idx)
-
-
-def _visits(
-    probe: np.ndarray, sizes: np.ndarray, nprobe: int, min_cand: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (list, query) pairs to scan, grouped by list: ``q_order[q_bounds[c]:q_bounds[c+1]]``
-    are the queries (rows of ``probe``) that visit list ``c``.
-
-    A query visits its ``nprobe`` nearest lists, and further ones (in ``probe``'s order)
-    while the lists seen so far hold fewer than ``min_cand`` rows.
-    """
-    nlist = sizes.size
-    seen_before = np.cumsum(sizes[probe], axis=1) - sizes[probe]
-    visit = (np.arange(probe.shape[1]) < nprobe)[None, :] | (seen_before < min_cand)
-    q_rows = np.broadcast_to(np.arange(probe.shape[0])[:, None], probe.shape)[visit]
-    flat = probe[visit]
-    del seen_before, visit
-    q_order = np.argsort(flat, kind="stable")
-    q_bounds = np.searchsorted(flat[q_order], np.arange(nlist + 1))
-    return q_rows[q_order], q_bounds  # query row of each (list, query) pair, grouped by list
-
-
-def _finish(
-    q: np.ndarray, b: np.ndarray, sims: np.ndarray, idx: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact search for queries still short of ``k`` neighbours; sort each row descending."""
-    import faiss
-
-    # A query whose probed lists held fewer than k rows (tiny lists, nprobe=1) is
-    # searched exactly, so -1 only ever means "the base has fewer than k rows".
-    short = np.flatnonzero((idx < 0).any(axis=1))
-    if short.size:
-        s, i = faiss.knn(
-            np.ascontiguousarray(q[short]), b, sims.shape[1], metric=faiss.METRIC_INNER_PRODUCT
-        )
-        sims[short], idx[short] = s, i
-    # descending order
-    order = np.argsort(-sims, axis=1, kind="stable")
-    sims = np.take_along_axis(sims, order, axis=1)
-    idx = np.take_along_axis(idx, order, axis=1)
-    idx[~np.isfinite(sims)] = -1
-    return sims, idx
-
-
-#: The approximate search :func:`knn_search` runs; another engine (``pmpclean.engine``)
-#: installs its own with :func:`ivf_backend`, of the signature of ``_ivf_search``.
-_IVF_BACKEND: ContextVar[Callable[..., tuple[np.ndarray, np.ndarray]] | None] = ContextVar(
-    "pmpclean_ivf_backend", default=None
-)
-
-
-@contextmanager
-def ivf_backend(
-    search: Callable[[np.ndarray, np.ndarray, int, int, int], tuple[np.ndarray, np.ndarray]],
-) -> Iterator[None]:
-    """Run the approximate searches of :func:`knn_search` with ``search`` inside the block.
-
-    ``search(query, base, k, nprobe, seed)`` gets float32 C-contiguous arrays and returns
-    ``(sims, idx)`` as the built-in inverted-file search does (same lists, same statistic);
-    the Ray engine's distributed search is one (:mod:`pmpclean.engine`).
-    """
-    token = _IVF_BACKEND.set(search)
-    try:
-        yield
-    finally:
-        _IVF_BACKEND.reset(token)
 
 
 def knn_search(
@@ -306,7 +435,10 @@ def knn_search(
     Parameters
     ----------
     query : ndarray, shape (nq, d)
+        float16 or float32 (other dtypes are converted); float16 rows, e.g.
+        memory-mapped, are converted to float32 a block at a time, never whole.
     base : ndarray, shape (nb, d)
+        As ``query``.
     k : int
         Neighbours per query. Asking for more than ``nb`` is allowed: the missing
         slots come back as index ``-1`` with similarity ``-inf``.
@@ -316,7 +448,8 @@ def knn_search(
         (:func:`ivf_nlist`), ``nprobe`` of them visited per query, candidates scored
         exactly in full dimension. Exact search costs ``nq * nb`` inner products
         (about 5 CPU-seconds at 20,000 x 20,000 x 512-d, the default threshold),
-        the approximate one about ``nq * sqrt(nb)``; a million x million search
+        the approximate one about ``nq * sqrt(nb)`` up to ~1.3M base rows and
+        close to ``nq`` above (:func:`ivf_nlist`); a million x million search
         takes about 2 CPU-minutes.
     nprobe : int
         Lists visited per query in the approximate search: recall rises and speed
@@ -350,10 +483,9 @@ def knn_search(
     >>> idx.ravel().tolist()
     [0, 1, 2]
     """
-    import faiss
 
-    q = _as_faiss(query, "query")
-    b = _as_faiss(base, "base")
+    q = _as_rows(query, "query")
+    b = _as_rows(base, "base")
     if q.shape[1] != b.shape[1]:
         raise ConfigError(
             f"query and base must have the same width, got {q.shape[1]} and {b.shape[1]}."
@@ -368,10 +500,14 @@ def knn_search(
         return sims, idx
     kk = min(k, nb)
     if nb <= exact_max:
-        d_out, i_out = faiss.knn(q, b, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        d_out, i_out = _exact(q, b, kk)
     else:
-        search = _IVF_BACKEND.get() or _ivf_search
-        d_out, i_out = search(q, b, kk, nprobe, 0 if seed is None else int(seed))
+        search = _IVF_BACKEND.get()
+        seed = 0 if seed is None else int(seed)
+        if search is None:
+            d_out, i_out = _ivf_search(q, b, kk, nprobe, seed)
+        else:  # another engine's search takes float32 rows (its contract)
+            d_out, i_out = search(_f32(q), _f32(b), kk, nprobe, seed)
     missing = i_out < 0
     d_out[missing] = -np.inf
     sims[:, :kk] = d_out

@@ -1034,8 +1034,10 @@ def _rematch_graph(
     n_rk, n_ck = n_r + n_key, n_c + new_key.size
     img_rows = np.concatenate([img.rep, keys])
     cap_rows = np.concatenate([cap.rep, keys[new_key]])
-    q_img = np.ascontiguousarray(img_e[img_rows], dtype=np.float32)
-    b_txt = np.ascontiguousarray(txt_e[cap_rows], dtype=np.float32)
+    # in the embeddings' own dtype (float16 as pmpclean holds them: knn_search turns
+    # them into float32 a block at a time; the same similarities at half the memory)
+    q_img = np.ascontiguousarray(img_e[img_rows])
+    b_txt = np.ascontiguousarray(txt_e[cap_rows])
     r_code = ig[img_rows]
     c_code = tg[cap_rows]
     key_of_row = np.full(n_rk, -1, dtype=np.int64)

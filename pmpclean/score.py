@@ -103,12 +103,20 @@ class PairScores:
 
 
 def _as_emb(x: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(x)
+    """``x`` as a 2-D float16 or float32 array; float16 (and memory maps) stay as they are."""
+    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if arr.ndim != 2:
         raise ConfigError(f"{name} must be a 2-D array (n, d), got shape {arr.shape}.")
     if not np.issubdtype(arr.dtype, np.number):
         raise ConfigError(f"{name} must hold numbers, got dtype {arr.dtype}.")
-    return arr.astype(np.float32, copy=False)
+    if arr.dtype in (np.float16, np.float32):
+        return arr  # no copy: 10M x 512 float16 rows are 10 GB, memory-mapped
+    return arr.astype(np.float32)
+
+
+#: How far from 1 the norms of rows of each dtype may be for the rows to count as unit
+#: vectors (float16 rounding moves a unit 512-d row's norm by about 1e-4).
+_UNIT_TOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float16): 2e-3}
 
 
 #: Rows processed at once when normalising or averaging embeddings (bounds temporaries).
@@ -124,7 +132,7 @@ def _row_norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     norms = np.ones(n, dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     for lo in range(0, n, _CHUNK):
-        blk = x[lo : lo + _CHUNK]
+        blk = np.asarray(x[lo : lo + _CHUNK], dtype=np.float32)
         fin = np.all(np.isfinite(blk), axis=1)
         nb = np.linalg.norm(np.where(fin[:, None], blk, np.float32(0.0)), axis=1)
         good = fin & (nb > 1e-12)
@@ -146,22 +154,24 @@ def _nodes(
     """L2-normalised mean of the normalised member rows of each group, (n_groups, d).
 
     ``codes[i]`` is the group of ``rows[i]``. When every row is its own group, in
-    row order, covering all of ``x``, and ``x`` already holds float32 unit vectors,
-    ``x`` itself is returned: at a million 512-d rows each copy would be 2 GB.
+    row order, covering all of ``x``, and ``x`` already holds unit vectors, ``x``
+    itself is returned: at ten million 512-d rows each copy would be 10 GB (float16).
+    Otherwise the nodes have the dtype of ``x`` (float16 or float32).
     """
     d = x.shape[1]
+    dtype = np.float16 if x.dtype == np.float16 else np.float32
     if n_groups == rows.size:  # one row per group
         if (
             rows.size == x.shape[0]
-            and x.dtype == np.float32
+            and x.dtype in _UNIT_TOL
             and x.flags.c_contiguous
             and np.array_equal(codes, np.arange(rows.size))
-            and bool(np.all(np.abs(norms - 1.0) <= 1e-6))  # float32 unit vectors
+            and bool(np.all(np.abs(norms - 1.0) <= _UNIT_TOL[x.dtype]))  # unit vectors
         ):
             return x
         member = np.empty(n_groups, dtype=np.int64)
         member[codes] = rows
-        out = np.empty((n_groups, d), dtype=np.float32)
+        out = np.empty((n_groups, d), dtype=dtype)
         for lo in range(0, n_groups, _CHUNK):
             out[lo : lo + _CHUNK] = _unit_rows(x, norms, member[lo : lo + _CHUNK])
         return out
@@ -180,7 +190,7 @@ def _nodes(
     good = nn > 1e-12
     out /= np.where(good, nn, np.float32(1.0))[:, None]
     out[~good] = 0.0
-    return out
+    return out.astype(dtype, copy=False)
 
 
 def _pair_cosines(
@@ -761,7 +771,7 @@ def plant_pairs(
         dst[bad] = rng.choice(pool, size=int(bad.sum()))
     keep = g[dst] != g[src]
     out["random"] = (src[keep], dst[keep])
-    x = np.asarray(image_emb, dtype=np.float32)
+    x = _as_emb(image_emb, "image_emb")  # float16 (memory-mapped) stays: never a float32 copy
     norms, ok = _row_norms(x)
     band_pool = pool
     # similar: one of the nearest pool images of another image (among at most

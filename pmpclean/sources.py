@@ -740,7 +740,7 @@ def load_source_embeddings(
     Returns
     -------
     Embeddings
-        ``(n_rows, d)`` float32, L2-normalised. A row whose key has no embedding is
+        ``(n_rows, d)`` float16, L2-normalised. A row whose key has no embedding is
         all-NaN (the scan gives it status ``missing_embedding``); embedded keys that no
         row has are counted in ``notes``, never shifted onto other rows.
 
@@ -774,12 +774,17 @@ def load_source_embeddings(
     position = pd.Series(np.arange(len(keys)), index=pd.Index(keys))
     where = position.reindex(data_keys).to_numpy()
     have = ~np.isnan(where)
-    n = len(manifest)
-    image = np.full((n, img.shape[1]), np.nan, dtype=np.float32)
-    text = np.full((n, txt.shape[1]), np.nan, dtype=np.float32)
-    rows = where[have].astype(np.int64)
-    image[have] = _normalise_rows(img[rows])
-    text[have] = _normalise_rows(txt[rows])
+    for kind, parts in (("image", img), ("text", txt)):
+        widths = sorted({int(a.shape[1]) for a in parts})
+        if len(widths) > 1:
+            raise EmbeddingError(
+                f"{p} holds {kind} embeddings of different widths ({widths}) across its "
+                "partitions; every partition must come from the same model."
+            )
+    at = np.where(have, np.nan_to_num(where, nan=-1.0), -1.0).astype(np.int64)
+    # rows read shard by shard straight from the (memory-mapped) partitions
+    image = _normalise_rows(img, at)
+    text = _normalise_rows(txt, at)
     notes = []
     missing = int((~have).sum())
     if missing:
@@ -864,10 +869,12 @@ def _clip_retrieval(p: Path, manifest: Manifest) -> tuple[list[str], Any, Any, s
         imgs.append(_load_2d(p / "img_emb" / f"img_emb_{i}.npy", len(frame)))
         txts.append(_load_2d(p / "text_emb" / f"text_emb_{i}.npy", len(frame)))
     _unique_keys(keys, p, join)
-    return keys, np.concatenate(imgs), np.concatenate(txts), join
+    return keys, imgs, txts, join
 
 
 def _datacomp(p: Path, manifest: Manifest, pair: str) -> tuple[list[str], Any, Any, str]:
+    from .embedding import _npz_memmap
+
     keys: list[str] = []
     imgs, txts = [], []
     for npz in sorted(p.glob("*.npz")):
@@ -886,7 +893,10 @@ def _datacomp(p: Path, manifest: Manifest, pair: str) -> tuple[list[str], Any, A
                     f"{npz} has no array {' or '.join(absent)} (it holds "
                     f"{', '.join(data.files)}); choose another --embeddings-pair."
                 )
-            img, txt = data[names[0]], data[names[1]]
+            # uncompressed members (np.savez) are memory-mapped, not read
+            img, txt = (
+                data[k] if (mapped := _npz_memmap(npz, k)) is None else mapped for k in names
+            )
         for arr in (img, txt):
             if arr.ndim != 2 or arr.shape[0] != len(frame):
                 raise EmbeddingError(
@@ -897,4 +907,4 @@ def _datacomp(p: Path, manifest: Manifest, pair: str) -> tuple[list[str], Any, A
         imgs.append(img)
         txts.append(txt)
     _unique_keys(keys, p, "uid")
-    return keys, np.concatenate(imgs), np.concatenate(txts), "uid"
+    return keys, imgs, txts, "uid"

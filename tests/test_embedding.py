@@ -38,6 +38,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:model 'pmpclean-tiny' has RANDOM
 
 TINY = "pmpclean-tiny"
 D = 32  # embed_dim of pmpclean-tiny
+# Embeddings are held as float16: unit-vector entries round by at most half a unit in
+# the last place (2^-12 below 0.5, 2^-11 below 1).
+F16 = 2.5e-4
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -337,14 +340,15 @@ def test_embed_manifest_shapes_norms_and_bad_rows(
     )
     assert isinstance(emb, Embeddings)
     assert emb.image.shape == (9, D) and emb.text.shape == (9, D)
-    assert emb.image.dtype == np.float32 and emb.text.dtype == np.float32
+    assert emb.image.dtype == np.float16 and emb.text.dtype == np.float16  # held as float16
     # the truncated JPEG was found while embedding and marked on all its rows
     assert list(m.status) == ["ok"] * 5 + ["unreadable_image"] * 2 + [
         "missing_image",
         "empty_caption",
     ]
-    np.testing.assert_allclose(np.linalg.norm(emb.image[GOOD_ROWS], axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(emb.text[GOOD_ROWS], axis=1), 1.0, atol=1e-5)
+    for arr in (emb.image, emb.text):  # unit rows, up to float16 rounding
+        norms = np.linalg.norm(arr[GOOD_ROWS].astype(np.float64), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol=1e-3)
     assert np.isnan(emb.image[BAD_ROWS]).all() and np.isnan(emb.text[BAD_ROWS]).all()
     # each unique decodable image and each unique caption went through the model once
     assert counts["images"] == N_GOOD_IMAGES == emb.n_model_images
@@ -370,8 +374,10 @@ def test_embeddings_match_a_direct_forward_pass(tiny: LoadedModel, dataset: Path
         img = torch.nn.functional.normalize(tiny.model.encode_image(x), dim=-1)[0].numpy()
         txt = tiny.model.encode_text(tiny.tokenizer(["a blue square"]))
         txt = torch.nn.functional.normalize(txt, dim=-1)[0].numpy()
-    np.testing.assert_allclose(emb.image[2], img, atol=1e-5)
-    np.testing.assert_allclose(emb.text[4], txt, atol=1e-5)
+    # held as float16: equal up to float16 rounding (half a unit in the last place
+    # of values below 1 is at most 2.5e-4)
+    np.testing.assert_allclose(emb.image[2].astype(np.float32), img, atol=2.5e-4)
+    np.testing.assert_allclose(emb.text[4].astype(np.float32), txt, atol=2.5e-4)
 
 
 def test_images_as_users_have_them_embed_like_their_8bit_rgb_twin(
@@ -552,17 +558,80 @@ def test_save_and_load_npz_normalises_and_keeps_nan_rows(tmp_path: Path) -> None
     path = save_embeddings(tmp_path / "e.npz", Embeddings(image=image, text=text, source="x"))
     emb = load_embeddings(path, 5)
     assert emb.image.shape == (5, 128) and emb.text.shape == (5, 10)
-    assert emb.image.dtype == np.float32
+    assert emb.image.dtype == np.float16
     assert emb.source == f"file:{path.absolute()}"
     assert (emb.n_model_images, emb.n_model_texts) == (0, 0)
     good_img = [0, 2, 3, 4]
-    np.testing.assert_allclose(np.linalg.norm(emb.image[good_img], axis=1), 1.0, atol=1e-6)
+    norms = np.linalg.norm(emb.image[good_img].astype(np.float64), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-3)  # float16 rounding
     np.testing.assert_allclose(
-        emb.image[0], image[0] / np.linalg.norm(image[0]), rtol=1e-5, atol=1e-6
+        emb.image[0].astype(np.float64), image[0] / np.linalg.norm(image[0]), atol=F16
     )
     assert np.isnan(emb.image[1]).all()
     assert np.isnan(emb.text[2]).all() and np.isnan(emb.text[3]).all()
     assert not np.isnan(emb.text[[0, 1, 4]]).any()
+
+
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no RssAnon in /proc/self/status (not Linux)")
+
+
+def test_saved_embeddings_are_memory_mapped_not_read(tmp_path: Path) -> None:
+    # 20,000 x 1,024 float16 rows = 40 MB per array: mapped, so loading them takes no
+    # anonymous memory and hands back the file's own bytes
+    rng = np.random.default_rng(0)
+    n, d = 20_000, 1024
+    image = rng.normal(size=(n, d)).astype(np.float32)
+    image[7] = np.nan
+    path = save_embeddings(tmp_path / "e.npz", Embeddings(image=image, text=image, source="x"))
+    before = _rss_anon_mb()
+    emb = load_embeddings(path, n)
+    # reading would take 2 x 40 MB (plus a normalised copy); checking the rows takes
+    # a float32 chunk at a time (32 MB), which the allocator may keep
+    assert _rss_anon_mb() - before < 40
+    assert isinstance(emb.image, np.memmap) and str(emb.image.filename) == str(path.absolute())
+    assert emb.image.dtype == np.float16 and not emb.image.flags.writeable
+    assert np.isnan(emb.image[7]).all()
+    unit = image[0] / np.linalg.norm(image[0])
+    np.testing.assert_allclose(emb.image[0].astype(np.float64), unit, atol=F16)
+
+
+def test_unnormalised_or_float32_files_are_normalised_into_float16(tmp_path: Path) -> None:
+    # float16 rows that are not unit vectors, and float32 rows: both normalised copies
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=(6, 16))
+    for dtype in (np.float16, np.float32):
+        path = tmp_path / f"{np.dtype(dtype).name}.npz"
+        np.savez(path, image=(raw * 3).astype(dtype), text=raw.astype(dtype))
+        emb = load_embeddings(path, 6)
+        assert emb.image.dtype == np.float16 and not isinstance(emb.image, np.memmap)
+        norms = np.linalg.norm(emb.image.astype(np.float64), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol=1e-3)
+    # a row of unit float16 vectors with one partly-NaN row is not usable as it is
+    unit = (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float16)
+    unit[2, 3] = np.nan
+    np.savez(tmp_path / "partial.npz", image=unit, text=unit)
+    emb = load_embeddings(tmp_path / "partial.npz", 6)
+    assert np.isnan(emb.image[2]).all() and not np.isnan(emb.image[[0, 1, 3, 4, 5]]).any()
+
+
+def test_large_normalised_copies_live_on_an_unnamed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(E, "_SPILL_BYTES", 1000)
+    monkeypatch.setenv("PMPCLEAN_CACHE_DIR", str(tmp_path / "cache"))
+    raw = np.random.default_rng(2).normal(size=(300, 8))
+    np.savez(tmp_path / "raw.npz", image=raw, text=raw)
+    emb = load_embeddings(tmp_path / "raw.npz", 300)
+    assert isinstance(emb.image, np.memmap) and emb.image.dtype == np.float16
+    np.testing.assert_allclose(
+        emb.image.astype(np.float64), raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=F16
+    )
+    assert list((tmp_path / "cache").iterdir()) == []  # no name left behind
 
 
 def test_save_embeddings_only_writes_npz(tmp_path: Path) -> None:
@@ -625,8 +694,12 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     frame.to_parquet(path)
     emb = load_embeddings(path, 4)
     assert emb.image.shape == (4, 6) and emb.text.shape == (4, 3)
-    np.testing.assert_allclose(emb.image[0], image[0] / np.linalg.norm(image[0]), atol=1e-6)
-    np.testing.assert_allclose(emb.text[3], text[3] / np.linalg.norm(text[3]), atol=1e-6)
+    np.testing.assert_allclose(
+        emb.image[0].astype(np.float64), image[0] / np.linalg.norm(image[0]), atol=F16
+    )
+    np.testing.assert_allclose(
+        emb.text[3].astype(np.float64), text[3] / np.linalg.norm(text[3]), atol=F16
+    )
     assert np.isnan(emb.image[2]).all() and not np.isnan(emb.text).any()
 
     pd.DataFrame({"image": [[1.0, 2.0]] * 4, "caption": [[1.0]] * 4}).to_parquet(

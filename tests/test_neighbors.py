@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import pmpclean.neighbors as N
 from pmpclean.errors import ConfigError
 from pmpclean.neighbors import ivf_nlist, knn_search
 
@@ -87,6 +88,65 @@ def test_nlist_balances_coarse_and_scan_cost() -> None:
     assert ivf_nlist(100_000, 100_000, 8) == 707
     assert ivf_nlist(10, 10, 8) == 1  # never more lists than rows / 8
     assert ivf_nlist(1_000_000, 1_000_000, 4) < ivf_nlist(1_000_000, 1_000_000, 16)
+
+
+def test_lists_stop_growing_above_a_million_rows() -> None:
+    # the sqrt(n) optimum of a flat coarse step until lists would pass 512 rows on
+    # average; then nlist grows with n, so the scan per query stays constant
+    assert ivf_nlist(10_000_000, 10_000_000, 8) == 19_531  # 10M / 512
+    assert ivf_nlist(100_000_000, 100_000_000, 8) == 195_312
+    assert ivf_nlist(10_000_000, 10_000_000, 4) == ivf_nlist(10_000_000, 10_000_000, 16)
+
+
+def test_float16_rows_are_searched_as_float32_without_a_full_copy(blobs) -> None:
+    query, base = blobs
+    q16, b16 = query.astype(np.float16), base.astype(np.float16)
+    for exact_max in (10**6, 0):  # exact and approximate paths
+        s16, i16 = knn_search(q16, b16, 5, exact_max=exact_max, seed=0)
+        s32, _ = knn_search(q16.astype(np.float32), b16.astype(np.float32), 5, exact_max=exact_max)
+        assert s16.dtype == np.float32 and i16.dtype == np.int64
+        np.testing.assert_allclose(s16, s32, atol=1e-6)  # the same float32 arithmetic
+        # exact inner products of the float16 rows
+        ref = np.einsum("qd,qkd->qk", q16.astype(np.float64), b16.astype(np.float64)[i16])
+        np.testing.assert_allclose(s16, ref, atol=1e-5)
+
+
+def test_a_float16_base_is_never_copied_whole() -> None:
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    base = _unit(rng.standard_normal((300_000, 64))).astype(np.float16)  # 38 MB
+    query = base[:1000]
+    tracemalloc.start()
+    try:
+        knn_search(query, base, 4, exact_max=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < base.nbytes  # a float32 copy of the base alone would be 2x base.nbytes
+
+
+def test_a_coarse_inverted_file_over_many_lists_keeps_recall(blobs, monkeypatch) -> None:
+    # shrink the limits so that 4,000 rows make 250 lists of 16, found through an
+    # inverted file over the centroids (two-level k-means, two-level coarse step)
+    query, base = blobs
+    monkeypatch.setattr(N, "_LIST_ROWS", 16)
+    monkeypatch.setattr(N, "_FLAT_COARSE_MAX", 64)
+    built: list[N._InvertedLists] = []
+    init = N._InvertedLists.__init__
+
+    def spy(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(N._InvertedLists, "__init__", spy)
+    _, ref_i = _brute(query, base, 4)
+    sims, idx = knn_search(query, base, 4, exact_max=0, nprobe=8, seed=0)
+    outer = built[-1]
+    assert abs(outer.nlist - 250) <= 10 and outer.coarse is not None and outer.coarse.coarse is None
+    assert outer.sizes.sum() == len(base) and np.all(idx >= 0)
+    assert _recall(idx, ref_i) > 0.85
+    np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", query, base[idx]), atol=1e-5)
 
 
 @pytest.mark.parametrize(

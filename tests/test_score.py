@@ -301,3 +301,27 @@ def test_plant_pairs_join_other_images_at_a_ladder_of_distances() -> None:
     assert np.all((share >= 0.005) & (share <= 0.11)), np.quantile(share, [0, 1])
     again = plant_pairs(ps.score, d.image_emb, image_group=d.image_group, n_plants=200, seed=0)
     assert all(np.array_equal(again[k][1], plants[k][1]) for k in plants)
+
+
+def test_float16_embeddings_score_like_float32_without_a_copy(monkeypatch) -> None:
+    import pmpclean.neighbors as neighbors
+
+    d = clip_like_pairs(3_000, dim=64, noise_rate=0.2, seed=4)
+    img16, txt16 = d.image_emb.astype(np.float16), d.text_emb.astype(np.float16)
+    searched: list[tuple[np.ndarray, np.ndarray]] = []
+    search = neighbors.knn_search
+
+    def spy(query, base, *args, **kwargs):
+        searched.append((query, base))
+        return search(query, base, *args, **kwargs)
+
+    monkeypatch.setattr(neighbors, "knn_search", spy)
+    ps16 = pair_scores(img16, txt16, seed=0)  # exact search: same neighbours
+    # one row per image and per caption: the searched nodes are the float16 rows
+    # themselves, not float32 twins (10M x 512 rows: 20 GB each)
+    assert [(q is img16, b is txt16) for q, b in searched[:1]] == [(True, True)]
+    assert [(q is txt16, b is img16) for q, b in searched[1:]] == [(True, True)]
+    monkeypatch.setattr(neighbors, "knn_search", search)
+    ps32 = pair_scores(img16.astype(np.float32), txt16.astype(np.float32), seed=0)
+    # float16 rows are unit vectors up to rounding (norms within 1e-4 of 1)
+    np.testing.assert_allclose(ps16.score, ps32.score, atol=1e-3)

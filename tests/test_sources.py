@@ -318,7 +318,7 @@ def test_clip_retrieval_embeddings_join_by_key_across_partitions(tmp_path: Path)
     emb = load_source_embeddings(out, m)
     for row, key in enumerate(["00000000", "00000001", "00000002"]):
         assert np.allclose(emb.image[row], vec[key]) and np.allclose(emb.text[row], vec[key])
-    assert np.isnan(emb.image[3]).all() and emb.image.dtype == np.float32
+    assert np.isnan(emb.image[3]).all() and emb.image.dtype == np.float16
     assert any("1 row(s) have no embedding" in n and "00000003" in n for n in emb.notes)
     assert any("match no row" in n and "zzz" in n for n in emb.notes)
     # arrays and metadata of one partition that disagree in length are refused
