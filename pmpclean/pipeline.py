@@ -515,24 +515,27 @@ def _scan(  # noqa: C901 - the stages in order; the split part is the lead's (is
         )
 
     if pair_audit:
+        from .neighbors import reuse_indexes
         from .rematching import calibrated_rematch
         from .score import pair_scores
 
-        with timer("score"):
-            ps = pair_scores(
-                img,
-                txt,
-                image_group=image_group,
-                text_group=text_group,
-                valid=valid,
-                progress=progress,
-                **_search_settings(cfg),
-            )
-        similarity = np.asarray(ps.similarity, dtype=np.float64)
-        evidence = _evidence(ps)
-        pair_score = np.asarray(ps.score, dtype=np.float64)
-        with timer("split"):
-            sp = split_scores(img, txt, pair_score, image_group, text_group, valid, cfg)
+        # the plants of the split are searched with the lists the real rows met
+        with reuse_indexes():
+            with timer("score"):
+                ps = pair_scores(
+                    img,
+                    txt,
+                    image_group=image_group,
+                    text_group=text_group,
+                    valid=valid,
+                    progress=progress,
+                    **_search_settings(cfg),
+                )
+            similarity = np.asarray(ps.similarity, dtype=np.float64)
+            evidence = _evidence(ps)
+            pair_score = np.asarray(ps.score, dtype=np.float64)
+            with timer("split"):
+                sp = split_scores(img, txt, pair_score, image_group, text_group, valid, cfg)
         match_score = np.asarray(sp.match_score, dtype=np.float64)
         is_mismatched = np.asarray(sp.is_mismatched, dtype=bool) & valid
         mix = sp.mixture or {}

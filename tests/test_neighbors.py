@@ -83,6 +83,37 @@ def test_approximate_is_deterministic_for_a_seed(blobs) -> None:
     np.testing.assert_array_equal(a[0], b[0])
 
 
+def test_reuse_indexes_trains_the_lists_of_a_base_once(blobs, monkeypatch) -> None:
+    """Inside reuse_indexes, a base with the same rows (a copy: same bytes) and seed is
+    searched with the lists built the first time; other rows or another seed get their
+    own; the lists hold no reference to the rows between searches; outside the block
+    nothing is kept."""
+    query, base = blobs
+    built: list[int] = []
+    real = N._InvertedLists.__init__
+
+    def counting(self, b, *args, **kwargs):
+        built.append(b.shape[0])
+        real(self, b, *args, **kwargs)
+
+    monkeypatch.setattr(N._InvertedLists, "__init__", counting)
+    with N.reuse_indexes():
+        first = knn_search(query, base, 5, exact_max=0, seed=3)
+        n_first = len(built)
+        again = knn_search(query[:100], base.copy(), 5, exact_max=0, seed=3)
+        assert len(built) == n_first  # same rows, same seed: no training
+        cached = list(N._INDEX_CACHE.get().values())
+        assert all(lists.base is None for lists in cached)
+        knn_search(query, base[::-1].copy(), 5, exact_max=0, seed=3)  # other order
+        knn_search(query, base, 5, exact_max=0, seed=4)  # other seed
+        assert len(built) == 3 * n_first
+    np.testing.assert_array_equal(again[1], first[1][:100])
+    np.testing.assert_array_equal(again[0], first[0][:100])
+    knn_search(query, base, 5, exact_max=0, seed=3)
+    knn_search(query, base, 5, exact_max=0, seed=3)
+    assert len(built) == 5 * n_first  # no cache outside the block
+
+
 def test_nlist_balances_coarse_and_scan_cost() -> None:
     assert ivf_nlist(1_000_000, 1_000_000, 8) == 2236
     assert ivf_nlist(100_000, 100_000, 8) == 707
