@@ -529,6 +529,11 @@ def _signal(data_sorted: np.ndarray, random_plants: np.ndarray, kappa: float) ->
     return float(np.clip((above - kappa * 0.01) / (1.0 - kappa), 0.0, 1.0))
 
 
+def _gauss_pdf(x: np.ndarray, mu: float, sd: float) -> np.ndarray:
+    """Normal density N(mu, sd^2) at ``x``."""
+    return np.exp(-0.5 * ((x - mu) / sd) ** 2 - 0.5 * _LOG_2PI) / sd
+
+
 def _em_planted(
     centres: np.ndarray,
     counts: np.ndarray,
@@ -559,7 +564,7 @@ def _em_planted(
     floor = (centres[1] - centres[0]) * 0.5
     prev = -np.inf
     for _ in range(max_iter):
-        f0 = np.exp(-0.5 * ((centres - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+        f0 = _gauss_pdf(centres, mu, sd)
         comp = np.vstack([w[0] * f0, w[1:, None] * dens]) + 1e-300
         total = comp.sum(axis=0)
         ll = float(counts @ np.log(total)) / n
@@ -727,10 +732,10 @@ def calibrated_split(
 
     dens = np.stack([_binned_density(p, edges) for p in plants])
 
+    weights = counts.astype(np.float64)
+
     def best_fit(d: np.ndarray) -> tuple[np.ndarray, float, float, float]:
-        fits = [
-            _em_planted(centres, counts.astype(np.float64), d, clean_start=st) for st in _EM_STARTS
-        ]
+        fits = [_em_planted(centres, weights, d, clean_start=st) for st in _EM_STARTS]
         return max(fits, key=lambda f: f[3])
 
     w, mu, sd, ll = best_fit(dens)
@@ -744,7 +749,7 @@ def calibrated_split(
             w, mu, sd = w2, mu2, sd2
             kinds, plants, dens = [kinds[0], kinds[-1]], [plants[0], plants[-1]], dens[[0, -1]]
     # Posterior of every row, by linear interpolation of the planted densities.
-    f0 = np.exp(-0.5 * ((xc - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+    f0 = _gauss_pdf(xc, mu, sd)
     mis = np.zeros_like(xc)
     for wk, dk in zip(w[1:], dens, strict=True):
         mis += wk * np.interp(xc, centres, dk)
