@@ -1,6 +1,6 @@
-"""Mutation testing of the typer commands in ``pmpclean/cli.py``, which mutmut skips.
+"""Mutation testing of the typer commands in ``pmpclean/cli/``, which mutmut skips.
 
-mutmut 3 never mutates decorated functions, and every command of ``cli.py`` is one
+mutmut 3 never mutates decorated functions, and every command of ``cli/`` is one
 (``@app.command()``): the glue where an option is handed to the library. This script
 plants the faults that glue is prone to, one at a time, in a scratch copy of the
 repository, and runs the CLI tests against each:
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = ROOT / "pmpclean" / "cli.py"
+CLI = ROOT / "pmpclean" / "cli"  # the command modules: cli/*.py
 TESTS = ["tests/test_options.py", "tests/test_cli.py"]
 
 
@@ -123,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    source = CLI.read_text(encoding="utf-8")
-    found = mutants(source)
+    sources = {p.name: p.read_text(encoding="utf-8") for p in sorted(CLI.glob("*.py"))}
+    found = [
+        (name, f"{name}: {desc}", a, b, new)
+        for name, source in sources.items()
+        for desc, a, b, new in mutants(source)
+    ]
     chosen = list(enumerate(found))
     if args.sample and args.sample < len(chosen):
         chosen = sorted(random.Random(args.seed).sample(chosen, args.sample))
@@ -136,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(ROOT / "pmpclean", work / "pmpclean")
         shutil.copytree(ROOT / "tests", work / "tests")
         shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
-        target = work / "pmpclean" / "cli.py"
         env = {**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1"}
-        for index, (desc, a, b, new) in chosen:
+        for index, (name, desc, a, b, new) in chosen:
+            source = sources[name]
+            target = work / "pmpclean" / "cli" / name
             mutated = source[:a] + new + source[b:]
             try:
                 ast.parse(mutated)
@@ -153,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                 capture_output=True,
                 text=True,
             )
+            target.write_text(source, encoding="utf-8")
             verdict = "killed" if res.returncode != 0 else "SURVIVED"
             if res.returncode == 0:
                 survived.append(desc)
             print(f"  [{index}] {verdict}: {desc}", flush=True)
-        target.write_text(source, encoding="utf-8")
     ran = len(chosen)
     print(
         f"ran {ran}, killed {ran - len(survived)}, survived {len(survived)}, "

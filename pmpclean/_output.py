@@ -1,4 +1,4 @@
-"""The CLI's output sink: the only module (with ``cli.py``) that prints.
+"""The CLI's output sink: the only module (with ``cli/``) that prints.
 
 :class:`Output` renders results for people (rich tables on stdout, progress bars and
 messages on stderr) or for scripts (``format="json"``: one JSON document on stdout,

@@ -1,0 +1,161 @@
+"""pmpclean rematch: write a cleaned manifest from the latest scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._app import _on_engine, _output, _run, _warn_remote_images, app
+from ._options import (
+    ConfigOpt,
+    DeviceOpt,
+    EmbeddingsOpt,
+    EngineName,
+    EngineOpt,
+    ForceOpt,
+    Format,
+    FormatOpt,
+    ImageCol,
+    LabelCol,
+    Manifest,
+    ModelOpt,
+    Pair,
+    PairOpt,
+    Policy,
+    PretrainedOpt,
+    QuietOpt,
+    RayAddressOpt,
+    RootOpt,
+    SeedOpt,
+    TextCol,
+    _build_config,
+)
+
+
+@app.command()
+def rematch(
+    ctx: typer.Context,
+    manifest: Manifest,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help=(
+                "Cleaned manifest to write; its extension (.csv .tsv .parquet .jsonl) sets the "
+                "format. Dropped rows go to <stem>.dropped<ext> beside it."
+            ),
+        ),
+    ],
+    policy: Annotated[
+        Policy,
+        typer.Option(
+            "--policy",
+            help=(
+                "rematch: keep clean pairs and confident rematches; drop: keep clean pairs "
+                "only; flag: keep every row, add audit columns."
+            ),
+        ),
+    ] = Policy.rematch,
+    min_confidence: Annotated[
+        float | None,
+        typer.Option(
+            "--min-confidence",
+            min=0.0,
+            max=1.0,
+            help="Apply only proposals at least this confident \\[default: the scan's setting].",
+        ),
+    ] = None,
+    fix_labels: Annotated[
+        bool,
+        typer.Option(
+            "--fix-labels",
+            help="Replace labels flagged by the label audit with the suggested label.",
+        ),
+    ] = False,
+    audit_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--audit-dir",
+            help=(
+                "Folder of the scan to apply \\[default: <manifest stem>.pmpclean/]. "
+                "Scanned now when absent or stale."
+            ),
+        ),
+    ] = None,
+    rescan: Annotated[
+        bool,
+        typer.Option("--rescan", help="Scan again even when an up-to-date audit exists."),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would be written, write nothing.")
+    ] = False,
+    force: ForceOpt = False,
+    image_col: ImageCol = "image",
+    text_col: TextCol = "caption",
+    label_col: LabelCol = None,
+    root: RootOpt = None,
+    model: ModelOpt = "ViT-B-32",
+    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    embeddings: EmbeddingsOpt = None,
+    embeddings_pair: PairOpt = Pair.b32,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    config_file: ConfigOpt = None,
+    engine: EngineOpt = EngineName.local,
+    ray_address: RayAddressOpt = None,
+    fmt: FormatOpt = Format.human,
+    quiet: QuietOpt = False,
+) -> None:
+    # long: typer options, one per rematch setting; to be generated from config.py (step 7)
+    """Write a cleaned manifest from the latest scan (scanning first when needed).
+
+    Every input row lands in exactly one of the cleaned manifest and the dropped file.
+    The input is never modified; existing outputs are kept unless --force. Options not
+    given keep the values of the scan in --audit-dir; when the manifest, the embeddings,
+    the model or a setting that changes the audit differs from that scan's, the
+    manifest is scanned again and the summary says which. --min-confidence never needs
+    a new scan.
+    """
+    from .._utils import seed_everything
+    from ..pipeline import default_out_dir, saved_scan_config
+    from ..pipeline import rematch as run_rematch
+
+    output = _output(fmt, quiet)
+    with _run(output):
+        # options not given keep the values of the scan being applied
+        scanned = saved_scan_config(audit_dir if audit_dir else default_out_dir(manifest))
+        cfg = _build_config(
+            ctx,
+            config_file,
+            base=scanned,
+            image_col=image_col,
+            text_col=text_col,
+            label_col=label_col,
+            root=root,
+            model=model,
+            pretrained=pretrained,
+            embeddings=embeddings,
+            embeddings_pair=embeddings_pair,
+            device=device,
+            seed=seed,
+        )
+        seed_everything(cfg.seed)
+        _warn_remote_images(output)
+        with _on_engine(engine, ray_address), output.progress() as progress:
+            result = run_rematch(
+                manifest,
+                out=out,
+                policy=policy.value,
+                min_confidence=min_confidence,
+                fix_labels=fix_labels,
+                force=force,
+                config=cfg,
+                audit_dir=audit_dir,
+                rescan=rescan,
+                dry_run=dry_run,
+                progress=progress,
+            )
+        output.rematch_summary(result.info)

@@ -1,0 +1,163 @@
+"""pmpclean embed and corrupt: the tools around a scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._app import _on_engine, _output, _run, _warn_remote_images, app
+from ._options import (
+    BatchOpt,
+    CacheDirOpt,
+    DeviceOpt,
+    EmbeddingsOpt,
+    EngineName,
+    EngineOpt,
+    ForceOpt,
+    Format,
+    FormatOpt,
+    IdCol,
+    ImageCol,
+    Manifest,
+    ModelOpt,
+    NoCacheOpt,
+    NoiseMode,
+    PretrainedOpt,
+    QuietOpt,
+    RayAddressOpt,
+    RootOpt,
+    SeedOpt,
+    TextCol,
+    WorkersOpt,
+    _build_config,
+)
+
+
+@app.command()
+def embed(
+    ctx: typer.Context,
+    manifest: Manifest,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Embeddings file (.npz) \\[default: <manifest stem>.pmpclean/embeddings.npz].",
+        ),
+    ] = None,
+    image_col: ImageCol = "image",
+    text_col: TextCol = "caption",
+    id_col: IdCol = None,
+    root: RootOpt = None,
+    model: ModelOpt = "ViT-B-32",
+    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 2,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    engine: EngineOpt = EngineName.local,
+    ray_address: RayAddressOpt = None,
+    fmt: FormatOpt = Format.human,
+    quiet: QuietOpt = False,
+) -> None:
+    """Embed every image and caption and write a row-aligned .npz for --embeddings.
+
+    Each unique image is embedded once; results are cached, so an interrupted run
+    resumes and a later scan of the same data does no model work.
+    """
+    from .._utils import seed_everything
+    from ..pipeline import embed as run_embed
+
+    output = _output(fmt, quiet)
+    with _run(output):
+        cfg = _build_config(  # embed takes no --config: every option applies
+            ctx,
+            None,
+            image_col=image_col,
+            text_col=text_col,
+            id_col=id_col,
+            root=root,
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            cache_dir=cache_dir,
+            no_cache=no_cache,
+            seed=seed,
+        )
+        seed_everything(cfg.seed)
+        _warn_remote_images(output)
+        with _on_engine(engine, ray_address), output.progress() as progress:
+            result = run_embed(manifest, out=out, config=cfg, force=force, progress=progress)
+        output.embed_summary(result.info)
+
+
+# ---------------------------------------------------------------- corrupt
+
+
+@app.command()
+def corrupt(
+    manifest: Manifest,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Noisy manifest to write (format from the extension)."),
+    ],
+    rate: Annotated[
+        float,
+        typer.Option(
+            "--rate",
+            min=0.0,
+            max=1.0,
+            help="Fraction of rows whose caption is replaced by another image's caption.",
+        ),
+    ] = 0.2,
+    mode: Annotated[
+        NoiseMode,
+        typer.Option(
+            "--mode",
+            help=(
+                "shuffle: captions of random other images (the L2RM protocol); "
+                "hard: captions of similar images (needs --embeddings); "
+                "mixed: half hard, half shuffle (needs --embeddings)."
+            ),
+        ),
+    ] = NoiseMode.shuffle,
+    embeddings: EmbeddingsOpt = None,
+    image_col: ImageCol = "image",
+    text_col: TextCol = "caption",
+    truth_col: Annotated[
+        str,
+        typer.Option(
+            "--truth-col",
+            help="Name of the ground-truth column written (original row of each caption).",
+        ),
+    ] = "true_row",
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    fmt: FormatOpt = Format.human,
+    quiet: QuietOpt = False,
+) -> None:
+    """Inject known caption mismatches, for evaluating an audit (scan --truth-col true_row)."""
+    from ..pipeline import corrupt as run_corrupt
+
+    output = _output(fmt, quiet)
+    with _run(output):
+        result = run_corrupt(
+            manifest,
+            out=out,
+            rate=rate,
+            mode=mode.value,
+            seed=seed,
+            image_col=image_col,
+            text_col=text_col,
+            truth_col=truth_col,
+            force=force,
+            embeddings=embeddings,
+        )
+        output.corrupt_summary(result.info)
