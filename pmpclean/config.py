@@ -89,58 +89,141 @@ class Range:
             text += " or None"
         return f"{name} must {self.verb} {text}, got {value!r}{self.after}."
 
-    def _bounds(self) -> str:
+    def interval(self) -> str | None:
+        """``(0, 1]``-style text of a number bounded on both sides, else None."""
         lo = ("[", self.ge) if self.ge is not None else ("(", self.gt)
         hi = ("]", self.le) if self.le is not None else (")", self.lt)
-        if lo[1] is not None and hi[1] is not None:
-            return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+        if lo[1] is None or hi[1] is None:
+            return None
+        return f"{lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+
+    def _bounds(self) -> str:
+        interval = self.interval()
+        if interval is not None:
+            return f"in {interval}"
+        lo = ("[", self.ge) if self.ge is not None else ("(", self.gt)
         if lo[1] is not None:
             bound = f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
             return f"an integer {bound}" if self.kind == "int" else bound
         return "an integer" if self.kind == "int" else "a number"
 
 
+@dataclass(frozen=True)
+class Help:
+    """A setting's description for people, declared beside its field (and its
+    :class:`Range`): the help of the command-line option that sets it, so the option is
+    declared once (``pmpclean.cli`` generates it). ``{range}`` in the text reads the
+    Range's interval (``in (0, 1]``), ``{default}`` the field's default. ``off``
+    describes the flag that turns a boolean setting off (``--no-cache``: ``use_cache``).
+    Plain text: the command line escapes what its markup would read.
+    """
+
+    text: str
+    off: str = ""
+
+
+def declared(cls: type, name: str) -> tuple[Any, Range | None, Help | None]:
+    """The annotation (without its metadata), :class:`Range` and :class:`Help` declared
+    for the field ``name`` of the settings dataclass ``cls``."""
+    hint = typing.get_type_hints(cls, include_extras=True).get(name)
+    if hint is None or name not in {f.name for f in fields(cls)}:
+        raise ConfigError(f"{cls.__name__} has no setting {name!r}.")
+    meta = getattr(hint, "__metadata__", ())
+    spec = next((m for m in meta if isinstance(m, Range)), None)
+    text = next((m for m in meta if isinstance(m, Help)), None)
+    return (hint.__origin__ if meta else hint), spec, text
+
+
 def check_settings(cfg: Any) -> None:
     """Check every field of a settings dataclass against the :class:`Range` declared
     beside it; raise :class:`ConfigError` naming the first one out of range."""
-    hints = typing.get_type_hints(type(cfg), include_extras=True)
     for f in fields(cfg):
-        spec = next(
-            (m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Range)), None
-        )
+        spec = declared(type(cfg), f.name)[1]
         value = getattr(cfg, f.name)
         if spec is not None and not spec.allows(value):
             raise ConfigError(spec.message(f.name, value))
+
+
+# Help texts that two settings dataclasses share (ScanConfig's sections and FinetuneConfig)
+_IMAGE_COL = "Column holding image paths (relative to the manifest's folder)."
+_TEXT_COL = "Column holding captions."
+_MODEL = "open_clip architecture name (as open_clip lists them), or hf-hub:org/name."
+_DEVICE = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
+_SEED = "Seed of every random choice; the same seed repeats the run."
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """How to read the manifest."""
 
-    image_col: str = "image"  # column holding the image path (relative to the manifest's folder)
-    text_col: str = "caption"  # column holding the caption
-    id_col: str | None = None  # optional unique row id column (checked for duplicates)
-    label_col: str | None = None  # optional class label column: enables the label audit
+    image_col: Annotated[str, Help(_IMAGE_COL)] = "image"
+    text_col: Annotated[str, Help(_TEXT_COL)] = "caption"
+    id_col: Annotated[
+        str | None, Help("Optional column of unique row ids (checked for duplicates).")
+    ] = None
+    label_col: Annotated[
+        str | None, Help("Optional class-label column: also audits the labels.")
+    ] = None
     # optional ground truth (original row of each caption): enables metrics
-    truth_col: str | None = None
-    root: str | None = None  # folder relative image paths resolve against (default: the manifest's)
+    truth_col: Annotated[
+        str | None,
+        Help(
+            "Ground-truth column (original row of each caption, as 'pmpclean corrupt' "
+            "writes): adds detection and rematch metrics."
+        ),
+    ] = None
+    root: Annotated[
+        str | None,
+        Help("Folder that relative image paths resolve against [default: the manifest's folder]."),
+    ] = None
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     """Where embeddings come from."""
 
-    model: str = "ViT-B-32"  # open_clip architecture name, or hf-hub:org/name
-    pretrained: str = "laion2b_s34b_b79k"  # open_clip tag, checkpoint path, or "none" (random)
+    model: Annotated[str, Help(_MODEL)] = "ViT-B-32"
+    pretrained: Annotated[
+        str,
+        Help(
+            "open_clip weights tag, a local checkpoint file, or 'none' for random weights "
+            "(smoke tests only: scores mean nothing)."
+        ),
+    ] = "laion2b_s34b_b79k"
     # precomputed embeddings: no model is loaded. A row-aligned .npz/.parquet (image, text),
     # clip-retrieval's output folder, or DataComp shards (<shard>.parquet + <shard>.npz)
-    embeddings: str | None = None
-    embeddings_pair: str = "b32"  # DataComp arrays to read: b32 (ViT-B/32) or l14 (ViT-L/14)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    batch_size: int = 64  # images or captions per forward pass
-    workers: int = 2  # DataLoader worker processes decoding images
-    cache_dir: str | None = None  # embedding cache (default: $XDG_CACHE_HOME/pmpclean)
-    use_cache: bool = True  # reuse and extend the on-disk embedding cache
+    embeddings: Annotated[
+        str | None,
+        Help(
+            "Precomputed embeddings (.npz with arrays 'image' and 'text', shape (n_rows, d), "
+            "row-aligned; or .parquet), clip-retrieval's output folder, or a folder of "
+            "DataComp shards (joined by key or uid). No model is loaded, no image is opened."
+        ),
+    ] = None
+    embeddings_pair: Annotated[
+        str, Help("DataComp embeddings: b32 (ViT-B/32) or l14 (ViT-L/14) arrays.")
+    ] = "b32"
+    device: Annotated[str, Help(_DEVICE)] = "auto"
+    batch_size: Annotated[int, Range("int", ge=1), Help("Images or captions per forward pass.")] = (
+        64
+    )
+    workers: Annotated[
+        int, Range("int", ge=0), Help("Processes decoding images in parallel with the model.")
+    ] = 2
+    cache_dir: Annotated[
+        str | None,
+        Help(
+            "Embedding cache folder [default: $PMPCLEAN_CACHE_DIR, else pmpclean in "
+            "$XDG_CACHE_HOME, else ~/.cache/pmpclean]."
+        ),
+    ] = None
+    use_cache: Annotated[
+        bool,
+        Help(
+            "Reuse and extend the on-disk embedding cache.",
+            off="Neither read nor write the embedding cache.",
+        ),
+    ] = True
 
 
 COSTS = ("learned", "fixed", "paper")
@@ -169,25 +252,57 @@ class AuditConfig:
     """Scoring, splitting and rematching of image-caption pairs."""
 
     # dataset neighbours per side that a pair is compared against (3 measures best)
-    k: Annotated[int, Range("int", phrase="at least 1", ge=1)] = 3
+    k: Annotated[
+        int,
+        Range("int", phrase="at least 1", ge=1),
+        Help("Nearest alternatives per side each pair is compared against."),
+    ] = 3
     # match_score below this flags a pair as mismatched
-    threshold: Annotated[float, Range(gt=0, lt=1, verb="lie", after=_THRESHOLD_NOTE)] = 0.5
+    threshold: Annotated[
+        float,
+        Range(gt=0, lt=1, verb="lie", after=_THRESHOLD_NOTE),
+        Help(
+            "match_score below this flags a pair, {range} (calibrated: {default} needs no tuning)."
+        ),
+    ] = 0.5
     # flagged pairs within this of the threshold, with no proposal: review
     review_margin: Annotated[float, Range(ge=0)] = 0.2
-    rematch: bool = True  # propose captions for flagged pairs with partial optimal transport
+    rematch: Annotated[
+        bool,
+        Help(
+            "Propose captions for flagged pairs with partial optimal transport.",
+            off="Flag mismatches but propose no captions.",
+        ),
+    ] = True
     # fraction s of suspect mass transported (None: rematch default 0.8)
     mass: Annotated[
-        float | None, Range(gt=0, le=1, none=True, verb="lie", phrase="in (0, 1]", after=_MASS_NOTE)
+        float | None,
+        Range(gt=0, le=1, none=True, verb="lie", phrase="in (0, 1]", after=_MASS_NOTE),
+        Help("Fraction of suspect mass the partial transport moves, {range} [default: 0.8]."),
     ] = None
     reg: float | None = None  # entropic regularisation, in similarity-spread units (None: 0.4)
-    # learned | fixed | paper: similarity-to-cost mapping
-    cost: Annotated[str, Range("choice", choices=COSTS)] = "learned"
+    cost: Annotated[
+        str,
+        Range("choice", choices=COSTS),
+        Help(
+            "Similarity-to-cost mapping: learned (from the clean pairs), "
+            "fixed (1 - similarity), paper (L2RM's batch network)."
+        ),
+    ] = "learned"
     candidates: int | None = None  # caption candidates per suspect image (None: 32)
     block_size: int | None = None  # largest dense transport matrix per side (None: 4096)
     # proposals below this rematch_confidence are withheld; the confidence is the share of
     # planted proposals at that confidence that were right (0.8: precision 0.93-0.95 on
     # Flickr8k shuffle and mixed noise, benchmarks/results/rematch_calibration.md)
-    min_confidence: Annotated[float, Range(ge=0, le=1, verb="lie")] = 0.8
+    min_confidence: Annotated[
+        float,
+        Range(ge=0, le=1, verb="lie"),
+        Help(
+            "Proposals with lower rematch_confidence are withheld (action drop/review). "
+            "The confidence is the share of planted proposals at that confidence that "
+            "were right; {default} measured precision 0.93-0.95 on Flickr8k."
+        ),
+    ] = 0.8
     # Up to this many images (captions), a pair's dataset alternatives are found by exact
     # search; above it by an approximate inverted-file search (cost ~ n^1.5 instead of n^2).
     exact_search_max: Annotated[
@@ -223,8 +338,9 @@ class ScanConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
-    seed: int = 0  # seeds every random choice of the run
-    gallery_size: int = 24  # pairs per gallery in report.html (the full data is in audit.parquet)
+    seed: Annotated[int, Help(_SEED)] = 0
+    # (the full data is in audit.parquet)
+    gallery_size: Annotated[int, Range("int", ge=0), Help("Pairs per gallery in report.html.")] = 24
 
     def replace(self, **changes: Any) -> ScanConfig:
         """Return a copy with ``section__field=value`` or top-level ``field=value`` changes."""
@@ -424,70 +540,166 @@ class FinetuneConfig:
     """
 
     # -- model -------------------------------------------------------------------------
-    model: str = "ViT-B-32"  # open_clip architecture name (or local-dir:PATH, hf-hub:org/name)
-    pretrained: str = "laion2b_s34b_b79k"  # start weights: open_clip tag, checkpoint file, "none"
+    # open_clip architecture name (or local-dir:PATH, hf-hub:org/name)
+    model: Annotated[str, Help(_MODEL)] = "ViT-B-32"
+    pretrained: Annotated[
+        str,
+        Help(
+            "Start weights: an open_clip tag, a checkpoint file, or 'none' to train from random "
+            "initialisation (then the default --lr is 1e-3)."
+        ),
+    ] = "laion2b_s34b_b79k"
     # -- data --------------------------------------------------------------------------
-    image_col: str = "image"  # manifest column with the image path (ignored for a scan output)
-    text_col: str = "caption"  # manifest column with the caption
-    truth_col: str | None = None  # optional column: original row of each caption (pmpclean
-    #   corrupt's true_row); enables per-epoch split precision/recall in metrics.json
+    # manifest columns of the image path (ignored for a scan output) and of the caption
+    image_col: Annotated[str, Help(_IMAGE_COL)] = "image"
+    text_col: Annotated[str, Help(_TEXT_COL)] = "caption"
+    truth_col: Annotated[
+        str | None,
+        Help(
+            "Ground-truth column (original row of each caption): adds per-epoch split "
+            "precision/recall to metrics.json."
+        ),
+    ] = None  # e.g. pmpclean corrupt's true_row
     # -- method ------------------------------------------------------------------------
     # l2rm | contrastive (plain InfoNCE on every pair)
-    method: Annotated[str, Range("choice", choices=METHODS)] = "l2rm"
+    method: Annotated[
+        str,
+        Range("choice", choices=METHODS),
+        Help(
+            "l2rm: contrastive loss on clean pairs, partial-OT soft targets for suspects; "
+            "contrastive: plain InfoNCE on every pair (for an already-cleaned manifest)."
+        ),
+    ] = "l2rm"
     # -- optimisation --------------------------------------------------------------------
-    # passes over the training pairs
-    epochs: Annotated[int, Range("int", ge=1)] = 10
+    epochs: Annotated[int, Range("int", ge=1), Help("Passes over the training pairs.")] = 10
     # pairs per micro-batch (the in-batch negatives and OT plan)
-    batch_size: Annotated[int, Range("int", ge=2, why="contrastive training needs negatives")] = 128
+    batch_size: Annotated[
+        int,
+        Range("int", ge=2, why="contrastive training needs negatives"),
+        Help(
+            "Pairs per micro-batch: the in-batch negatives and the pairs one transport plan "
+            "re-pairs."
+        ),
+    ] = 128
     # micro-batches per optimizer step (gradient accumulation);
     # negatives and plans stay per micro-batch
-    accum_steps: Annotated[int, Range("int", ge=1)] = 1
+    accum_steps: Annotated[
+        int,
+        Range("int", ge=1),
+        Help(
+            "Micro-batches per optimizer step (gradient accumulation: a larger effective batch in "
+            "the same memory; negatives stay per micro-batch)."
+        ),
+    ] = 1
     # peak learning rate (None: 1e-5 from pretrained weights,
     # 1e-3 from random init)
     lr: Annotated[
-        float | None, Range(gt=0, none=True, phrase="a positive number (or None for the default)")
+        float | None,
+        Range(gt=0, none=True, phrase="a positive number (or None for the default)"),
+        Help("Peak learning rate [default: 1e-5 from pretrained weights, 1e-3 from random init]."),
     ] = None
     # AdamW decay, not applied to gains, biases, logit_scale
     weight_decay: Annotated[float, Range(ge=0)] = 0.1
     # cosine | linear | constant: decay after the warmup
-    schedule: Annotated[str, Range("choice", choices=SCHEDULES)] = "cosine"
+    schedule: Annotated[
+        str, Range("choice", choices=SCHEDULES), Help("Learning-rate decay after the warmup.")
+    ] = "cosine"
     # linear warmup, in optimizer steps (None: 5% of all)
     warmup_steps: Annotated[
         int | None,
         Range("int", ge=0, none=True, phrase="an integer >= 0 (or None for 5% of all steps)"),
+        Help("Linear learning-rate warmup, in optimizer steps [default: 5% of all steps]."),
     ] = None
     # clip the gradient norm to this (None: no clipping)
     grad_clip: Annotated[
         float | None, Range(gt=0, none=True, phrase="a positive number or None")
     ] = None
-    lock_image: bool = False  # freeze the image tower (train the text tower only)
-    lock_text: bool = False  # freeze the text tower (train the image tower only)
+    lock_image: Annotated[bool, Help("Freeze the image tower (train the text tower only).")] = (
+        False  # freeze the image tower (train the text tower only)
+    )
+    lock_text: Annotated[bool, Help("Freeze the text tower (train the image tower only).")] = (
+        False  # freeze the text tower (train the image tower only)
+    )
     # auto | fp32 | amp | amp_bf16 (mixed precision needs CUDA)
-    precision: Annotated[str, Range("choice", choices=PRECISIONS)] = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Annotated[
+        str,
+        Range("choice", choices=PRECISIONS),
+        Help(
+            "auto: amp on CUDA, fp32 elsewhere. amp/amp_bf16 (mixed precision) need a CUDA device."
+        ),
+    ] = "auto"
+    device: Annotated[str, Help(_DEVICE)] = "auto"  # auto | cpu | cuda | cuda:N | mps
     # image-decoding worker processes (0: decode in the main process)
-    workers: Annotated[int, Range("int", ge=0)] = 0
+    workers: Annotated[
+        int,
+        Range("int", ge=0),
+        Help(
+            "Image-decoding worker processes (0: decode in the main process; images that fit in 1 "
+            "GiB are decoded once and kept)."
+        ),
+    ] = 0
     cache_images: bool | None = None  # keep preprocessed images in RAM (None: if < 1 GiB)
     # seeds the validation split, data order and mixture fits (random init
     # always uses pmpclean.embedding.RANDOM_SEED)
-    seed: Annotated[int, Range("int")] = 0
+    seed: Annotated[
+        int,
+        Range("int"),
+        Help(
+            "Seeds the validation split, data order and split mixtures; the same seed repeats the "
+            "run."
+        ),
+    ] = 0
     # -- validation ----------------------------------------------------------------------
     # fraction of images held out for validation (0: none); at
     # least 2 when 8 remain for training, else none, with a warning (small datasets)
-    val_fraction: Annotated[float, Range(ge=0, le=0.5, why="fraction of images held out")] = 0.1
-    val_dataset: str | None = None  # separate manifest to validate on (val_fraction unused)
+    val_fraction: Annotated[
+        float,
+        Range(ge=0, le=0.5, why="fraction of images held out"),
+        Help(
+            "Fraction of images held out to measure recall before/after and pick the best epoch "
+            "(0: no validation, the last epoch is saved). At least 2 images are held out; a "
+            "dataset under 10 images trains without validation."
+        ),
+    ] = 0.1
+    val_dataset: Annotated[
+        str | None,
+        Help("Separate (ideally clean) manifest to validate on, instead of --val-fraction."),
+    ] = None  # separate manifest to validate on (val_fraction unused)
     # stop after this many epochs without a better validation
     # R-sum (None: train all epochs); the best epoch's weights are the output
-    patience: Annotated[int | None, Range("int", ge=1, none=True)] = None
+    patience: Annotated[
+        int | None,
+        Range("int", ge=1, none=True),
+        Help(
+            "Early stopping: stop after this many epochs without a better validation R-sum; the "
+            "best epoch is saved."
+        ),
+    ] = None
     # -- L2RM ----------------------------------------------------------------------------
     # plain-contrastive epochs before the first split
     # (None: 0 with an audit or pretrained weights; from random init, until an epoch's
     # mean training loss is 5% below its chance level, log(batch_size) for InfoNCE,
     # (1 - batch_size^-q) / q for RINCE: before that the per-pair losses say nothing
     # about the pairs)
-    split_warmup_epochs: Annotated[int | None, Range("int", ge=0, none=True)] = None
+    split_warmup_epochs: Annotated[
+        int | None,
+        Range("int", ge=0, none=True),
+        Help(
+            "Epochs of plain contrastive training before the first clean/suspect split [default: "
+            "0 from pretrained weights or a scan folder; from random init, wait until the "
+            "training loss is 5% below chance, because an untrained model's losses say nothing "
+            "about the pairs]."
+        ),
+    ] = None
     # refresh the clean/suspect split every N epochs (0: never refresh)
-    split_every: Annotated[int, Range("int", ge=0, why="0: never refresh")] = 1
+    split_every: Annotated[
+        int,
+        Range("int", ge=0, why="0: never refresh"),
+        Help(
+            "Refresh the clean/suspect split every N epochs as the model improves (0: keep the "
+            "first split)."
+        ),
+    ] = 1
     # pairs with clean probability below this are suspects
     split_threshold: Annotated[float, Range(gt=0, lt=1)] = 0.5
     # RINCE exponent of the clean pairs' contrastive loss, in
@@ -499,7 +711,16 @@ class FinetuneConfig:
     # audits itself), else 0: with a scan folder's split from the first epoch, RINCE's
     # weaker pull early on leaves the suspects' soft targets in charge and hurts
     # (benchmarks/results/finetune.md)
-    robust_q: Annotated[float | None, Range(ge=0, le=1, none=True, phrase=_ROBUST_Q)] = None
+    robust_q: Annotated[
+        float | None,
+        Range(ge=0, le=1, none=True, phrase=_ROBUST_Q),
+        Help(
+            "Exponent q of the noise-robust contrastive loss RINCE on the clean pairs, {range}: "
+            "each pair pulls with weight p^q, p the probability the model gives its partner, so "
+            "pairs it cannot fit pull less (0: plain InfoNCE) [default: 0.3 when a model trained "
+            "from random init audits itself from a manifest, else 0]."
+        ),
+    ] = None
     # global | batch: where a suspect's new partner comes
     # from. global: at every split refresh, the dataset-scale partial OT of
     # pmpclean.rematching over all suspects (learned cost, original pairing forbidden;
@@ -512,12 +733,39 @@ class FinetuneConfig:
     # nothing confident, while in-batch targets still teach it; development runs in
     # benchmarks/results/finetune_n3000.md), else global
     suspect_targets: Annotated[
-        str | None, Range("choice", choices=("global", "batch"), none=True, phrase=_TARGETS)
+        str | None,
+        Range("choice", choices=("global", "batch"), none=True, phrase=_TARGETS),
+        Help(
+            "Where a suspect pair's new caption comes from. global: at every split refresh, "
+            "partial optimal transport over all suspects of the dataset (original pairing "
+            "forbidden; from a scan folder, the scan's proposals first); a confident proposal "
+            "trains as a pair, weighted by its confidence, and unmatched suspects only serve as "
+            "negatives. batch: the L2RM paper's soft targets from a plan inside each random batch "
+            "[default: batch when a model trained from random init audits itself from a "
+            "manifest, else global]."
+        ),
     ] = None
     # global: proposals below this are not trained on
-    rematch_min_confidence: Annotated[float, Range(ge=0, le=1)] = 0.6
+    rematch_min_confidence: Annotated[
+        float,
+        Range(ge=0, le=1),
+        Help(
+            "With --suspect-targets global: proposals whose confidence (share of the suspect's "
+            "transported mass on that caption) is below this are not trained on; nor is any "
+            "proposal of an epoch where the proposals for planted known mismatches (clean pairs, "
+            "captions deranged) are right less often than this (90 % lower bound)."
+        ),
+    ] = 0.6
     # batch: fraction of the batch's suspect mass the plan moves, (0, 1]
-    ot_mass: Annotated[float, Range(gt=0, le=1, why="fraction of suspect mass transported")] = 0.5
+    ot_mass: Annotated[
+        float,
+        Range(gt=0, le=1, why="fraction of suspect mass transported"),
+        Help(
+            "With --suspect-targets batch: fraction of a batch's suspect pairs the partial-OT "
+            "plan re-pairs, {range}; suspects left without mass get no target. Lower it when "
+            "many mismatched captions have no true image in the data."
+        ),
+    ] = 0.5
     # entropic regularisation of the plan (cost = cosine distance)
     ot_reg: Annotated[float, Range(gt=0)] = 0.05
     # suspects receiving less than this fraction of their
@@ -533,14 +781,35 @@ class FinetuneConfig:
     # with a scan folder: weight of the scan's match_score in every
     # refreshed split, averaged with the loss mixture's clean probability (0: the model's
     # own losses only after the first epoch; 1: keep the scan's split throughout)
-    audit_weight: Annotated[float, Range(ge=0, le=1, why=_AUDIT_WEIGHT)] = 0.5
+    audit_weight: Annotated[
+        float,
+        Range(ge=0, le=1, why=_AUDIT_WEIGHT),
+        Help(
+            "With a scan folder as DATASET: weight of the scan's match_score in every refreshed "
+            "split, averaged with the model's own loss mixture. Keep it high when the scan came "
+            "from a stronger model than the one being trained (1: keep the scan's split; 0: trust "
+            "the model's own losses after the first epoch)."
+        ),
+    ] = 0.5
     # -- output and resumption ---------------------------------------------------------------
     # also save resume.pt every N optimizer steps
     # (None: at the end of every epoch only)
-    checkpoint_every: Annotated[int | None, Range("int", ge=1, none=True)] = None
+    checkpoint_every: Annotated[
+        int | None,
+        Range("int", ge=1, none=True),
+        Help(
+            "Also save resume.pt every N optimizer steps, so --resume loses at most N steps "
+            "[default: at the end of every epoch only]."
+        ),
+    ] = None
     keep_resume: bool = False  # keep resume.pt after a successful run
-    resume: bool = False  # continue the interrupted run in out_dir from resume.pt
-    overwrite: bool = False  # replace an earlier run in out_dir
+    resume: Annotated[
+        bool,
+        Help("Continue the interrupted run in --out from its resume.pt (same settings required)."),
+    ] = False  # continue the interrupted run in out_dir from resume.pt
+    overwrite: Annotated[bool, Help("Replace an earlier run in --out.")] = (
+        False  # replace an earlier run in out_dir
+    )
 
     def replace(self, **changes: Any) -> FinetuneConfig:
         """Return a copy with ``changes`` applied (unknown names raise :class:`ConfigError`)."""

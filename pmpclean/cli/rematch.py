@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..config import AuditConfig, DataConfig, EmbedConfig, ScanConfig
 from ._app import _on_engine, _output, _run, _warn_remote_images, app
 from ._options import (
     ConfigOpt,
@@ -21,7 +22,6 @@ from ._options import (
     LabelCol,
     Manifest,
     ModelOpt,
-    Pair,
     PairOpt,
     Policy,
     PretrainedOpt,
@@ -31,6 +31,7 @@ from ._options import (
     SeedOpt,
     TextCol,
     _build_config,
+    bounds,
 )
 
 
@@ -63,8 +64,7 @@ def rematch(
         float | None,
         typer.Option(
             "--min-confidence",
-            min=0.0,
-            max=1.0,
+            **bounds(AuditConfig, "min_confidence"),
             help="Apply only proposals at least this confident \\[default: the scan's setting].",
         ),
     ] = None,
@@ -93,23 +93,23 @@ def rematch(
         bool, typer.Option("--dry-run", help="Report what would be written, write nothing.")
     ] = False,
     force: ForceOpt = False,
-    image_col: ImageCol = "image",
-    text_col: TextCol = "caption",
-    label_col: LabelCol = None,
-    root: RootOpt = None,
-    model: ModelOpt = "ViT-B-32",
-    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
-    embeddings: EmbeddingsOpt = None,
-    embeddings_pair: PairOpt = Pair.b32,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
+    image_col: ImageCol = DataConfig.image_col,
+    text_col: TextCol = DataConfig.text_col,
+    label_col: LabelCol = DataConfig.label_col,
+    root: RootOpt = DataConfig.root,
+    model: ModelOpt = EmbedConfig.model,
+    pretrained: PretrainedOpt = EmbedConfig.pretrained,
+    embeddings: EmbeddingsOpt = EmbedConfig.embeddings,
+    embeddings_pair: PairOpt = EmbedConfig.embeddings_pair,
+    device: DeviceOpt = EmbedConfig.device,
+    seed: SeedOpt = ScanConfig.seed,
     config_file: ConfigOpt = None,
     engine: EngineOpt = EngineName.local,
     ray_address: RayAddressOpt = None,
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
-    # long: typer options, one per rematch setting; to be generated from config.py (step 7)
+    # long: one typer option per rematch argument and setting (settings generated from config)
     """Write a cleaned manifest from the latest scan (scanning first when needed).
 
     Every input row lands in exactly one of the cleaned manifest and the dropped file.
@@ -127,21 +127,7 @@ def rematch(
     with _run(output):
         # options not given keep the values of the scan being applied
         scanned = saved_scan_config(audit_dir if audit_dir else default_out_dir(manifest))
-        cfg = _build_config(
-            ctx,
-            config_file,
-            base=scanned,
-            image_col=image_col,
-            text_col=text_col,
-            label_col=label_col,
-            root=root,
-            model=model,
-            pretrained=pretrained,
-            embeddings=embeddings,
-            embeddings_pair=embeddings_pair,
-            device=device,
-            seed=seed,
-        )
+        cfg = _build_config(ctx, config_file, base=scanned)
         seed_everything(cfg.seed)
         _warn_remote_images(output)
         with _on_engine(engine, ray_address), output.progress() as progress:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..config import AuditConfig, DataConfig, EmbedConfig, ScanConfig
 from ._app import _on_engine, _output, _run, _warn_remote_images, app
 from ._options import (
     BatchOpt,
@@ -25,7 +26,6 @@ from ._options import (
     Manifest,
     ModelOpt,
     NoCacheOpt,
-    Pair,
     PairOpt,
     PretrainedOpt,
     QuietOpt,
@@ -35,27 +35,8 @@ from ._options import (
     TextCol,
     WorkersOpt,
     _build_config,
+    setting,
 )
-
-
-def _threshold_in_range(value: float) -> float:
-    """--threshold is a probability strictly inside (0, 1), as the scan validates it."""
-    if not (0.0 < value < 1.0):  # also rejects NaN
-        raise typer.BadParameter(
-            f"{value:g} is outside (0, 1): pairs with a match_score below it are flagged, so 0 "
-            "flags nothing and 1 flags everything. Use 0.5 (the default)."
-        )
-    return value
-
-
-def _mass_in_range(value: float | None) -> float | None:
-    """--mass is a fraction of mass: (0, 1], as the scan validates it."""
-    if value is not None and not (0.0 < value <= 1.0):
-        raise typer.BadParameter(
-            f"{value:g} is outside (0, 1]: it is the fraction of suspect mass the transport "
-            "moves. Leave it out for the default 0.8."
-        )
-    return value
 
 
 @app.command()
@@ -70,88 +51,61 @@ def scan(
             help="Output folder \\[default: <manifest stem>.pmpclean/ beside the manifest].",
         ),
     ] = None,
-    image_col: ImageCol = "image",
-    text_col: TextCol = "caption",
-    id_col: IdCol = None,
-    label_col: LabelCol = None,
-    root: RootOpt = None,
+    image_col: ImageCol = DataConfig.image_col,
+    text_col: TextCol = DataConfig.text_col,
+    id_col: IdCol = DataConfig.id_col,
+    label_col: LabelCol = DataConfig.label_col,
+    root: RootOpt = DataConfig.root,
     truth_col: Annotated[
-        str | None,
-        typer.Option(
-            "--truth-col",
-            help=(
-                "Ground-truth column (original row of each caption, as 'pmpclean corrupt' "
-                "writes): adds detection and rematch metrics."
-            ),
-        ),
-    ] = None,
-    model: ModelOpt = "ViT-B-32",
-    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
-    embeddings: EmbeddingsOpt = None,
-    embeddings_pair: PairOpt = Pair.b32,
-    device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 64,
-    workers: WorkersOpt = 2,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    k: Annotated[
-        int,
-        typer.Option(
-            "--k", min=1, help="Nearest alternatives per side each pair is compared against."
-        ),
-    ] = 3,
+        str | None, setting(DataConfig, "truth_col", "--truth-col")
+    ] = DataConfig.truth_col,
+    model: ModelOpt = EmbedConfig.model,
+    pretrained: PretrainedOpt = EmbedConfig.pretrained,
+    embeddings: EmbeddingsOpt = EmbedConfig.embeddings,
+    embeddings_pair: PairOpt = EmbedConfig.embeddings_pair,
+    device: DeviceOpt = EmbedConfig.device,
+    batch_size: BatchOpt = EmbedConfig.batch_size,
+    workers: WorkersOpt = EmbedConfig.workers,
+    cache_dir: CacheDirOpt = EmbedConfig.cache_dir,
+    no_cache: NoCacheOpt = not EmbedConfig.use_cache,
+    k: Annotated[int, setting(AuditConfig, "k", "--k")] = AuditConfig.k,
     threshold: Annotated[
         float,
-        typer.Option(
+        setting(
+            AuditConfig,
+            "threshold",
             "--threshold",
             metavar="FLOAT",
-            callback=_threshold_in_range,
-            help=(
-                "match_score below this flags a pair, in (0, 1) (calibrated: 0.5 needs no tuning)."
+            explain=(
+                ": pairs with a match_score below it are flagged, so 0 flags nothing and 1 "
+                "flags everything. Use {default} (the default)."
             ),
         ),
-    ] = 0.5,
+    ] = AuditConfig.threshold,
     no_rematch: Annotated[
-        bool, typer.Option("--no-rematch", help="Flag mismatches but propose no captions.")
-    ] = False,
+        bool, setting(AuditConfig, "rematch", "--no-rematch", negate=True)
+    ] = not AuditConfig.rematch,
     mass: Annotated[
         float | None,
-        typer.Option(
+        setting(
+            AuditConfig,
+            "mass",
             "--mass",
             metavar="FLOAT",
-            callback=_mass_in_range,
-            help=(
-                "Fraction of suspect mass the partial transport moves, in (0, 1] \\[default: 0.8]."
+            explain=(
+                ": it is the fraction of suspect mass the transport moves. Leave it out for "
+                "the default 0.8."
             ),
         ),
-    ] = None,
-    cost: Annotated[
-        Cost,
-        typer.Option(
-            "--cost",
-            help=(
-                "Similarity-to-cost mapping: learned (from the clean pairs), "
-                "fixed (1 - similarity), paper (L2RM's batch network)."
-            ),
-        ),
-    ] = Cost.learned,
+    ] = AuditConfig.mass,
+    cost: Annotated[Cost, setting(AuditConfig, "cost", "--cost")] = AuditConfig.cost,
     min_confidence: Annotated[
-        float,
-        typer.Option(
-            "--min-confidence",
-            min=0.0,
-            max=1.0,
-            help=(
-                "Proposals with lower rematch_confidence are withheld (action drop/review). "
-                "The confidence is the share of planted proposals at that confidence that "
-                "were right; 0.8 measured precision 0.93-0.95 on Flickr8k."
-            ),
-        ),
-    ] = 0.8,
+        float, setting(AuditConfig, "min_confidence", "--min-confidence")
+    ] = AuditConfig.min_confidence,
     gallery_size: Annotated[
-        int, typer.Option("--gallery-size", min=0, help="Pairs per gallery in report.html.")
-    ] = 24,
-    seed: SeedOpt = 0,
+        int, setting(ScanConfig, "gallery_size", "--gallery-size")
+    ] = ScanConfig.gallery_size,
+    seed: SeedOpt = ScanConfig.seed,
     config_file: ConfigOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an audit already in the output folder.")
@@ -161,7 +115,6 @@ def scan(
     fmt: FormatOpt = Format.human,
     quiet: QuietOpt = False,
 ) -> None:
-    # long: typer options, one per scan setting; to be generated from config.py (step 7)
     """Score every image-caption pair, flag mismatches, propose better captions.
 
     Writes audit.parquet, audit.csv, summary.json, config.yaml and report.html to the
@@ -172,33 +125,7 @@ def scan(
 
     output = _output(fmt, quiet)
     with _run(output):
-        cfg = _build_config(
-            ctx,
-            config_file,
-            image_col=image_col,
-            text_col=text_col,
-            id_col=id_col,
-            label_col=label_col,
-            truth_col=truth_col,
-            root=root,
-            model=model,
-            pretrained=pretrained,
-            embeddings=embeddings,
-            embeddings_pair=embeddings_pair,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            cache_dir=cache_dir,
-            no_cache=no_cache,
-            k=k,
-            threshold=threshold,
-            no_rematch=no_rematch,
-            mass=mass,
-            cost=cost,
-            min_confidence=min_confidence,
-            gallery_size=gallery_size,
-            seed=seed,
-        )
+        cfg = _build_config(ctx, config_file)
         seed_everything(cfg.seed)
         _warn_remote_images(output)
         with _on_engine(engine, ray_address), output.progress() as progress:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..config import DataConfig, EmbedConfig, ScanConfig
 from ._app import _on_engine, _output, _run, _warn_remote_images, app
 from ._options import (
     BatchOpt,
@@ -47,19 +48,19 @@ def embed(
             help="Embeddings file (.npz) \\[default: <manifest stem>.pmpclean/embeddings.npz].",
         ),
     ] = None,
-    image_col: ImageCol = "image",
-    text_col: TextCol = "caption",
-    id_col: IdCol = None,
-    root: RootOpt = None,
-    model: ModelOpt = "ViT-B-32",
-    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
-    device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 64,
-    workers: WorkersOpt = 2,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
+    image_col: ImageCol = DataConfig.image_col,
+    text_col: TextCol = DataConfig.text_col,
+    id_col: IdCol = DataConfig.id_col,
+    root: RootOpt = DataConfig.root,
+    model: ModelOpt = EmbedConfig.model,
+    pretrained: PretrainedOpt = EmbedConfig.pretrained,
+    device: DeviceOpt = EmbedConfig.device,
+    batch_size: BatchOpt = EmbedConfig.batch_size,
+    workers: WorkersOpt = EmbedConfig.workers,
+    cache_dir: CacheDirOpt = EmbedConfig.cache_dir,
+    no_cache: NoCacheOpt = not EmbedConfig.use_cache,
     force: ForceOpt = False,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = ScanConfig.seed,
     engine: EngineOpt = EngineName.local,
     ray_address: RayAddressOpt = None,
     fmt: FormatOpt = Format.human,
@@ -75,22 +76,7 @@ def embed(
 
     output = _output(fmt, quiet)
     with _run(output):
-        cfg = _build_config(  # embed takes no --config: every option applies
-            ctx,
-            None,
-            image_col=image_col,
-            text_col=text_col,
-            id_col=id_col,
-            root=root,
-            model=model,
-            pretrained=pretrained,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            cache_dir=cache_dir,
-            no_cache=no_cache,
-            seed=seed,
-        )
+        cfg = _build_config(ctx, None)  # embed takes no --config: every option applies
         seed_everything(cfg.seed)
         _warn_remote_images(output)
         with _on_engine(engine, ray_address), output.progress() as progress:
@@ -128,9 +114,9 @@ def corrupt(
             ),
         ),
     ] = NoiseMode.shuffle,
-    embeddings: EmbeddingsOpt = None,
-    image_col: ImageCol = "image",
-    text_col: TextCol = "caption",
+    embeddings: EmbeddingsOpt = EmbedConfig.embeddings,
+    image_col: ImageCol = DataConfig.image_col,
+    text_col: TextCol = DataConfig.text_col,
     truth_col: Annotated[
         str,
         typer.Option(
