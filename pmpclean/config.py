@@ -46,6 +46,9 @@ class Range:
     ``phrase`` replaces the generated constraint of the message ("an integer >= 1",
     "in (0, 1]", ...); ``why`` follows it in parentheses. The message reads
     ``<label> must <verb> <constraint>, got <value><after>.`` (label: the field's name).
+    ``style="keyword"`` words it for a function's keyword argument instead:
+    ``mass=1.5 is outside (0, 1]<after>.``, ``k=0 must be an integer >= 1 (<why>)<after>.``
+    and ``Unknown method cost='magic': expected one of 'learned', ...``.
     """
 
     kind: str = "num"
@@ -60,6 +63,7 @@ class Range:
     verb: str = "be"
     label: str | None = None
     after: str = ""
+    style: str = "setting"
 
     def allows(self, value: Any) -> bool:
         if value is None:
@@ -79,6 +83,8 @@ class Range:
         )
 
     def message(self, name: str, value: Any) -> str:
+        if self.style == "keyword":
+            return self._keyword_message(name, value)
         name = self.label or name
         if self.kind == "choice" and self.phrase is None:
             return f"Unknown {name} {value!r}: expected one of {', '.join(self.choices)}."
@@ -88,6 +94,16 @@ class Range:
         if self.none and self.phrase is None:
             text += " or None"
         return f"{name} must {self.verb} {text}, got {value!r}{self.after}."
+
+    def _keyword_message(self, name: str, value: Any) -> str:
+        if self.kind == "choice":
+            expected = ", ".join(map(repr, self.choices))
+            return f"Unknown method {name}={value!r}: expected one of {expected}."
+        interval = self.interval()
+        if interval is not None and self.phrase is None:
+            return f"{name}={value!r} is outside {interval}{self.after}."
+        why = f" ({self.why})" if self.why else ""
+        return f"{name}={value!r} must be {self.phrase or self._bounds()}{why}{self.after}."
 
     def interval(self) -> str | None:
         """``(0, 1]``-style text of a number bounded on both sides, else None."""
@@ -226,7 +242,14 @@ class EmbedConfig:
     ] = True
 
 
+#: Documented values of ``rematch(cost=...)`` and of ``AuditConfig.cost``.
 COSTS = ("learned", "fixed", "paper")
+#: Documented values of ``rematch(solver=...)``.
+SOLVERS = ("auto", "sparse", "dense", "batch")
+#: Documented values of ``rematch(pool=...)``.
+POOLS = ("suspects", "all")
+#: Documented values of ``rematch(reg_units=...)``.
+REG_UNITS = ("std", "cost")
 _THRESHOLD_NOTE = "; the default 0.5 needs no tuning"
 _MASS_NOTE = ": it is the fraction of suspect mass transported"
 _EXACT_NOTE = (
@@ -320,6 +343,58 @@ class AuditConfig:
     # among the dataset's confident pairs to calibrate the split, check that the model
     # sees, and bound the noise rate. 0: the bimodality mixture alone (no verdict check).
     plants: Annotated[int, Range("int", ge=0, label="audit.plants", after=_PLANTS_NOTE)] = 2000
+
+
+def _kw(**spec: Any) -> Range:
+    """A :class:`Range` of a keyword argument (``mass=1.5 is outside (0, 1]``)."""
+    return Range(style="keyword", **spec)
+
+
+@dataclass(frozen=True)
+class RematchSettings:
+    """The settings of :func:`pmpclean.rematching.rematch`, which takes them as keyword
+    arguments with its own defaults; declared here so that :func:`check_settings`
+    checks them like every other setting, in the words of a keyword argument."""
+
+    cost: Annotated[str, _kw(kind="choice", choices=COSTS)]
+    solver: Annotated[str, _kw(kind="choice", choices=SOLVERS)]
+    pool: Annotated[str, _kw(kind="choice", choices=POOLS)]
+    reg_units: Annotated[str, _kw(kind="choice", choices=REG_UNITS)]
+    mass: Annotated[
+        float,
+        _kw(
+            gt=0,
+            le=1,
+            after=": it is the fraction of the suspects' mass that is transported (the rest "
+            "is left unmatched); use e.g. mass=0.8",
+        ),
+    ]
+    reg: Annotated[
+        float,
+        _kw(
+            gt=0,
+            phrase="a positive number",
+            why="entropic regularisation",
+            after="; use e.g. reg=0.4",
+        ),
+    ]
+    k: Annotated[int, _kw(kind="int", ge=1, why="candidates per suspect", after="; use k=32")]
+    block_size: Annotated[int, _kw(kind="int", ge=2, why="largest dense problem")]
+    batch_size: Annotated[int, _kw(kind="int", ge=2, why="paper's batch, default 128")]
+    min_confidence: Annotated[
+        float,
+        _kw(ge=0, le=1, after=": it is a fraction of a row's mass; use e.g. min_confidence=0.6"),
+    ]
+    key_fraction: Annotated[
+        float,
+        _kw(
+            gt=0,
+            le=1,
+            after=": it is the number of planted key points per suspect; use e.g. key_fraction=0.1",
+        ),
+    ]
+    max_iter: Annotated[int, _kw(kind="int", ge=1)]
+    tol: Annotated[float, _kw(gt=0, phrase="a positive number", why="marginal error")]
 
 
 @dataclass(frozen=True)

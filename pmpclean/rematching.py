@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._utils import check_random_state
+from .config import COSTS, POOLS, REG_UNITS, SOLVERS, RematchSettings, check_settings
 from .cost import (
     DEFAULT_FEATURES,
     EdgeCost,
@@ -84,15 +85,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Documented values of ``rematch(cost=...)``.
-COSTS = ("learned", "fixed", "paper")
-#: Documented values of ``rematch(solver=...)``.
-SOLVERS = ("auto", "sparse", "dense", "batch")
-#: Documented values of ``rematch(pool=...)``.
-POOLS = ("suspects", "all")
-#: Documented values of ``rematch(reg_units=...)``.
-REG_UNITS = ("std", "cost")
 
 Progress = Callable[[str, int, int], None]
 
@@ -146,64 +138,6 @@ class Rematch:
 
     def __len__(self) -> int:
         return int(self.proposed_row.shape[0])
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(
-            f"Unknown method {name}={value!r}: expected one of {', '.join(map(repr, choices))}."
-        )
-    return value
-
-
-def _check_settings(
-    *,
-    mass: float,
-    reg: float,
-    k: int,
-    block_size: int,
-    batch_size: int,
-    min_confidence: float,
-    key_fraction: float,
-    max_iter: int,
-    tol: float,
-) -> None:
-    if not (isinstance(mass, (int, float, np.floating)) and 0.0 < float(mass) <= 1.0):
-        raise ConfigError(
-            f"mass={mass!r} is outside (0, 1]: it is the fraction of the suspects' mass "
-            "that is transported (the rest is left unmatched); use e.g. mass=0.8."
-        )
-    if not (np.isfinite(reg) and reg > 0):
-        raise ConfigError(
-            f"reg={reg!r} must be a positive number (entropic regularisation); use e.g. reg=0.4."
-        )
-    if not (isinstance(k, (int, np.integer)) and k >= 1):
-        raise ConfigError(f"k={k!r} must be an integer >= 1 (candidates per suspect); use k=32.")
-    if not (isinstance(block_size, (int, np.integer)) and block_size >= 2):
-        raise ConfigError(
-            f"block_size={block_size!r} must be an integer >= 2 (largest dense problem)."
-        )
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 2):
-        raise ConfigError(
-            f"batch_size={batch_size!r} must be an integer >= 2 (paper's batch, default 128)."
-        )
-    if not (0.0 <= float(min_confidence) <= 1.0):
-        raise ConfigError(
-            f"min_confidence={min_confidence!r} is outside [0, 1]: it is a fraction of a "
-            "row's mass; use e.g. min_confidence=0.6."
-        )
-    if not (0.0 < float(key_fraction) <= 1.0):
-        raise ConfigError(
-            f"key_fraction={key_fraction!r} is outside (0, 1]: it is the number of planted "
-            "key points per suspect; use e.g. key_fraction=0.1."
-        )
-    if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
-        raise ConfigError(f"max_iter={max_iter!r} must be an integer >= 1.")
-    if not (np.isfinite(tol) and tol > 0):
-        raise ConfigError(f"tol={tol!r} must be a positive number (marginal error).")
 
 
 def plantable_rows(
@@ -794,20 +728,22 @@ def rematch(
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    _check_choice("cost", cost, COSTS)
-    _check_choice("solver", solver, SOLVERS)
-    _check_choice("pool", pool, POOLS)
-    _check_choice("reg_units", reg_units, REG_UNITS)
-    _check_settings(
-        mass=mass,
-        reg=reg,
-        k=k,
-        block_size=block_size,
-        batch_size=batch_size,
-        min_confidence=min_confidence,
-        key_fraction=key_fraction,
-        max_iter=max_iter,
-        tol=tol,
+    check_settings(
+        RematchSettings(
+            cost=cost,
+            solver=solver,
+            pool=pool,
+            reg_units=reg_units,
+            mass=mass,
+            reg=reg,
+            k=k,
+            block_size=block_size,
+            batch_size=batch_size,
+            min_confidence=min_confidence,
+            key_fraction=key_fraction,
+            max_iter=max_iter,
+            tol=tol,
+        )
     )
     if solver == "auto":
         solver = "batch" if cost == "paper" else "sparse"
