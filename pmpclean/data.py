@@ -90,6 +90,8 @@ __all__ = [
     "read_table",
     "open_image",
     "remote_image_hint",
+    "is_url",
+    "table_format",
     "text_groups",
     "to_rgb",
     "write_table",
@@ -167,6 +169,11 @@ _COLUMN_ROLES = {
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _IMG2DATASET = "img2dataset (https://github.com/rom1504/img2dataset)"
+
+
+def is_url(text: str) -> bool:
+    """True when ``text`` starts with a URL scheme (``https://``, ``s3://``, ``file://``)."""
+    return _URL_RE.match(text) is not None
 
 
 # --------------------------------------------------------------------------- MemberRef
@@ -351,8 +358,9 @@ class Manifest:
 # --------------------------------------------------------------------------- reading
 
 
-def _table_format(path: Path) -> tuple[str | None, str | None]:
-    """Return ``(format, compression)`` from the file name, ``(None, None)`` if unknown."""
+def table_format(path: Path) -> tuple[str | None, str | None]:
+    """Return ``(format, compression)`` from the file name, ``(None, None)`` if unknown
+    (``cleaned.csv.gz``: ``("csv", "gzip")``)."""
     suffixes = [s.lower() for s in path.suffixes]
     if not suffixes:
         return None, None
@@ -534,7 +542,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         (the parser's message is included) or has no data rows.
     """
     p = Path(path).expanduser()
-    fmt, compression = _table_format(p)
+    fmt, compression = table_format(p)
     if not p.exists():
         raise DatasetError(
             f"manifest file not found: {str(p)!r} (looked in {str(p.absolute().parent)!r}); "
@@ -797,7 +805,7 @@ def read_manifest(  # noqa: C901 - see the comment below
             continue
         if check_files:
             text = raw.strip()
-            if _URL_RE.match(text) and not text.lower().startswith("file://"):
+            if is_url(text) and not text.lower().startswith("file://"):
                 ref, row_status = text, "remote_image"
             else:
                 ref, row_status = _resolve_local(text, base), ""
@@ -1096,7 +1104,7 @@ def write_table(frame: pd.DataFrame, path: str | Path, *, force: bool = False) -
         If the file exists and ``force`` is false, or the suffix is unsupported.
     """
     p = Path(path).expanduser()
-    fmt, compression = _table_format(p)
+    fmt, compression = table_format(p)
     if fmt is None:
         raise _unsupported(p)
     if p.is_dir():

@@ -54,7 +54,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -92,6 +92,10 @@ Progress = Callable[[str, int, int], None]
 @dataclass
 class LabelAudit:
     """Per-row result of :func:`audit_labels` (all arrays have length ``n``, input order).
+
+    An auditor's result of one shape (cf. cleanlab's Datalab issue managers): a
+    :attr:`name`, the per-row output columns (:meth:`to_columns`, which the scan
+    writes into audit.parquet as they are) and a :attr:`summary`.
 
     Attributes
     ----------
@@ -131,9 +135,12 @@ class LabelAudit:
     classes: list
     proba: np.ndarray
     summary: dict = field(default_factory=dict)
+    #: The issue this auditor reports (its columns say ``label_*`` / ``is_label_issue``).
+    name: ClassVar[str] = "label"
 
     def to_columns(self) -> dict[str, np.ndarray]:
-        """The five output-contract columns, ready for ``DataFrame.assign(**...)``."""
+        """The five output-contract columns, ready for ``DataFrame.assign(**...)``; the
+        scan's audit.parquet holds exactly these."""
         return {
             "label_status": self.label_status,
             "label_score": self.label_score,

@@ -785,11 +785,8 @@ def _label_audit(
         progress=progress,
         **_opt(method=cfg.labels.method, steps=cfg.labels.epochs),
     )
-    audit["label_status"] = la.label_status
-    audit["label_score"] = la.label_score
-    audit["is_label_issue"] = la.is_label_issue
-    audit["suggested_label"] = la.suggested_label
-    audit["label_confidence"] = la.label_confidence
+    for column, values in la.to_columns().items():
+        audit[column] = values
     out = dict(la.summary)
     out["label_col"] = label_col
     return out
@@ -1063,7 +1060,7 @@ def _rebase_image_paths(
     """
     import os
 
-    from .data import _URL_RE
+    from .data import is_url
 
     if image_col not in frame.columns or len(frame) == 0:
         return 0
@@ -1077,7 +1074,7 @@ def _rebase_image_paths(
         if not isinstance(value, str):
             continue
         text = value.strip()
-        if not text or _URL_RE.match(text) or text.startswith("~") or os.path.isabs(text):
+        if not text or is_url(text) or text.startswith("~") or os.path.isabs(text):
             continue
         target = os.path.normpath(os.path.join(base_abs, text))
         if only_existing and not os.path.exists(target):
@@ -1152,9 +1149,9 @@ def rematch(
     out_path = Path(out)
     dropped_path = _dropped_path(out_path)
 
-    from .data import SUPPORTED_SUFFIXES, _table_format
+    from .data import SUPPORTED_SUFFIXES, table_format
 
-    if _table_format(out_path)[0] is None:
+    if table_format(out_path)[0] is None:
         raise ConfigError(
             f"Cannot tell the format of --out {out_path}: use one of "
             f"{', '.join(sorted(SUPPORTED_SUFFIXES))} (CSV/TSV/JSON lines may add .gz)."
