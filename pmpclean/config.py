@@ -352,7 +352,7 @@ def _kw(**spec: Any) -> Range:
 
 @dataclass(frozen=True)
 class RematchSettings:
-    """The settings of :func:`pmpclean.rematching.rematch`, which takes them as keyword
+    """The settings of :func:`pmpclean.rematching.propose_captions`, which takes them as keyword
     arguments with its own defaults; declared here so that :func:`check_settings`
     checks them like every other setting, in the words of a keyword argument."""
 

@@ -1107,6 +1107,9 @@ def rematch(
 ) -> RematchResult:
     """Apply the latest scan of ``source`` and write a cleaned manifest.
 
+    The library side of ``pmpclean rematch``; the captions it applies were proposed by
+    the scan's rematch stage (:func:`pmpclean.rematching.propose_captions`).
+
     Every input row lands in exactly one of two files: the cleaned manifest ``out``
     and ``<out stem>.dropped<ext>`` beside it. Both keep the input columns and add
     ``pmpclean_row`` (0-based input row) and ``pmpclean_action``.

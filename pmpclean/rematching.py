@@ -78,6 +78,7 @@ __all__ = [
     "REG_UNITS",
     "SOLVERS",
     "Rematch",
+    "propose_captions",
     "rematch",
     "calibrated_rematch",
     "plant_among_suspects",
@@ -610,7 +611,7 @@ def _empty_result(n: int, info: dict) -> Rematch:
     )
 
 
-def rematch(
+def propose_captions(
     image_emb: np.ndarray,
     text_emb: np.ndarray,
     suspects: np.ndarray,
@@ -722,7 +723,7 @@ def rematch(
     >>> import numpy as np
     >>> img = np.eye(4, dtype=np.float32)
     >>> txt = img[[1, 0, 2, 3]]          # rows 0 and 1 have swapped captions
-    >>> r = rematch(img, txt, np.array([0, 1]), cost="fixed", k=2)
+    >>> r = propose_captions(img, txt, np.array([0, 1]), cost="fixed", k=2)
     >>> r.proposed_row.tolist()
     [1, 0, -1, -1]
     """
@@ -898,6 +899,13 @@ def rematch(
     info["n_proposals"] = int(take.sum())
     report("rematch: proposals", 1, 1)
     return Rematch(proposed, confidence, cand, conf, info)
+
+
+#: The earlier name of :func:`propose_captions`, kept: public (README's stage list) and
+#: called by that name in :mod:`pmpclean.train.targets`. "rematch" is also the command
+#: that writes a cleaned manifest (:func:`pmpclean.pipeline.rematch`); this stage only
+#: proposes captions for suspect rows.
+rematch = propose_captions
 
 
 def _unit_masses(img: _Nodes, cap: _Nodes) -> tuple[np.ndarray, np.ndarray, float]:
@@ -1292,7 +1300,7 @@ def _fit_paper(img_e, txt_e, sus, val, clean, n, blocks, bsz, rng, info) -> Pape
 class RowStack:
     """Rows of ``base`` followed by ``extra`` rows, without copying ``base``.
 
-    What :func:`plant_among_suspects` returns for the embeddings: :func:`rematch` reads
+    What :func:`plant_among_suspects` returns for the embeddings: :func:`propose_captions` reads
     its embeddings only by rows (slices and index arrays), so a million-row array (or a
     memory-mapped one) gets its planted rows appended at the cost of the planted rows.
     """
@@ -1394,7 +1402,7 @@ def calibrated_rematch(
     **kwargs: object,
 ) -> Rematch:
     # long: the lead's (issue 18, the calibrated verdict); not refactored here
-    """:func:`rematch` whose confidence is a probability, measured on planted pairs.
+    """:func:`propose_captions` whose confidence is a probability, measured on planted pairs.
 
     Clean pairs of images without a suspect row (:func:`plantable_rows`, at most
     ``n_planted``) are planted among the suspects with their captions deranged among
@@ -1413,13 +1421,13 @@ def calibrated_rematch(
     Parameters
     ----------
     image_emb, text_emb, suspects, image_group, text_group, valid, clean, seed, progress
-        As in :func:`rematch`.
+        As in :func:`propose_captions`.
     n_planted : int
         Most clean pairs planted.
     min_confidence : float
         Cut on the calibrated confidence.
     **kwargs
-        Further :func:`rematch` settings (``mass``, ``reg``, ``cost``, ``k``, ...).
+        Further :func:`propose_captions` settings (``mass``, ``reg``, ``cost``, ``k``, ...).
 
     Returns
     -------
@@ -1447,7 +1455,7 @@ def calibrated_rematch(
     m = planted.size if planted.size >= 2 else 0
     planted = planted[:m]
     img2, txt2, sus2, ig2, tg2, clean2 = plant_among_suspects(img, txt, sus, ig, tg, cl, planted)
-    rm = rematch(
+    rm = propose_captions(
         img2,
         txt2,
         sus2,

@@ -553,3 +553,10 @@ def test_row_stack_reads_rows_as_the_concatenation_would() -> None:
         np.arange(3),
     )
     assert img2.base is base and txt2.base is base and img2.shape == (53, 4)
+
+
+def test_propose_captions_keeps_its_earlier_public_name() -> None:
+    import pmpclean.rematching as rematching
+
+    assert rematching.rematch is rematching.propose_captions
+    assert {"propose_captions", "rematch"} <= set(rematching.__all__)

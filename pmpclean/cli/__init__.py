@@ -3,7 +3,7 @@
 Each command parses options, builds a config, makes one library call and renders
 the result through :class:`pmpclean._output.Output`. Errors of the
 :class:`~pmpclean.errors.PmpcleanError` family become one red line and exit code 1
-(``_app._run``, the one translator); usage errors exit 2; ``PMPCLEAN_DEBUG=1`` shows
+(``_app.handle_errors``, the one translator); usage errors exit 2; ``PMPCLEAN_DEBUG=1`` shows
 tracebacks.
 
 Where things live: ``_app`` (the typer app, the error translator, :func:`main`),

@@ -31,7 +31,7 @@ app = typer.Typer(
 
 
 @contextmanager
-def _on_engine(engine: EngineName, address: str | None) -> Iterator[None]:
+def on_engine(engine: EngineName, address: str | None) -> Iterator[None]:
     """Run the block's pipeline stages on the chosen engine (pmpclean.engine)."""
     from ..engine import make_engine, use_engine
 
@@ -40,7 +40,7 @@ def _on_engine(engine: EngineName, address: str | None) -> Iterator[None]:
 
 
 @contextmanager
-def _run(out: Any) -> Iterator[None]:
+def handle_errors(out: Any) -> Iterator[None]:
     """Turn library errors into one red line and exit 1; tracebacks with PMPCLEAN_DEBUG=1."""
     debug = os.environ.get("PMPCLEAN_DEBUG", "") not in ("", "0")
     try:
@@ -69,7 +69,7 @@ def _run(out: Any) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _output(fmt: Format, quiet: bool) -> Any:
+def make_output(fmt: Format, quiet: bool) -> Any:
     from .._output import Output
 
     return Output(format=fmt.value, quiet=quiet)
@@ -96,7 +96,7 @@ def _root(
     """Audit and clean noisy image-caption datasets."""
 
 
-def _warn_remote_images(output: Any) -> None:
+def route_warnings(output: Any) -> None:
     """Route library warnings (e.g. random weights, remote images) to the output sink."""
     import warnings
 

@@ -270,7 +270,7 @@ def apply_settings(cfg: Any, changes: dict[Setting, Any]) -> Any:
     return dataclasses.replace(cfg, **top) if top else cfg
 
 
-def _build_config(
+def build_scan_config(
     ctx: typer.Context, config_file: Path | None, *, base: ScanConfig | None = None
 ) -> ScanConfig:
     """The ScanConfig of the running command's options.

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..config import FinetuneConfig, load_finetune_config
-from ._app import _output, _run, _warn_remote_images, app
+from ._app import app, handle_errors, make_output, route_warnings
 from ._options import (
     Format,
     FormatOpt,
@@ -260,13 +260,13 @@ def finetune(
     from .._utils import seed_everything
     from ..training import finetune as run_finetune
 
-    output = _output(fmt, quiet)
-    with _run(output):
+    output = make_output(fmt, quiet)
+    with handle_errors(output):
         # defaults < the file < options given on the command line
         base = FinetuneConfig() if config_file is None else load_finetune_config(config_file)
         cfg = apply_settings(base, settings_given(ctx, only_given=config_file is not None))
         seed_everything(cfg.seed)
-        _warn_remote_images(output)
+        route_warnings(output)
         with output.progress() as progress:
             result = run_finetune(dataset, out_dir=out, config=cfg, progress=progress)
         info: dict[str, Any] = {

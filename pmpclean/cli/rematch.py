@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..config import AuditConfig, DataConfig, EmbedConfig, ScanConfig
-from ._app import _on_engine, _output, _run, _warn_remote_images, app
+from ._app import app, handle_errors, make_output, on_engine, route_warnings
 from ._options import (
     ConfigOpt,
     DeviceOpt,
@@ -30,8 +30,8 @@ from ._options import (
     RootOpt,
     SeedOpt,
     TextCol,
-    _build_config,
     bounds,
+    build_scan_config,
 )
 
 
@@ -123,14 +123,14 @@ def rematch(
     from ..pipeline import default_out_dir, saved_scan_config
     from ..pipeline import rematch as run_rematch
 
-    output = _output(fmt, quiet)
-    with _run(output):
+    output = make_output(fmt, quiet)
+    with handle_errors(output):
         # options not given keep the values of the scan being applied
         scanned = saved_scan_config(audit_dir if audit_dir else default_out_dir(manifest))
-        cfg = _build_config(ctx, config_file, base=scanned)
+        cfg = build_scan_config(ctx, config_file, base=scanned)
         seed_everything(cfg.seed)
-        _warn_remote_images(output)
-        with _on_engine(engine, ray_address), output.progress() as progress:
+        route_warnings(output)
+        with on_engine(engine, ray_address), output.progress() as progress:
             result = run_rematch(
                 manifest,
                 out=out,

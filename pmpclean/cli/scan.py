@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..config import AuditConfig, DataConfig, EmbedConfig, ScanConfig
-from ._app import _on_engine, _output, _run, _warn_remote_images, app
+from ._app import app, handle_errors, make_output, on_engine, route_warnings
 from ._options import (
     BatchOpt,
     CacheDirOpt,
@@ -34,7 +34,7 @@ from ._options import (
     SeedOpt,
     TextCol,
     WorkersOpt,
-    _build_config,
+    build_scan_config,
     setting,
 )
 
@@ -123,11 +123,11 @@ def scan(
     from .._utils import seed_everything
     from ..pipeline import scan as run_scan
 
-    output = _output(fmt, quiet)
-    with _run(output):
-        cfg = _build_config(ctx, config_file)
+    output = make_output(fmt, quiet)
+    with handle_errors(output):
+        cfg = build_scan_config(ctx, config_file)
         seed_everything(cfg.seed)
-        _warn_remote_images(output)
-        with _on_engine(engine, ray_address), output.progress() as progress:
+        route_warnings(output)
+        with on_engine(engine, ray_address), output.progress() as progress:
             result = run_scan(manifest, config=cfg, out_dir=out, force=force, progress=progress)
         output.scan_summary(result.summary, result.audit)

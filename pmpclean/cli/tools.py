@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..config import DataConfig, EmbedConfig, ScanConfig
-from ._app import _on_engine, _output, _run, _warn_remote_images, app
+from ._app import app, handle_errors, make_output, on_engine, route_warnings
 from ._options import (
     BatchOpt,
     CacheDirOpt,
@@ -32,7 +32,7 @@ from ._options import (
     SeedOpt,
     TextCol,
     WorkersOpt,
-    _build_config,
+    build_scan_config,
 )
 
 
@@ -74,12 +74,12 @@ def embed(
     from .._utils import seed_everything
     from ..pipeline import embed as run_embed
 
-    output = _output(fmt, quiet)
-    with _run(output):
-        cfg = _build_config(ctx, None)  # embed takes no --config: every option applies
+    output = make_output(fmt, quiet)
+    with handle_errors(output):
+        cfg = build_scan_config(ctx, None)  # embed takes no --config: every option applies
         seed_everything(cfg.seed)
-        _warn_remote_images(output)
-        with _on_engine(engine, ray_address), output.progress() as progress:
+        route_warnings(output)
+        with on_engine(engine, ray_address), output.progress() as progress:
             result = run_embed(manifest, out=out, config=cfg, force=force, progress=progress)
         output.embed_summary(result.info)
 
@@ -132,8 +132,8 @@ def corrupt(
     """Inject known caption mismatches, for evaluating an audit (scan --truth-col true_row)."""
     from ..pipeline import corrupt as run_corrupt
 
-    output = _output(fmt, quiet)
-    with _run(output):
+    output = make_output(fmt, quiet)
+    with handle_errors(output):
         result = run_corrupt(
             manifest,
             out=out,
