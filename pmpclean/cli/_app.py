@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Annotated, Any
 
 import typer
@@ -94,6 +94,24 @@ def _root(
     ] = False,
 ) -> None:
     """Audit and clean noisy image-caption datasets."""
+
+
+@contextmanager
+def running(
+    output: Any, seed: int, engine: EngineName | None = None, address: str | None = None
+) -> Iterator[Any]:
+    """Around a command's one library call: seed every generator once with the resolved
+    seed, route library warnings to ``output``, run on ``engine`` (none: this process)
+    and show progress; yields the progress callback."""
+    from .._utils import seed_everything
+
+    seed_everything(seed)
+    route_warnings(output)
+    with (
+        on_engine(engine, address) if engine is not None else nullcontext(),
+        output.progress() as progress,
+    ):
+        yield progress
 
 
 def route_warnings(output: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..config import FinetuneConfig, load_finetune_config
-from ._app import app, handle_errors, make_output, route_warnings
+from ._app import app, handle_errors, make_output, running
 from ._options import (
     Format,
     FormatOpt,
@@ -257,7 +257,6 @@ def finetune(
 
     Writes open_clip_pytorch_model.bin (for pmpclean scan --model ARCH --pretrained MODEL_DIR/open_clip_pytorch_model.bin, and for open_clip) and metrics.json with image-to-text and text-to-image R@1/5/10 on the held-out split before and after.
     """  # noqa: E501 (one paragraph per line: the help wraps them to the terminal)
-    from .._utils import seed_everything
     from ..training import finetune as run_finetune
 
     output = make_output(fmt, quiet)
@@ -265,9 +264,7 @@ def finetune(
         # defaults < the file < options given on the command line
         base = FinetuneConfig() if config_file is None else load_finetune_config(config_file)
         cfg = apply_settings(base, settings_given(ctx, only_given=config_file is not None))
-        seed_everything(cfg.seed)
-        route_warnings(output)
-        with output.progress() as progress:
+        with running(output, cfg.seed) as progress:
             result = run_finetune(dataset, out_dir=out, config=cfg, progress=progress)
         info: dict[str, Any] = {
             "model_dir": str(result.out_dir),

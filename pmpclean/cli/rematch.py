@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..config import AuditConfig, DataConfig, EmbedConfig, ScanConfig
-from ._app import app, handle_errors, make_output, on_engine, route_warnings
+from ._app import app, handle_errors, make_output, running
 from ._options import (
     ConfigOpt,
     DeviceOpt,
@@ -119,7 +119,6 @@ def rematch(
     manifest is scanned again and the summary says which. --min-confidence never needs
     a new scan.
     """
-    from .._utils import seed_everything
     from ..pipeline import default_out_dir, saved_scan_config
     from ..pipeline import rematch as run_rematch
 
@@ -128,9 +127,7 @@ def rematch(
         # options not given keep the values of the scan being applied
         scanned = saved_scan_config(audit_dir if audit_dir else default_out_dir(manifest))
         cfg = build_scan_config(ctx, config_file, base=scanned)
-        seed_everything(cfg.seed)
-        route_warnings(output)
-        with on_engine(engine, ray_address), output.progress() as progress:
+        with running(output, cfg.seed, engine, ray_address) as progress:
             result = run_rematch(
                 manifest,
                 out=out,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..config import AuditConfig, DataConfig, EmbedConfig, ScanConfig
-from ._app import app, handle_errors, make_output, on_engine, route_warnings
+from ._app import app, handle_errors, make_output, running
 from ._options import (
     BatchOpt,
     CacheDirOpt,
@@ -120,14 +120,11 @@ def scan(
     Writes audit.parquet, audit.csv, summary.json, config.yaml and report.html to the
     output folder. With --embeddings the scan runs without any model.
     """
-    from .._utils import seed_everything
     from ..pipeline import scan as run_scan
 
     output = make_output(fmt, quiet)
     with handle_errors(output):
         cfg = build_scan_config(ctx, config_file)
-        seed_everything(cfg.seed)
-        route_warnings(output)
-        with on_engine(engine, ray_address), output.progress() as progress:
+        with running(output, cfg.seed, engine, ray_address) as progress:
             result = run_scan(manifest, config=cfg, out_dir=out, force=force, progress=progress)
         output.scan_summary(result.summary, result.audit)

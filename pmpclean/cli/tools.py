@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..config import DataConfig, EmbedConfig, ScanConfig
-from ._app import app, handle_errors, make_output, on_engine, route_warnings
+from ._app import app, handle_errors, make_output, running
 from ._options import (
     BatchOpt,
     CacheDirOpt,
@@ -71,15 +71,12 @@ def embed(
     Each unique image is embedded once; results are cached, so an interrupted run
     resumes and a later scan of the same data does no model work.
     """
-    from .._utils import seed_everything
     from ..pipeline import embed as run_embed
 
     output = make_output(fmt, quiet)
     with handle_errors(output):
         cfg = build_scan_config(ctx, None)  # embed takes no --config: every option applies
-        seed_everything(cfg.seed)
-        route_warnings(output)
-        with on_engine(engine, ray_address), output.progress() as progress:
+        with running(output, cfg.seed, engine, ray_address) as progress:
             result = run_embed(manifest, out=out, config=cfg, force=force, progress=progress)
         output.embed_summary(result.info)
 
