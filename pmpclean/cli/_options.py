@@ -113,7 +113,8 @@ def bounds(cls: type, name: str) -> dict[str, Any]:
     """typer's ``min``/``max`` of the closed bounds declared for ``cls.name``, for an
     option that is not itself the setting (rematch's --min-confidence)."""
     spec = declared(cls, name)[1]
-    assert spec is not None and spec.gt is None and spec.lt is None
+    if spec is None or spec.ge is None or spec.le is None:
+        raise TypeError(f"{cls.__name__}.{name} declares no closed interval")
     return {"min": float(spec.ge), "max": float(spec.le)}
 
 
