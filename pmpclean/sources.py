@@ -65,7 +65,10 @@ __all__ = [
     "SOURCE_KINDS",
     "expand_shards",
     "load_source_embeddings",
+    "read_member",
     "read_source",
+    "shard_files",
+    "shard_members",
     "source_kind",
     "source_sha256",
 ]
@@ -207,6 +210,33 @@ def _kind_of_files(shards: list[Path], image_col: str, where: str) -> str:
 def source_kind(source: str | os.PathLike[str], *, image_col: str = "image") -> str:
     """Which of :data:`SOURCE_KINDS` ``source`` is (``"table"``: a manifest file)."""
     return _resolve(source, image_col)[0]
+
+
+def shard_files(source: str | os.PathLike[str]) -> tuple[str, list[tuple[str, Path, Path]]]:
+    """An img2dataset source's kind and its shards as ``(name, shard, parquet)``.
+
+    ``name`` is the shard's name in the audit's ``shard`` column (relative to the
+    shards' common folder), ``shard`` the ``.tar`` (``webdataset``) or the parquet
+    (``files``, ``parquet``), ``parquet`` the shard's listing. Other sources give
+    their kind and no shards.
+    """
+    kind, shards, _ = _resolve(source, "image")
+    if kind not in ("webdataset", "files", "parquet"):
+        return kind, []
+    if kind == "files":
+        shards = [s for s in shards if s.suffix.lower() in (".parquet", ".pq")]
+    names = _shard_names(shards)
+    return kind, [(n, s, _meta_path(s, kind)) for n, s in zip(names, shards, strict=True)]
+
+
+def shard_members(
+    shard: Path, kind: str
+) -> tuple[dict[str, dict[str, tuple[int, int]]], str | None]:
+    """``{key: {ext: place}}`` of a ``webdataset`` or ``files`` shard, in its order, and a
+    note when the shard is damaged; ``place`` is what :func:`read_member` reads."""
+    if kind == "files":
+        return _files_index(shard.with_suffix("")), None
+    return _tar_index(shard)
 
 
 def source_sha256(source: str | os.PathLike[str]) -> str:
@@ -399,7 +429,8 @@ def _image_ext(members: dict[str, tuple[int, int]]) -> str | None:
     return None
 
 
-def _read_member(path: Path, kind: str, key: str, ext: str, where: tuple[int, int]) -> bytes:
+def read_member(path: Path, kind: str, key: str, ext: str, where: tuple[int, int]) -> bytes:
+    """The bytes of member ``<key>.<ext>`` of a shard (``where`` from :func:`shard_members`)."""
     if kind == "files":
         return (path.with_suffix("") / f"{key}.{ext}").read_bytes()
     with open(path, "rb") as fh:
@@ -514,7 +545,7 @@ def _read_shard(shard: Path, name: str, kind: str, text_col: str, rows: _Rows) -
         else:
             status = "ok"
         if not has_caption and "txt" in members:
-            captions[i] = _read_member(shard, kind, key, "txt", members["txt"]).decode(
+            captions[i] = read_member(shard, kind, key, "txt", members["txt"]).decode(
                 "utf-8", errors="replace"
             )
         rows.refs.append(ref)
@@ -530,7 +561,7 @@ def _read_shard(shard: Path, name: str, kind: str, text_col: str, rows: _Rows) -
         for k in extra:
             cap = None
             if "txt" in index[k]:
-                cap = _read_member(shard, kind, k, "txt", index[k]["txt"]).decode(
+                cap = read_member(shard, kind, k, "txt", index[k]["txt"]).decode(
                     "utf-8", errors="replace"
                 )
             captions.append(cap)
@@ -556,7 +587,7 @@ def _unlisted(
         record: dict[str, Any] = {}
         if "json" in members:
             try:
-                record = json.loads(_read_member(shard, kind, key, "json", members["json"]))
+                record = json.loads(read_member(shard, kind, key, "json", members["json"]))
             except (ValueError, OSError):
                 record = {}
             if not isinstance(record, dict):
