@@ -353,25 +353,6 @@ def _evaluate(
     }
 
 
-def _truth_array(frame: pd.DataFrame, col: str, n: int) -> np.ndarray:
-    if col not in frame.columns:
-        raise DatasetError(
-            f"Ground-truth column {col!r} not found; "
-            f"columns present: {', '.join(map(str, frame.columns))}. "
-            "Use --truth-col to name it (pmpclean corrupt writes 'true_row')."
-        )
-    values = pd.to_numeric(frame[col], errors="coerce")
-    bad = values.isna() | (values < 0) | (values >= n) | (values != values.round())
-    if bad.any():
-        first = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DatasetError(
-            f"Ground-truth column {col!r} must hold the 0-based input row of each caption "
-            f"(0..{n - 1}); "
-            f"row {first} holds {frame[col].iloc[first]!r}."
-        )
-    return values.to_numpy().astype(np.int64)
-
-
 def scan(
     source: str | Path | pd.DataFrame,
     *,
@@ -460,7 +441,12 @@ def _scan(  # noqa: C901 - the stages in order; the split part is the lead's (is
             f"The manifest already has column(s) {', '.join(clash)}, which pmpclean's audit adds; "
             "rename them (or scan the original manifest rather than an audit table)."
         )
-    truth = _truth_array(frame, cfg.data.truth_col, n) if cfg.data.truth_col else None
+    if cfg.data.truth_col:
+        from .sources import truth_rows
+
+        truth = truth_rows(manifest, cfg.data.truth_col)
+    else:
+        truth = None
 
     with timer("embed"):
         emb, embed_info = _embeddings(manifest, cfg, progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from pmpclean.config import ScanConfig
 from pmpclean.errors import ConfigError, DatasetError
 from pmpclean.pipeline import rematch, scan
 from pmpclean.shards_out import uid_array
-from pmpclean.sources import read_source
+from pmpclean.sources import read_source, truth_rows
 
 # 32 rows are too few for the learned cost; the fixed cost finds the swaps
 pytestmark = pytest.mark.filterwarnings("ignore:the learned cost")
@@ -53,7 +54,10 @@ def write_source(folder: Path, *, uid: bool = False) -> dict[str, Any]:
     for a, b in SWAPS:
         caption_row[[a, b]] = caption_row[[b, a]]
     captions = [f"photo {image[r]} caption {r}" for r in caption_row]
-    keys = [f"{r // PER_SHARD:05d}{r % PER_SHARD:04d}" for r in range(n)]
+    # img2dataset's keys: the shard number, then the place in the shard in
+    # ceil(log10(number_sample_per_shard)) digits
+    width = math.ceil(math.log10(PER_SHARD))
+    keys = [f"{r // PER_SHARD:05d}{r % PER_SHARD:0{width}d}" for r in range(n)]
     folder.mkdir(parents=True)
     for s in range(0, n, PER_SHARD):
         rows = range(s, min(s + PER_SHARD, n))
@@ -69,7 +73,7 @@ def write_source(folder: Path, *, uid: bool = False) -> dict[str, Any]:
                     None if r == FAILED else hashlib.sha256(_jpeg(image[r])).hexdigest()
                     for r in rows
                 ],
-                "true_row": [int(caption_row[r]) for r in rows],
+                "true_row": [-1 if r == FAILED else int(caption_row[r]) for r in rows],
             }
         )
         if uid:
@@ -270,3 +274,56 @@ def test_uids_need_a_uid_column_and_hex_values(tmp_path: Path) -> None:
         uid_array(["00ff", "xyz"])
     got = uid_array(["1" + "0" * 16, "ff", "ff"])
     assert got.tolist() == [(0, 255), (1, 0)]
+
+
+# --------------------------------------------------------------------------- truth, finetune
+
+
+def test_truth_of_shards_maps_input_rows_by_key(tmp_path: Path) -> None:
+    src = tmp_path / "data" / "src"
+    truth = write_source(src)
+    # img2dataset lists a shard's rows in the order the downloads finished: not input order
+    meta = pd.read_parquet(src / "00001.parquet")
+    meta.iloc[::-1].to_parquet(src / "00001.parquet", index=False)
+    m = read_source(src)
+    rows = m.frame["key"].map({k: i for i, k in enumerate(truth["keys"])}).to_numpy()
+    assert rows[PER_SHARD] == 2 * PER_SHARD - 1  # the reversed shard
+    got = truth_rows(m, "true_row")
+    ok = m.status == "ok"
+    # each caption's true row is the row (in the source's order) of its input row
+    want = np.array([int(np.flatnonzero(rows == truth["caption_row"][r])[0]) for r in rows])
+    assert (got[ok] == want[ok]).all()
+    failed = int(np.flatnonzero(~ok)[0])
+    assert got[failed] == failed  # -1 on a failed download is accepted
+    # a scored row with -1 is not
+    m.frame.loc[3, "true_row"] = -1
+    with pytest.raises(DatasetError, match="row 3 holds -1"):
+        truth_rows(m, "true_row")
+    # some shards only: input rows cannot be told from the keys
+    part = read_source(f"{src}/{{00001..00002}}.tar")
+    with pytest.raises(DatasetError, match="scan every shard of the run"):
+        truth_rows(part, "true_row")
+
+
+def test_finetune_reads_shards(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from pmpclean.training import finetune
+
+    src = tmp_path / "data" / "src"
+    write_source(src)
+    res = finetune(
+        src,
+        out_dir=tmp_path / "model",
+        model="pmpclean-tiny",
+        pretrained="none",
+        epochs=1,
+        batch_size=8,
+        val_fraction=0.0,
+        device="cpu",
+        seed=0,
+        truth_col="true_row",
+    )
+    data = res.metrics["dataset"]
+    assert data["n_rows"] == N_IMAGES * PER_IMAGE and data["n_unusable"] == 1
+    assert data["n_train_pairs"] == N_IMAGES * PER_IMAGE - 1
+    assert res.checkpoint.is_file()
