@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import json
 import platform
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +113,15 @@ class CorruptResult:
 
 
 def default_out_dir(manifest: str | Path) -> Path:
-    """``data/captions.csv`` → ``data/captions.pmpclean/`` (beside the manifest)."""
+    """``data/captions.csv`` → ``data/captions.pmpclean/`` (beside the manifest); shards
+    named by a pattern or list (``data/{00000..00003}.tar``) → ``data.pmpclean/``, beside
+    their common folder, as for the folder ``data/`` itself."""
     p = Path(manifest)
+    if not p.exists() and re.search(r"[{}*?\[]|::", str(manifest)):
+        from .sources import pattern_folder
+
+        folder = pattern_folder(manifest)
+        return folder.with_name(folder.name + ".pmpclean")
     return p.with_name(p.stem + ".pmpclean")
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -67,6 +68,7 @@ __all__ = [
     "expand_shards",
     "input_rows",
     "load_source_embeddings",
+    "pattern_folder",
     "read_member",
     "read_source",
     "shard_files",
@@ -121,6 +123,20 @@ def expand_shards(pattern: str | os.PathLike[str]) -> list[Path]:
                     "(braces: data/{00000..00123}.tar)."
                 )
     return list(dict.fromkeys(Path(os.path.abspath(p)) for p in out))
+
+
+def pattern_folder(pattern: str | os.PathLike[str]) -> Path:
+    """The folder holding every shard a pattern names (``data/{00000..00003}.tar`` →
+    ``data``), read from the pattern alone: the shards need not exist."""
+    from braceexpand import braceexpand
+
+    folders = []
+    for part in str(pattern).split("::"):
+        for name in braceexpand(os.path.expanduser(part)):
+            parts = Path(name).parent.parts
+            fixed = list(itertools.takewhile(lambda p: not glob.has_magic(p), parts))
+            folders.append(os.path.abspath(os.path.join(*fixed)) if fixed else os.getcwd())
+    return Path(os.path.commonpath(folders))
 
 
 def _parquet_schema(path: Path) -> Any:

@@ -327,3 +327,24 @@ def test_finetune_reads_shards(tmp_path: Path) -> None:
     assert data["n_rows"] == N_IMAGES * PER_IMAGE and data["n_unusable"] == 1
     assert data["n_train_pairs"] == N_IMAGES * PER_IMAGE - 1
     assert res.checkpoint.is_file()
+
+
+def test_default_out_dir_of_a_shard_pattern(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pmpclean.pipeline import default_out_dir
+
+    data = tmp_path / "data"
+    assert default_out_dir(f"{data}/{{00000..00003}}.tar") == tmp_path / "data.pmpclean"
+    assert default_out_dir(f"{data}/a/0.tar::{data}/b/1.tar") == tmp_path / "data.pmpclean"
+    assert default_out_dir(f"{data}/*/0000?.tar") == tmp_path / "data.pmpclean"
+    monkeypatch.chdir(data.parent)
+    assert default_out_dir("data/{00000..00001}.tar").resolve() == tmp_path / "data.pmpclean"
+    # a folder, a single shard and a manifest keep their names
+    assert default_out_dir(data) == tmp_path / "data.pmpclean"
+    assert default_out_dir(data / "00000.tar") == data / "00000.pmpclean"
+    # the scan of a pattern writes there
+    src = tmp_path / "data" / "src"
+    write_source(src)
+    res = scan(f"{src}/{{00000..00002}}.tar", config=_config(src))
+    assert res.out_dir == tmp_path / "data" / "src.pmpclean"
