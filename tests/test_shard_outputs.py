@@ -327,6 +327,20 @@ def test_finetune_reads_shards(tmp_path: Path) -> None:
     assert data["n_rows"] == N_IMAGES * PER_IMAGE and data["n_unusable"] == 1
     assert data["n_train_pairs"] == N_IMAGES * PER_IMAGE - 1
     assert res.checkpoint.is_file()
+    # and the audit of the shards: its images are read from the shards again
+    scan(src, config=_config(src), out_dir=tmp_path / "audit")
+    again = finetune(
+        tmp_path / "audit",
+        out_dir=tmp_path / "model2",
+        model="pmpclean-tiny",
+        pretrained="none",
+        epochs=1,
+        batch_size=8,
+        val_fraction=0.0,
+        device="cpu",
+        seed=0,
+    )
+    assert again.metrics["dataset"]["n_train_pairs"] == N_IMAGES * PER_IMAGE - 1
 
 
 def test_default_out_dir_of_a_shard_pattern(
@@ -348,3 +362,46 @@ def test_default_out_dir_of_a_shard_pattern(
     write_source(src)
     res = scan(f"{src}/{{00000..00002}}.tar", config=_config(src))
     assert res.out_dir == tmp_path / "data" / "src.pmpclean"
+
+
+@pytest.mark.shared
+def test_coco_mini_wds_cleaned_shards(shared_data: Path, tmp_path: Path) -> None:
+    """The real img2dataset output, rematched into shards that webdataset reads."""
+    import webdataset as wds
+
+    src = shared_data / "coco-mini-wds"
+    m = read_source(src)
+    truth = truth_rows(m, "true_row")
+    # embeddings that know the truth: a caption's vector is the photo it describes
+    photo = pd.factorize(m.frame["image_id"])[0]
+    rng = np.random.default_rng(0)
+    eye = np.eye(photo.max() + 1)
+    emb = tmp_path / "emb.npz"
+    noise = 0.01 * rng.normal(size=(2, len(m), eye.shape[1]))
+    np.savez(emb, image=eye[photo] + noise[0], text=eye[photo[truth]] + noise[1])
+    cfg = ScanConfig().replace(embed__embeddings=str(emb))
+    out = tmp_path / "clean"
+    res = rematch(
+        src, out=out, audit_dir=tmp_path / "audit", config=cfg, output_format="webdataset"
+    )
+    cleaned, dropped = res.cleaned, res.dropped
+    assert len(cleaned) + len(dropped) == 799
+    failed = dropped[dropped["pmpclean_reason"].isin(["failed_to_download", "failed_to_resize"])]
+    assert len(failed) == 4 and failed["error_message"].notna().all()
+    assert (cleaned["pmpclean_action"] == "rematch").sum() > 100
+    samples = list(wds.WebDataset(str(out / "{00000..00003}.tar"), shardshuffle=False))
+    assert sorted(s["__key__"] for s in samples) == sorted(cleaned["key"])
+    by_key = cleaned.set_index("key")
+    photo_of_row = m.frame["image_id"].to_numpy()
+    source_members = _tar_members(src)
+    for sample in samples:
+        row = by_key.loc[sample["__key__"]]
+        original = source_members[f"{sample['__key__']}.jpg"]
+        assert hashlib.sha256(sample["jpg"]).digest() == hashlib.sha256(original).digest()
+        meta = json.loads(sample["json"])
+        assert sample["txt"].decode() == meta["caption"] == row["caption"]
+        if meta["pmpclean_action"] == "rematch":  # the new caption describes this photo
+            giver = meta["pmpclean_caption_from_row"]
+            assert photo_of_row[truth[giver]] == meta["image_id"]
+    back = read_source(out)
+    assert len(back) == len(cleaned) and (back.status == "ok").all()
