@@ -365,6 +365,7 @@ def test_default_out_dir_of_a_shard_pattern(
 
 
 @pytest.mark.shared
+@pytest.mark.slow
 def test_coco_mini_wds_cleaned_shards(shared_data: Path, tmp_path: Path) -> None:
     """The real img2dataset output, rematched into shards that webdataset reads."""
     import webdataset as wds
