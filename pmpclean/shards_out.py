@@ -110,6 +110,14 @@ def check_output_format(
             raise ConfigError(
                 f"--out {out} is a file; --out-format {output_format} writes a folder."
             )
+        from .sources import shard_files
+
+        folders = {Path(os.path.abspath(s.parent)) for _, s, _ in shard_files(source)[1]}
+        if Path(os.path.abspath(out)) in folders:
+            raise ConfigError(
+                f"--out {out} holds the source shards; pmpclean never overwrites its input: "
+                "write the cleaned shards to another folder."
+            )
         if out.is_dir():
             _refuse_existing(out, force=force)
     elif output_format == "uids":

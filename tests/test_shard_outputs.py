@@ -234,6 +234,8 @@ def test_shard_output_refuses_a_full_folder_and_other_sources(
     src, out, tmp = cleaned_wds["src"], cleaned_wds["out"], cleaned_wds["tmp"]
     with pytest.raises(DatasetError, match="is not empty"):
         rematch(src, out=out, audit_dir=tmp / "audit", output_format="webdataset")
+    with pytest.raises(ConfigError, match="never overwrites its input"):
+        rematch(f"{src}/{{00000..00001}}.tar", out=src, output_format="webdataset", force=True)
     csv = tmp_path / "m.csv"
     pd.DataFrame({"image": ["a.jpg"], "caption": ["x"]}).to_csv(csv, index=False)
     with pytest.raises(ConfigError, match="webdataset or files output"):
