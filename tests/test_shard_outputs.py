@@ -117,20 +117,35 @@ def _tar_members(folder: Path) -> dict[str, bytes]:
     return out
 
 
+def _rematch(src: Path, out: Path, output_format: str, audit: Path) -> Any:
+    # the swaps' proposals have confidence 0.8 on these 32 rows
+    return rematch(
+        src,
+        out=out,
+        audit_dir=audit,
+        output_format=output_format,
+        config=_config(src),
+        min_confidence=0.5,
+    )
+
+
+# finetune's settings for one short epoch of the tiny random-weight model
+ONE_TINY_EPOCH: dict[str, Any] = {
+    "model": "pmpclean-tiny",
+    "pretrained": "none",
+    "epochs": 1,
+    "device": "cpu",
+    "seed": 0,
+}
+
+
 @pytest.fixture
 def cleaned_wds(tmp_path: Path) -> dict[str, Any]:
     src = tmp_path / "data" / "src"
     truth = write_source(src)
     scan(src, config=_config(src), out_dir=tmp_path / "audit")
     out = tmp_path / "clean"
-    res = rematch(
-        src,
-        out=out,
-        audit_dir=tmp_path / "audit",
-        output_format="webdataset",
-        config=_config(src),
-        min_confidence=0.5,
-    )
+    res = _rematch(src, out, "webdataset", tmp_path / "audit")
     return {"src": src, "out": out, "res": res, "truth": truth, "tmp": tmp_path}
 
 
@@ -211,14 +226,7 @@ def test_webdataset_output_reads_back_with_read_source(cleaned_wds: dict[str, An
 def test_files_layout_output(cleaned_wds: dict[str, Any]) -> None:
     src, tmp, res = cleaned_wds["src"], cleaned_wds["tmp"], cleaned_wds["res"]
     out = tmp / "clean-files"
-    files = rematch(
-        src,
-        out=out,
-        audit_dir=tmp / "audit",
-        output_format="files",
-        config=_config(src),
-        min_confidence=0.5,
-    )
+    files = _rematch(src, out, "files", tmp / "audit")
     assert files.cleaned["key"].tolist() == res.cleaned["key"].tolist()
     assert (out / "00000").is_dir() and (out / "00000.parquet").is_file()
     m = read_source(out)
@@ -313,35 +321,15 @@ def test_finetune_reads_shards(tmp_path: Path) -> None:
 
     src = tmp_path / "data" / "src"
     write_source(src)
-    res = finetune(
-        src,
-        out_dir=tmp_path / "model",
-        model="pmpclean-tiny",
-        pretrained="none",
-        epochs=1,
-        batch_size=8,
-        val_fraction=0.0,
-        device="cpu",
-        seed=0,
-        truth_col="true_row",
-    )
+    opts = {**ONE_TINY_EPOCH, "batch_size": 8, "val_fraction": 0.0}
+    res = finetune(src, out_dir=tmp_path / "model", truth_col="true_row", **opts)
     data = res.metrics["dataset"]
     assert data["n_rows"] == N_IMAGES * PER_IMAGE and data["n_unusable"] == 1
     assert data["n_train_pairs"] == N_IMAGES * PER_IMAGE - 1
     assert res.checkpoint.is_file()
     # and the audit of the shards: its images are read from the shards again
     scan(src, config=_config(src), out_dir=tmp_path / "audit")
-    again = finetune(
-        tmp_path / "audit",
-        out_dir=tmp_path / "model2",
-        model="pmpclean-tiny",
-        pretrained="none",
-        epochs=1,
-        batch_size=8,
-        val_fraction=0.0,
-        device="cpu",
-        seed=0,
-    )
+    again = finetune(tmp_path / "audit", out_dir=tmp_path / "model2", **opts)
     assert again.metrics["dataset"]["n_train_pairs"] == N_IMAGES * PER_IMAGE - 1
 
 

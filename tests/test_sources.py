@@ -424,18 +424,9 @@ def test_coco_mini_wds_finetunes_from_the_shards(shared_data: Path, tmp_path: Pa
     pytest.importorskip("torch")
     from pmpclean.training import finetune
 
-    res = finetune(
-        shared_data / "coco-mini-wds",
-        out_dir=tmp_path / "model",
-        model="pmpclean-tiny",
-        pretrained="none",
-        epochs=1,
-        batch_size=32,
-        val_fraction=0.1,
-        device="cpu",
-        seed=0,
-        truth_col="true_row",
-    )
+    src = shared_data / "coco-mini-wds"
+    opts = {"model": "pmpclean-tiny", "pretrained": "none", "epochs": 1, "batch_size": 32}
+    res = finetune(src, out_dir=tmp_path / "model", truth_col="true_row", **opts)
     data = res.metrics["dataset"]
     assert data["n_rows"] == 799 and data["n_unusable"] == 4
     assert data["n_train_pairs"] + res.metrics["validation"]["n_pairs"] == 795
