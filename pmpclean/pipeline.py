@@ -1088,6 +1088,31 @@ def _rebase_image_paths(
     return changed
 
 
+def _output_paths(src: Path, out_path: Path, output_format: str, *, force: bool) -> Path:
+    """Check ``--out`` for ``output_format`` before any work; return the dropped file."""
+    from .data import SUPPORTED_SUFFIXES, _table_format
+    from .shards_out import SHARD_FORMATS, check_output_format, dropped_path_for
+
+    check_output_format(src, output_format, out_path, force=force)
+    if output_format != "table":
+        dropped_path = dropped_path_for(out_path, output_format)
+    elif _table_format(out_path)[0] is None:
+        raise ConfigError(
+            f"Cannot tell the format of --out {out_path}: use one of "
+            f"{', '.join(sorted(SUPPORTED_SUFFIXES))} (CSV/TSV/JSON lines may add .gz)."
+        )
+    else:
+        dropped_path = _dropped_path(out_path)
+    for p in (out_path, dropped_path):
+        if p.resolve() == src.resolve():
+            raise ConfigError(
+                f"--out {p} is the input manifest; pmpclean never overwrites its input."
+            )
+        if p.exists() and not force and not (p == out_path and output_format in SHARD_FORMATS):
+            raise DatasetError(f"{p} already exists; pass --force to replace it.")
+    return dropped_path
+
+
 def rematch(
     source: str | Path,
     *,
@@ -1152,31 +1177,12 @@ def rematch(
         if not src.exists() and "{" not in str(src) and "*" not in str(src):
             raise DatasetError(f"Manifest {src} does not exist.")
     out_path = Path(out)
-    dropped_path = _dropped_path(out_path)
-
-    from .data import SUPPORTED_SUFFIXES, _table_format
-    from .shards_out import SHARD_FORMATS, check_output_format, dropped_path_for
-
-    check_output_format(src, output_format, out_path, force=force)
-    if output_format != "table":
-        dropped_path = dropped_path_for(out_path, output_format)
-    elif _table_format(out_path)[0] is None:
-        raise ConfigError(
-            f"Cannot tell the format of --out {out_path}: use one of "
-            f"{', '.join(sorted(SUPPORTED_SUFFIXES))} (CSV/TSV/JSON lines may add .gz)."
-        )
-    for p in (out_path, dropped_path):
-        if p.resolve() == src.resolve():
-            raise ConfigError(
-                f"--out {p} is the input manifest; pmpclean never overwrites its input."
-            )
-        if p.exists() and not force and not (p == out_path and output_format in SHARD_FORMATS):
-            raise DatasetError(f"{p} already exists; pass --force to replace it.")
+    dropped_path = _output_paths(src, out_path, output_format, force=force)
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"min_confidence must lie in [0, 1], got {min_confidence}.")
     a_dir = Path(audit_dir) if audit_dir is not None else default_out_dir(src)
     # --out is writable and ours before any work (a dry run writes no --out)
-    folder = output_format in SHARD_FORMATS
+    folder = output_format in ("webdataset", "files")
     with contextlib.nullcontext() if dry_run else claim_output(out_path, folder=folder):
         return _apply_scan(
             src,

@@ -103,17 +103,7 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
             root = _scanned_manifest_folder(Path(source).parent) or root
             scanned = _scanned_shards(Path(source).parent)
     if scanned is not None:  # the audit of shards: their images are read from the shards
-        manifest = read_source(scanned, text_col=cfg.text_col)
-        same = len(manifest) == len(frame) and (
-            "key" not in frame.columns
-            or manifest.frame["key"].astype(str).tolist() == frame["key"].astype(str).tolist()
-        )
-        if not same:
-            raise DatasetError(
-                f"{source} audits the shards {scanned}, which have changed since the scan "
-                f"({len(frame)} rows then, {len(manifest)} now, or other keys); scan them "
-                "again (pmpclean scan) before fine-tuning on the audit."
-            )
+        manifest = _audited_shards(scanned, frame, cfg, source)
     else:
         manifest = read_manifest(frame, image_col=image_col, text_col=cfg.text_col, root=root)
     data = _from_manifest(manifest, cfg, source=source, with_truth=with_truth)
@@ -180,6 +170,24 @@ def _shard_source(path: Path, what: str) -> str | None:
     if not path.exists() and not any(c in str(path) for c in "{*?["):
         return None
     return str(path) if source_kind(path) != "table" else None
+
+
+def _audited_shards(shards: str, audit: pd.DataFrame, cfg: FinetuneConfig, source: str) -> Manifest:
+    """The shards an audit table audited, read again (their rows as the audit's)."""
+    from ..sources import read_source
+
+    manifest = read_source(shards, text_col=cfg.text_col)
+    same = len(manifest) == len(audit) and (
+        "key" not in audit.columns
+        or manifest.frame["key"].astype(str).tolist() == audit["key"].astype(str).tolist()
+    )
+    if not same:
+        raise DatasetError(
+            f"{source} audits the shards {shards}, which have changed since the scan "
+            f"({len(audit)} rows then, {len(manifest)} now, or other keys); scan them "
+            "again (pmpclean scan) before fine-tuning on the audit."
+        )
+    return manifest
 
 
 def _scanned_shards(scan_dir: Path) -> str | None:
