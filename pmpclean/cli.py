@@ -51,6 +51,13 @@ class Policy(str, enum.Enum):
     flag = "flag"
 
 
+class OutFormat(str, enum.Enum):
+    table = "table"
+    webdataset = "webdataset"
+    files = "files"
+    uids = "uids"
+
+
 class Pair(str, enum.Enum):
     b32 = "b32"
     l14 = "l14"
@@ -378,7 +385,10 @@ def scan(
         typer.Option(
             "--out",
             "-o",
-            help="Output folder \\[default: <manifest stem>.pmpclean/ beside the manifest].",
+            help=(
+                "Output folder \\[default: <manifest stem>.pmpclean/ beside the manifest; "
+                "for shards named by a pattern or list, <their folder>.pmpclean/]."
+            ),
         ),
     ] = None,
     image_col: ImageCol = "image",
@@ -548,10 +558,23 @@ def rematch(
             "-o",
             help=(
                 "Cleaned manifest to write; its extension (.csv .tsv .parquet .jsonl) sets the "
-                "format. Dropped rows go to <stem>.dropped<ext> beside it."
+                "format. Dropped rows go to <stem>.dropped<ext> beside it (with "
+                "--out-format webdataset/files/uids: the output folder or .npy, dropped "
+                "rows in <out>.dropped.parquet)."
             ),
         ),
     ],
+    out_format: Annotated[
+        OutFormat,
+        typer.Option(
+            "--out-format",
+            help=(
+                "table: a cleaned manifest; webdataset, files: cleaned img2dataset shards "
+                "(images copied, captions rematched, provenance in each .json); uids: the "
+                "kept rows' DataComp uids as the .npy its resharder takes."
+            ),
+        ),
+    ] = OutFormat.table,
     policy: Annotated[
         Policy,
         typer.Option(
@@ -583,7 +606,8 @@ def rematch(
         typer.Option(
             "--audit-dir",
             help=(
-                "Folder of the scan to apply \\[default: <manifest stem>.pmpclean/]. "
+                "Folder of the scan to apply \\[default: <manifest stem>.pmpclean/; "
+                "for shards named by a pattern or list, <their folder>.pmpclean/]. "
                 "Scanned now when absent or stale."
             ),
         ),
@@ -660,6 +684,7 @@ def rematch(
                 rescan=rescan,
                 dry_run=dry_run,
                 progress=progress,
+                output_format=out_format.value,
             )
         output.rematch_summary(result.info)
 
@@ -849,8 +874,9 @@ def finetune(
         Path,
         typer.Argument(
             help=(
-                "A manifest (e.g. the cleaned one from 'pmpclean rematch'), or a "
-                "scan folder / audit.parquet: its split then seeds the first epoch."
+                "A manifest (e.g. the cleaned one from 'pmpclean rematch'), a dataset as "
+                "'pmpclean scan' reads it (img2dataset shards, ...), or a scan folder / "
+                "audit.parquet: its split then seeds the first epoch."
             ),
             show_default=False,
         ),

@@ -396,3 +396,22 @@ def test_coco_mini_wds_cleaned_shards(shared_data: Path, tmp_path: Path) -> None
             assert photo_of_row[truth[giver]] == meta["image_id"]
     back = read_source(out)
     assert len(back) == len(cleaned) and (back.status == "ok").all()
+
+
+def test_cli_rematch_out_format(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pmpclean.cli import app
+
+    src = tmp_path / "data" / "src"
+    write_source(src)
+    emb = str(tmp_path / "data" / "emb.npz")
+    out = tmp_path / "clean"
+    args = ["rematch", str(src), "--out", str(out), "--embeddings", emb, "--quiet"]
+    res = CliRunner().invoke(app, [*args, "--out-format", "webdataset"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    uids = ["rematch", str(src), "--out", str(tmp_path / "k.npy"), "--out-format", "uids"]
+    res = CliRunner().invoke(app, uids)
+    assert res.exit_code == 1 and "has no 'uid' column" in res.output
+    assert "Traceback" not in res.output
