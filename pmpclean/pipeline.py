@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import json
 import platform
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +113,15 @@ class CorruptResult:
 
 
 def default_out_dir(manifest: str | Path) -> Path:
-    """``data/captions.csv`` → ``data/captions.pmpclean/`` (beside the manifest)."""
+    """``data/captions.csv`` → ``data/captions.pmpclean/`` (beside the manifest); shards
+    named by a pattern or list (``data/{00000..00003}.tar``) → ``data.pmpclean/``, beside
+    their common folder, as for the folder ``data/`` itself."""
     p = Path(manifest)
+    if not p.exists() and re.search(r"[{}*?\[]|::", str(manifest)):
+        from .sources import pattern_folder
+
+        folder = pattern_folder(manifest)
+        return folder.with_name(folder.name + ".pmpclean")
     return p.with_name(p.stem + ".pmpclean")
 
 
@@ -353,25 +361,6 @@ def _evaluate(
     }
 
 
-def _truth_array(frame: pd.DataFrame, col: str, n: int) -> np.ndarray:
-    if col not in frame.columns:
-        raise DatasetError(
-            f"Ground-truth column {col!r} not found; "
-            f"columns present: {', '.join(map(str, frame.columns))}. "
-            "Use --truth-col to name it (pmpclean corrupt writes 'true_row')."
-        )
-    values = pd.to_numeric(frame[col], errors="coerce")
-    bad = values.isna() | (values < 0) | (values >= n) | (values != values.round())
-    if bad.any():
-        first = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DatasetError(
-            f"Ground-truth column {col!r} must hold the 0-based input row of each caption "
-            f"(0..{n - 1}); "
-            f"row {first} holds {frame[col].iloc[first]!r}."
-        )
-    return values.to_numpy().astype(np.int64)
-
-
 def scan(
     source: str | Path | pd.DataFrame,
     *,
@@ -460,7 +449,12 @@ def _scan(  # noqa: C901 - the stages in order; the split part is the lead's (is
             f"The manifest already has column(s) {', '.join(clash)}, which pmpclean's audit adds; "
             "rename them (or scan the original manifest rather than an audit table)."
         )
-    truth = _truth_array(frame, cfg.data.truth_col, n) if cfg.data.truth_col else None
+    if cfg.data.truth_col:
+        from .sources import truth_rows
+
+        truth = truth_rows(manifest, cfg.data.truth_col)
+    else:
+        truth = None
 
     with timer("embed"):
         emb, embed_info = _embeddings(manifest, cfg, progress)
@@ -1091,6 +1085,31 @@ def _rebase_image_paths(
     return changed
 
 
+def _output_paths(src: Path, out_path: Path, output_format: str, *, force: bool) -> Path:
+    """Check ``--out`` for ``output_format`` before any work; return the dropped file."""
+    from .data import SUPPORTED_SUFFIXES, table_format
+    from .shards_out import SHARD_FORMATS, check_output_format, dropped_path_for
+
+    check_output_format(src, output_format, out_path, force=force)
+    if output_format != "table":
+        dropped_path = dropped_path_for(out_path, output_format)
+    elif table_format(out_path)[0] is None:
+        raise ConfigError(
+            f"Cannot tell the format of --out {out_path}: use one of "
+            f"{', '.join(sorted(SUPPORTED_SUFFIXES))} (CSV/TSV/JSON lines may add .gz)."
+        )
+    else:
+        dropped_path = _dropped_path(out_path)
+    for p in (out_path, dropped_path):
+        if p.resolve() == src.resolve():
+            raise ConfigError(
+                f"--out {p} is the input manifest; pmpclean never overwrites its input."
+            )
+        if p.exists() and not force and not (p == out_path and output_format in SHARD_FORMATS):
+            raise DatasetError(f"{p} already exists; pass --force to replace it.")
+    return dropped_path
+
+
 def rematch(
     source: str | Path,
     *,
@@ -1104,6 +1123,7 @@ def rematch(
     rescan: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    output_format: str = "table",
 ) -> RematchResult:
     """Apply the latest scan of ``source`` and write a cleaned manifest.
 
@@ -1125,6 +1145,13 @@ def rematch(
     Relative image paths are rewritten to resolve from the folder of ``out`` (they
     resolved from the manifest's folder, or ``root``), so the cleaned manifest can be
     read from where it is written; absolute paths and URLs are kept as they are.
+
+    ``output_format`` (see :mod:`pmpclean.shards_out`): ``"table"`` writes ``out`` as a
+    table (its suffix picks CSV, Parquet, ...); ``"webdataset"`` and ``"files"`` write
+    the kept rows of img2dataset shards into the folder ``out`` in that layout, image
+    bytes copied, captions rematched, provenance in each ``.json`` and shard parquet;
+    ``"uids"`` writes the kept rows' DataComp ``uid`` to the ``.npy`` file ``out``.
+    Shards and uids list the dropped rows in ``<out>.dropped.parquet`` beside ``out``.
 
     Policies
     --------
@@ -1150,31 +1177,18 @@ def rematch(
         if not src.exists() and "{" not in str(src) and "*" not in str(src):
             raise DatasetError(f"Manifest {src} does not exist.")
     out_path = Path(out)
-    dropped_path = _dropped_path(out_path)
-
-    from .data import SUPPORTED_SUFFIXES, table_format
-
-    if table_format(out_path)[0] is None:
-        raise ConfigError(
-            f"Cannot tell the format of --out {out_path}: use one of "
-            f"{', '.join(sorted(SUPPORTED_SUFFIXES))} (CSV/TSV/JSON lines may add .gz)."
-        )
-    for p in (out_path, dropped_path):
-        if p.resolve() == src.resolve():
-            raise ConfigError(
-                f"--out {p} is the input manifest; pmpclean never overwrites its input."
-            )
-        if p.exists() and not force:
-            raise DatasetError(f"{p} already exists; pass --force to replace it.")
+    dropped_path = _output_paths(src, out_path, output_format, force=force)
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"min_confidence must lie in [0, 1], got {min_confidence}.")
     a_dir = Path(audit_dir) if audit_dir is not None else default_out_dir(src)
     # --out is writable and ours before any work (a dry run writes no --out)
-    with contextlib.nullcontext() if dry_run else claim_output(out_path, folder=False):
+    folder = output_format in ("webdataset", "files")
+    with contextlib.nullcontext() if dry_run else claim_output(out_path, folder=folder):
         return _apply_scan(
             src,
             out_path,
             dropped_path,
+            output_format=output_format,
             policy=policy,
             min_confidence=min_confidence,
             fix_labels=fix_labels,
@@ -1192,6 +1206,7 @@ def _apply_scan(
     out_path: Path,
     dropped_path: Path,
     *,
+    output_format: str = "table",
     policy: str,
     min_confidence: float | None,
     fix_labels: bool,
@@ -1205,8 +1220,6 @@ def _apply_scan(
     # long: the rematch command's policies end to end, not yet split
     """The work of :func:`rematch` once its arguments are checked and ``out`` is claimed."""
     import os
-
-    from .data import write_table
 
     a_dir = audit_dir
     cfg = config or saved_scan_config(a_dir) or ScanConfig()
@@ -1315,6 +1328,8 @@ def _apply_scan(
         out_dir=out_path.expanduser().absolute().parent,
         only_existing=bool(settings.get("embed", {}).get("embeddings", cfg.embed.embeddings)),
     )
+    if output_format in ("webdataset", "files"):  # provenance for the shards' json
+        _add_provenance(base, audit, action, confidence)
     cleaned = base[keep].reset_index(drop=True)
     dropped = base[~keep].copy()
     dropped["pmpclean_reason"] = reason[~keep]
@@ -1338,11 +1353,59 @@ def _apply_scan(
     }
     files: dict[str, str] = {}
     if not dry_run:
-        write_table(cleaned, out_path, force=force)
-        write_table(dropped, dropped_path, force=force)
-        files = {"cleaned": str(out_path), "dropped": str(dropped_path)}
+        cleaned, dropped, files = _write_rematch(
+            src, cleaned, dropped, out_path, dropped_path, output_format, info, text_col, force
+        )
+    info["output_format"] = output_format
     info["files"] = files
     return RematchResult(cleaned=cleaned, dropped=dropped, info=info, files=files)
+
+
+def _add_provenance(
+    base: pd.DataFrame, audit: pd.DataFrame, action: np.ndarray, confidence: np.ndarray
+) -> None:
+    """The columns a shard output's json and parquet carry (pmpclean.shards_out)."""
+    base["pmpclean_status"] = audit["status"].to_numpy(dtype=object)
+    if "pmpclean_match_score" not in base.columns:
+        base["pmpclean_match_score"] = audit["match_score"].to_numpy(np.float64)
+        base["pmpclean_rematch_confidence"] = np.where(action == "rematch", confidence, np.nan)
+    for col in ("pmpclean_original_caption", "pmpclean_caption_from_row"):
+        if col not in base.columns:
+            base[col] = pd.array([pd.NA] * len(base), dtype="Int64" if "row" in col else object)
+
+
+def _write_rematch(
+    src: Path,
+    cleaned: pd.DataFrame,
+    dropped: pd.DataFrame,
+    out_path: Path,
+    dropped_path: Path,
+    output_format: str,
+    info: dict[str, Any],
+    text_col: str,
+    force: bool,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    """Write the cleaned rows as ``output_format`` and the dropped rows beside them."""
+    from .data import write_table
+    from .shards_out import write_shards, write_uids
+
+    if output_format == "table":
+        write_table(cleaned, out_path, force=force)
+    elif output_format == "uids":
+        info["n_uids"] = write_uids(cleaned, out_path, where=str(src))
+    else:
+        cleaned, dropped, _ = write_shards(
+            src,
+            cleaned,
+            dropped,
+            out_path,
+            output_format=output_format,
+            text_col=text_col,
+            force=force,
+        )
+        info.update(n_cleaned=int(len(cleaned)), n_dropped=int(len(dropped)))
+    write_table(dropped, dropped_path, force=force)
+    return cleaned, dropped, {"cleaned": str(out_path), "dropped": str(dropped_path)}
 
 
 # --------------------------------------------------------------------------- embed / corrupt

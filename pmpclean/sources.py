@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -64,10 +66,16 @@ __all__ = [
     "EMBEDDING_PAIRS",
     "SOURCE_KINDS",
     "expand_shards",
+    "input_rows",
     "load_source_embeddings",
+    "pattern_folder",
+    "read_member",
     "read_source",
+    "shard_files",
+    "shard_members",
     "source_kind",
     "source_sha256",
+    "truth_rows",
 ]
 
 #: What :func:`source_kind` answers.
@@ -115,6 +123,20 @@ def expand_shards(pattern: str | os.PathLike[str]) -> list[Path]:
                     "(braces: data/{00000..00123}.tar)."
                 )
     return list(dict.fromkeys(Path(os.path.abspath(p)) for p in out))
+
+
+def pattern_folder(pattern: str | os.PathLike[str]) -> Path:
+    """The folder holding every shard a pattern names (``data/{00000..00003}.tar`` →
+    ``data``), read from the pattern alone: the shards need not exist."""
+    from braceexpand import braceexpand
+
+    folders = []
+    for part in str(pattern).split("::"):
+        for name in braceexpand(os.path.expanduser(part)):
+            parts = Path(name).parent.parts
+            fixed = list(itertools.takewhile(lambda p: not glob.has_magic(p), parts))
+            folders.append(os.path.abspath(os.path.join(*fixed)) if fixed else os.getcwd())
+    return Path(os.path.commonpath(folders))
 
 
 def _parquet_schema(path: Path) -> Any:
@@ -207,6 +229,33 @@ def _kind_of_files(shards: list[Path], image_col: str, where: str) -> str:
 def source_kind(source: str | os.PathLike[str], *, image_col: str = "image") -> str:
     """Which of :data:`SOURCE_KINDS` ``source`` is (``"table"``: a manifest file)."""
     return _resolve(source, image_col)[0]
+
+
+def shard_files(source: str | os.PathLike[str]) -> tuple[str, list[tuple[str, Path, Path]]]:
+    """An img2dataset source's kind and its shards as ``(name, shard, parquet)``.
+
+    ``name`` is the shard's name in the audit's ``shard`` column (relative to the
+    shards' common folder), ``shard`` the ``.tar`` (``webdataset``) or the parquet
+    (``files``, ``parquet``), ``parquet`` the shard's listing. Other sources give
+    their kind and no shards.
+    """
+    kind, shards, _ = _resolve(source, "image")
+    if kind not in ("webdataset", "files", "parquet"):
+        return kind, []
+    if kind == "files":
+        shards = [s for s in shards if s.suffix.lower() in (".parquet", ".pq")]
+    names = _shard_names(shards)
+    return kind, [(n, s, _meta_path(s, kind)) for n, s in zip(names, shards, strict=True)]
+
+
+def shard_members(
+    shard: Path, kind: str
+) -> tuple[dict[str, dict[str, tuple[int, int]]], str | None]:
+    """``{key: {ext: place}}`` of a ``webdataset`` or ``files`` shard, in its order, and a
+    note when the shard is damaged; ``place`` is what :func:`read_member` reads."""
+    if kind == "files":
+        return _files_index(shard.with_suffix("")), None
+    return _tar_index(shard)
 
 
 def source_sha256(source: str | os.PathLike[str]) -> str:
@@ -399,7 +448,8 @@ def _image_ext(members: dict[str, tuple[int, int]]) -> str | None:
     return None
 
 
-def _read_member(path: Path, kind: str, key: str, ext: str, where: tuple[int, int]) -> bytes:
+def read_member(path: Path, kind: str, key: str, ext: str, where: tuple[int, int]) -> bytes:
+    """The bytes of member ``<key>.<ext>`` of a shard (``where`` from :func:`shard_members`)."""
     if kind == "files":
         return (path.with_suffix("") / f"{key}.{ext}").read_bytes()
     with open(path, "rb") as fh:
@@ -514,7 +564,7 @@ def _read_shard(shard: Path, name: str, kind: str, text_col: str, rows: _Rows) -
         else:
             status = "ok"
         if not has_caption and "txt" in members:
-            captions[i] = _read_member(shard, kind, key, "txt", members["txt"]).decode(
+            captions[i] = read_member(shard, kind, key, "txt", members["txt"]).decode(
                 "utf-8", errors="replace"
             )
         rows.refs.append(ref)
@@ -530,7 +580,7 @@ def _read_shard(shard: Path, name: str, kind: str, text_col: str, rows: _Rows) -
         for k in extra:
             cap = None
             if "txt" in index[k]:
-                cap = _read_member(shard, kind, k, "txt", index[k]["txt"]).decode(
+                cap = read_member(shard, kind, k, "txt", index[k]["txt"]).decode(
                     "utf-8", errors="replace"
                 )
             captions.append(cap)
@@ -556,7 +606,7 @@ def _unlisted(
         record: dict[str, Any] = {}
         if "json" in members:
             try:
-                record = json.loads(_read_member(shard, kind, key, "json", members["json"]))
+                record = json.loads(read_member(shard, kind, key, "json", members["json"]))
             except (ValueError, OSError):
                 record = {}
             if not isinstance(record, dict):
@@ -908,3 +958,94 @@ def _datacomp(p: Path, manifest: Manifest, pair: str) -> tuple[list[str], Any, A
         txts.append(txt)
     _unique_keys(keys, p, "uid")
     return keys, imgs, txts, "uid"
+
+
+# --------------------------------------------------------------------------- truth
+
+
+def input_rows(manifest: Manifest) -> np.ndarray | None:
+    """Each row's place in img2dataset's input (its url list), or None for other sources.
+
+    A manifest's rows are its input rows. The rows of img2dataset shards come in shard
+    order, each shard's in the order its downloads finished; their input row is told by
+    the ``key``: img2dataset names each sample by its shard number and its place in the
+    shard (``f"{shard:0{a}d}{place:0{b}d}"``, ``b = ceil(log10(number_sample_per_shard))``),
+    and lists every input row, failures included, so the keys in sorted order are the
+    input rows in order.
+
+    Raises
+    ------
+    DatasetError
+        The keys do not count the input rows from 0 without a gap (some shards of the run
+        are not in the source, or the keys are not img2dataset's).
+    """
+    if manifest.image_col != "key" or "key" not in manifest.frame.columns:
+        return None
+    keys = manifest.frame["key"].astype(str)
+    n = len(keys)
+    order = np.argsort(keys.to_numpy(dtype=str), kind="stable")
+    rows = np.empty(n, dtype=np.int64)
+    rows[order] = np.arange(n)
+    # check against img2dataset's naming: the samples per shard is the fullest shard's count
+    per_shard = int(manifest.frame.groupby("shard", sort=False).size().max()) if n else 0
+    width = max(1, math.ceil(math.log10(per_shard))) if per_shard > 1 else 1
+    expected = None
+    if keys.str.fullmatch(r"\d+").all() and (keys.str.len() > width).all():
+        expected = keys.str[:-width].astype(np.int64) * per_shard + keys.str[-width:].astype(
+            np.int64
+        )
+    if expected is None or not np.array_equal(expected.to_numpy(), rows):
+        first = keys.iloc[int(order[0])] if n else ""
+        raise DatasetError(
+            "the truth column holds rows of img2dataset's input (its url list), which pmpclean "
+            "finds by each row's key; the keys of this source do not count the input rows "
+            f"from 0 without a gap (first key {first!r}, {per_shard} samples per shard): "
+            "scan every shard of the run, or give a truth column of this source's rows."
+        )
+    return rows
+
+
+def truth_rows(manifest: Manifest, col: str) -> np.ndarray:
+    """The ground truth of ``col`` as rows of ``manifest``: the row whose image each
+    row's caption describes.
+
+    ``col`` holds the 0-based input row of each caption's true image (``pmpclean
+    corrupt`` writes it as ``true_row``): for img2dataset shards the row of its input
+    url list (mapped to the source's rows by key, :func:`input_rows`), else the
+    manifest's row. Rows that are not scored (a status other than ``ok``, e.g. a failed
+    download) may hold -1 or nothing; they get their own row.
+
+    Raises
+    ------
+    DatasetError
+        ``col`` is missing, or a scored row holds no valid input row.
+    """
+    frame = manifest.frame
+    n = len(frame)
+    if col not in frame.columns:
+        raise DatasetError(
+            f"Ground-truth column {col!r} not found; "
+            f"columns present: {', '.join(map(str, frame.columns))}. "
+            "Use --truth-col to name it (pmpclean corrupt writes 'true_row')."
+        )
+    rows = input_rows(manifest)  # first: it says when the values cannot be mapped at all
+    values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        bad = np.isnan(values) | (values < 0) | (values >= n) | (values != np.round(values))
+    scored = np.asarray(manifest.status, dtype=object) == "ok"
+    if (bad & scored).any():
+        first = int(np.flatnonzero(bad & scored)[0])
+        value = frame[col].iloc[first]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise DatasetError(
+            f"Ground-truth column {col!r} must hold the 0-based input row of each caption "
+            f"(0..{n - 1}); row {first} holds {value!r} (only rows that are "
+            "not scored, such as failed downloads, may hold -1 or nothing)."
+        )
+    truth = np.where(bad, 0, values).astype(np.int64)
+    if rows is not None:
+        row_of_input = np.empty(n, dtype=np.int64)
+        row_of_input[rows] = np.arange(n)
+        truth = row_of_input[truth]
+    truth[bad] = np.flatnonzero(bad)
+    return truth

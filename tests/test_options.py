@@ -96,6 +96,7 @@ CASES: dict[tuple[str, str], tuple[list[str], dict[str, Any]]] = {
     # ---------------------------------------------------------------- rematch
     ("rematch", "--out"): (["--out", "other.csv"], {"out": "other.csv"}),
     ("rematch", "--policy"): (["--policy", "drop"], {"policy": "drop"}),
+    ("rematch", "--out-format"): (["--out-format", "uids"], {"output_format": "uids"}),
     ("rematch", "--min-confidence"): (["--min-confidence", "0.3"], {"min_confidence": 0.3}),
     ("rematch", "--fix-labels"): (["--fix-labels"], {"fix_labels": True}),
     ("rematch", "--audit-dir"): (["--audit-dir", "sc"], {"audit_dir": "sc"}),

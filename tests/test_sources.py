@@ -367,10 +367,15 @@ def test_coco_mini_wds_scanned_end_to_end(layout: str, shared_data: Path, tmp_pa
         to_parquet_layout(src, tmp_path / "pq")
         src = tmp_path / "pq"
     cfg = ScanConfig().replace(
-        embed__model="pmpclean-tiny", embed__pretrained="none", embed__workers=0
+        embed__model="pmpclean-tiny",
+        embed__pretrained="none",
+        embed__workers=0,
+        data__truth_col="true_row",  # rows of urls.csv; -1 on the four broken rows
     )
     res = scan(src, config=cfg, out_dir=tmp_path / "audit")
     audit = res.audit
+    # 159 captions shuffled, one of them onto another caption of its own photo
+    assert res.summary["evaluation"]["n_true_mismatched"] == 158
     assert len(audit) == 799 and audit["row"].tolist() == list(range(799))
     counts = audit["status"].value_counts().to_dict()
     assert counts == {"ok": 795, "failed_to_download": 2, "failed_to_resize": 2}
@@ -394,3 +399,35 @@ def test_rows_of_one_sha256_share_one_image(tmp_path: Path) -> None:
     meta.to_parquet(tmp_path / "00000.parquet", index=False)
     m = read_source(tmp_path)
     assert m.image_index.tolist() == [0, 0, 1] and len(m.unique_images) == 2
+
+
+@pytest.mark.shared
+def test_coco_mini_wds_truth_is_mapped_by_key(shared_data: Path) -> None:
+    from pmpclean.sources import truth_rows
+
+    src = shared_data / "coco-mini-wds"
+    urls = pd.read_csv(src / "urls.csv")
+    m = read_source(src)
+    truth = truth_rows(m, "true_row")
+    ok = m.status == "ok"
+    given = m.frame["true_row"].to_numpy()
+    # the photo of the row the truth points at is the photo of urls.csv's row true_row
+    photo = m.frame["image_id"].to_numpy()
+    assert (photo[truth[ok]] == urls["image_id"].to_numpy()[given[ok]]).all()
+    # the parquets list rows in download order: the input row is not the audit's row
+    assert (photo[given[ok]] != urls["image_id"].to_numpy()[given[ok]]).any()
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_coco_mini_wds_finetunes_from_the_shards(shared_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from pmpclean.training import finetune
+
+    src = shared_data / "coco-mini-wds"
+    opts = {"model": "pmpclean-tiny", "pretrained": "none", "epochs": 1, "batch_size": 32}
+    res = finetune(src, out_dir=tmp_path / "model", truth_col="true_row", **opts)
+    data = res.metrics["dataset"]
+    assert data["n_rows"] == 799 and data["n_unusable"] == 4
+    assert data["n_train_pairs"] + res.metrics["validation"]["n_pairs"] == 795
+    assert res.metrics["epochs_run"] == 1 and res.checkpoint.is_file()

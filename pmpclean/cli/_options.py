@@ -129,6 +129,13 @@ class Policy(str, enum.Enum):
     flag = "flag"
 
 
+class OutFormat(str, enum.Enum):
+    table = "table"
+    webdataset = "webdataset"
+    files = "files"
+    uids = "uids"
+
+
 class Pair(str, enum.Enum):
     b32 = "b32"
     l14 = "l14"

@@ -41,8 +41,9 @@ def finetune(
         Path,
         typer.Argument(
             help=(
-                "A manifest (e.g. the cleaned one from 'pmpclean rematch'), or a "
-                "scan folder / audit.parquet: its split then seeds the first epoch."
+                "A manifest (e.g. the cleaned one from 'pmpclean rematch'), a dataset as "
+                "'pmpclean scan' reads it (img2dataset shards, ...), or a scan folder / "
+                "audit.parquet: its split then seeds the first epoch."
             ),
             show_default=False,
         ),

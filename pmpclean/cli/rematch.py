@@ -22,6 +22,7 @@ from ._options import (
     LabelCol,
     Manifest,
     ModelOpt,
+    OutFormat,
     PairOpt,
     Policy,
     PretrainedOpt,
@@ -46,10 +47,23 @@ def rematch(
             "-o",
             help=(
                 "Cleaned manifest to write; its extension (.csv .tsv .parquet .jsonl) sets the "
-                "format. Dropped rows go to <stem>.dropped<ext> beside it."
+                "format. Dropped rows go to <stem>.dropped<ext> beside it (with "
+                "--out-format webdataset/files/uids: the output folder or .npy, dropped "
+                "rows in <out>.dropped.parquet)."
             ),
         ),
     ],
+    out_format: Annotated[
+        OutFormat,
+        typer.Option(
+            "--out-format",
+            help=(
+                "table: a cleaned manifest; webdataset, files: cleaned img2dataset shards "
+                "(images copied, captions rematched, provenance in each .json); uids: the "
+                "kept rows' DataComp uids as the .npy its resharder takes."
+            ),
+        ),
+    ] = OutFormat.table,
     policy: Annotated[
         Policy,
         typer.Option(
@@ -80,7 +94,8 @@ def rematch(
         typer.Option(
             "--audit-dir",
             help=(
-                "Folder of the scan to apply \\[default: <manifest stem>.pmpclean/]. "
+                "Folder of the scan to apply \\[default: <manifest stem>.pmpclean/; "
+                "for shards named by a pattern or list, <their folder>.pmpclean/]. "
                 "Scanned now when absent or stale."
             ),
         ),
@@ -140,5 +155,6 @@ def rematch(
                 rescan=rescan,
                 dry_run=dry_run,
                 progress=progress,
+                output_format=out_format.value,
             )
         output.rematch_summary(result.info)

@@ -48,7 +48,10 @@ def scan(
         typer.Option(
             "--out",
             "-o",
-            help="Output folder \\[default: <manifest stem>.pmpclean/ beside the manifest].",
+            help=(
+                "Output folder \\[default: <manifest stem>.pmpclean/ beside the manifest; "
+                "for shards named by a pattern or list, <their folder>.pmpclean/]."
+            ),
         ),
     ] = None,
     image_col: ImageCol = DataConfig.image_col,

@@ -22,7 +22,7 @@ from ..errors import ConfigError, DatasetError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..data import Manifest
+    from ..data import Manifest, MemberRef
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class _Data:
     """Usable rows of the dataset, with everything the loop needs per row."""
 
     source: str
-    paths: list[str]  # unique image paths
+    paths: list[str | MemberRef]  # unique images: paths, or members of shards
     image_index: np.ndarray  # (n,) int64 index into paths
     captions: list[str]  # (n,)
     text_group: np.ndarray  # (n,) int64, identical caption text shares a value
@@ -62,6 +62,7 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
     The truth column is read for the training ``dataset`` only.
     """
     from ..data import read_manifest, read_table
+    from ..sources import read_source
 
     with_truth = what == "dataset"
 
@@ -69,14 +70,12 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
     audit = False
     if isinstance(dataset, (str, Path)):
         path = Path(dataset)
+        shards = _shard_source(path, what)
+        if shards is not None:  # img2dataset shards, Hugging Face Parquet, an imagefolder
+            manifest = read_source(shards, text_col=cfg.text_col)
+            return _from_manifest(manifest, cfg, source=shards, with_truth=with_truth)
         if path.is_dir():
-            found = [path / name for name in _AUDIT_FILES if (path / name).is_file()]
-            if not found:
-                raise DatasetError(
-                    f"{what} {path} is a folder without {' or '.join(_AUDIT_FILES)}; pass a "
-                    "manifest file (CSV, Parquet, ...) or the output folder of `pmpclean scan`."
-                )
-            path = found[0]
+            path = next(path / name for name in _AUDIT_FILES if (path / name).is_file())
         if not path.exists():
             raise DatasetError(
                 f"{what} {path} does not exist; pass a manifest file or a scan folder."
@@ -96,12 +95,17 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
             f"{what} must be a path, a pandas DataFrame or a pmpclean Manifest, "
             f"not {type(dataset).__name__}."
         )
+    scanned = None
     if "is_mismatched" in frame.columns and "image_path" in frame.columns:
         audit = True
         image_col = "image_path"  # a scan's resolved paths (or ids, with precomputed embeddings)
         if isinstance(dataset, (str, Path)):
             root = _scanned_manifest_folder(Path(source).parent) or root
-    manifest = read_manifest(frame, image_col=image_col, text_col=cfg.text_col, root=root)
+            scanned = _scanned_shards(Path(source).parent)
+    if scanned is not None:  # the audit of shards: their images are read from the shards
+        manifest = _audited_shards(scanned, frame, cfg, source)
+    else:
+        manifest = read_manifest(frame, image_col=image_col, text_col=cfg.text_col, root=root)
     data = _from_manifest(manifest, cfg, source=source, with_truth=with_truth)
     if audit:
         flags = frame["is_mismatched"].to_numpy()[data.rows]
@@ -145,6 +149,65 @@ def _read_dataset(dataset: Any, cfg: FinetuneConfig, *, what: str = "dataset") -
     return data
 
 
+def _shard_source(path: Path, what: str) -> str | None:
+    """``path`` when it is a dataset :func:`pmpclean.sources.read_source` reads beyond a
+    manifest file (a folder or pattern of shards, ...), None for a manifest or scan folder."""
+    from ..sources import source_kind
+
+    if path.is_dir():
+        if any((path / name).is_file() for name in _AUDIT_FILES):
+            return None
+        try:
+            source_kind(path)
+        except DatasetError:
+            raise DatasetError(
+                f"{what} {path} is a folder without {' or '.join(_AUDIT_FILES)}, and not a "
+                "dataset folder either (img2dataset shards, Hugging Face Parquet, an "
+                "imagefolder); pass a manifest file (CSV, Parquet, ...), such a folder, or "
+                "the output folder of `pmpclean scan`."
+            ) from None
+        return str(path)
+    if not path.exists() and not any(c in str(path) for c in "{*?["):
+        return None
+    return str(path) if source_kind(path) != "table" else None
+
+
+def _audited_shards(shards: str, audit: pd.DataFrame, cfg: FinetuneConfig, source: str) -> Manifest:
+    """The shards an audit table audited, read again (their rows as the audit's)."""
+    from ..sources import read_source
+
+    manifest = read_source(shards, text_col=cfg.text_col)
+    same = len(manifest) == len(audit) and (
+        "key" not in audit.columns
+        or manifest.frame["key"].astype(str).tolist() == audit["key"].astype(str).tolist()
+    )
+    if not same:
+        raise DatasetError(
+            f"{source} audits the shards {shards}, which have changed since the scan "
+            f"({len(audit)} rows then, {len(manifest)} now, or other keys); scan them "
+            "again (pmpclean scan) before fine-tuning on the audit."
+        )
+    return manifest
+
+
+def _scanned_shards(scan_dir: Path) -> str | None:
+    """The shard source a scan audited (from its summary.json), when it was one."""
+    from ..sources import source_kind
+
+    summary = scan_dir / "summary.json"
+    try:
+        source = json.loads(summary.read_text(encoding="utf-8")).get("manifest")
+    except (OSError, ValueError):
+        return None
+    if not source:
+        return None
+    try:
+        kind = source_kind(source)
+    except DatasetError:
+        return None
+    return str(source) if kind not in ("table", "imagefolder") else None
+
+
 def _scanned_manifest_folder(scan_dir: Path) -> Path | None:
     """Folder of the manifest a scan audited (from its summary.json), if recorded."""
     summary = scan_dir / "summary.json"
@@ -168,7 +231,7 @@ def _from_manifest(
         )
     img_idx = np.asarray(manifest.image_index)[ok]
     uniq, inv = np.unique(img_idx, return_inverse=True)
-    paths = [str(manifest.unique_images[int(u)]) for u in uniq]
+    paths = [manifest.image_source(int(u)) for u in uniq]
     captions = [str(c) for c in np.asarray(manifest.captions)[ok]]
     text_group = text_groups(captions)
     true_mis = None
@@ -178,19 +241,10 @@ def _from_manifest(
                 f"{source}: truth column {cfg.truth_col!r} not found; columns are "
                 f"{', '.join(map(str, manifest.frame.columns))}. Pass the right truth_col or none."
             )
-        true_row = pd.to_numeric(manifest.frame[cfg.truth_col], errors="coerce").to_numpy()
-        if np.isnan(true_row[ok]).any():
-            raise DatasetError(
-                f"{source}: truth column {cfg.truth_col!r} has empty or non-integer values; "
-                "it must hold the original row number of every caption."
-            )
+        from ..sources import truth_rows
+
         all_idx = np.asarray(manifest.image_index)
-        tr = true_row[ok].astype(np.int64)
-        if tr.min() < 0 or tr.max() >= len(all_idx):
-            raise DatasetError(
-                f"{source}: truth column {cfg.truth_col!r} holds row numbers outside "
-                f"0..{len(all_idx) - 1}."
-            )
+        tr = truth_rows(manifest, cfg.truth_col)[ok]
         true_mis = all_idx[tr] != all_idx[ok]
         image_ref, true_ref = all_idx[ok].astype(np.int64), all_idx[tr].astype(np.int64)
     else:
