@@ -147,7 +147,7 @@ class Posterior:
         p = self.params
         if self.kind == "planted":
             w0, mu, sd = p[0], p[1], p[2]
-            f0 = np.exp(-0.5 * ((xc - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+            f0 = _gauss_pdf(xc, mu, sd)
             mis = np.interp(xc, self.centres, self.mismatched)
             return w0 * f0 / np.maximum(w0 * f0 + mis, 1e-300)
         w, mu, sd = np.array(p[0:2]), np.array(p[2:4]), np.array(p[4:6])
