@@ -532,10 +532,7 @@ class RayEngine:
 
         ray = self._ray
         nq, nb = q.shape[0], b.shape[0]
-        nlist = nbr.ivf_nlist(nq, nb, nprobe)
-        nprobe = min(nprobe, nlist)
-        cent = nbr._kmeans(b, nlist, seed)  # the local engine's sample and seed
-        q_ref, b_ref, c_ref = ray.put(q), ray.put(b), ray.put(cent)
+        q_ref, b_ref = ray.put(q), ray.put(b)
         nearest = ray.remote(_nearest)
 
         def route(ref: Any, n: int, kk: int) -> np.ndarray:
@@ -545,10 +542,26 @@ class RayEngine:
             ]
             return np.concatenate(ray.get(futures))
 
-        lab = route(b_ref, nb, 1).ravel()
-        b_order = np.argsort(lab, kind="stable")
-        b_bounds = np.searchsorted(lab[b_order], np.arange(nlist + 1))
-        del lab
+        # as the local engine inside neighbors.reuse_indexes: a base searched before in
+        # the block (same rows, same seed) keeps its lists, so plants meet the lists the
+        # real rows met
+        cache = nbr._INDEX_CACHE.get()
+        key = None if cache is None else ("ray", b.shape, b.dtype.str, seed, nbr._digest(b))
+        lists = None if cache is None else cache.get(key)
+        if lists is None:
+            nlist = nbr.ivf_nlist(nq, nb, nprobe)
+            cent = nbr._kmeans(b, nlist, seed)  # the local engine's sample and seed
+            c_ref = ray.put(cent)
+            lab = route(b_ref, nb, 1).ravel()
+            b_order = np.argsort(lab, kind="stable")
+            b_bounds = np.searchsorted(lab[b_order], np.arange(nlist + 1))
+            del lab
+            if cache is not None:
+                cache[key] = (nlist, cent, b_order, b_bounds)
+        else:
+            nlist, cent, b_order, b_bounds = lists
+            c_ref = ray.put(cent)
+        nprobe = min(nprobe, nlist)
         sizes = np.diff(b_bounds)
         max_probe = min(nlist, nbr._MAX_PROBE_FACTOR * nprobe)
         min_cand = min(nb, nbr._MIN_CAND_PER_K * k)
