@@ -25,11 +25,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PART_SUSPECTS", "Part", "plan_parts", "sample_problem", "merge_parts"]
+__all__ = ["PART_SUSPECTS", "FIT_SUSPECTS", "Part", "plan_parts", "sample_problem", "merge_parts"]
 
-#: Suspects per rematch part (and in the sample the learned cost is fitted on): the
-#: transport of 20-50k suspects takes seconds to a minute on one core.
-PART_SUSPECTS = 25_000
+#: Most suspects per rematch part. The transport is O(edges) (about 2 k edges per
+#: suspect), so a part this size fits any worker; fewer parts keep more suspects in the
+#: cell of their true caption (at 2 parts of 21k suspects the parts reproduced half of
+#: the local engine's proposals, ``benchmarks/results/ray.md``): up to this many
+#: suspects the rematch is the local engine's one problem.
+PART_SUSPECTS = 200_000
+#: Suspects in the sample the learned cost is fitted on (its fit plants at most 500 keys).
+FIT_SUSPECTS = 25_000
 #: Clean rows offered as key points to the sample fit (the fit plants at most 500).
 _SAMPLE_KEYS = 2_000
 

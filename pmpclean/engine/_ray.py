@@ -688,7 +688,7 @@ class RayEngine:
         settings: dict[str, Any],
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         from ..rematching import plantable_rows, rematch
-        from ._partition import merge_parts, plan_parts, sample_problem
+        from ._partition import FIT_SUSPECTS, merge_parts, plan_parts, sample_problem
 
         ray = self._ray
         n = sus.size
@@ -697,7 +697,8 @@ class RayEngine:
         # the cost: fitted once, on a sample of the suspects with its own key points
         cl = (ok & ~sus) if clean is None else (np.asarray(clean, dtype=bool) & ok & ~sus)
         keys = np.sort(plantable_rows(cl, sus, ig, tg))
-        fit_part, fit_keys = sample_problem(ig, sus_rows, keys, self.part_suspects, rng)
+        size = min(FIT_SUSPECTS, self.part_suspects)
+        fit_part, fit_keys = sample_problem(ig, sus_rows, keys, size, rng)
         r = fit_part.rows
         fit = rematch(
             np.asarray(img[r]),
