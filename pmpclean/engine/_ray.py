@@ -245,15 +245,15 @@ def _rematch_part(
     settings: dict[str, Any],
     fault: str | None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """One cell's partial transport (``rematch`` on the part's rows); part-row results."""
+    """One cell's partial transport (``propose_captions`` on the part's rows); part-row results."""
     import warnings
 
-    from ..rematching import rematch
+    from ..rematching import propose_captions
 
     _maybe_fail(fault)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the driver's merged info says what matters
-        rm = rematch(
+        rm = propose_captions(
             img,
             txt,
             part.suspects,
@@ -636,10 +636,10 @@ class RayEngine:
         progress: Any = None,
         **settings: Any,
     ) -> Any:
-        """:func:`pmpclean.rematching.rematch` partitioned by coarse cell on the cluster
+        """:func:`pmpclean.rematching.propose_captions` partitioned by coarse cell on the cluster
         (:mod:`pmpclean.engine._partition`); one part (few suspects), the paper's batch
-        cost or the dense solver run :func:`~pmpclean.rematching.rematch` as it is."""
-        from ..rematching import Rematch, rematch
+        cost or the dense solver run :func:`~pmpclean.rematching.propose_captions` as it is."""
+        from ..rematching import Rematch, propose_captions
 
         n = int(np.asarray(suspects).shape[0])
         sus = np.asarray(suspects, dtype=bool)
@@ -651,7 +651,7 @@ class RayEngine:
         n_parts = -(-n_sus // self.part_suspects)
         plain = settings.get("solver", "auto") not in ("auto", "sparse") or cost == "paper"
         if n_parts <= 1 or plain or settings.get("pool", "suspects") != "suspects":
-            return rematch(
+            return propose_captions(
                 image_emb,
                 text_emb,
                 sus,
@@ -687,7 +687,7 @@ class RayEngine:
         progress: Any,
         settings: dict[str, Any],
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        from ..rematching import plantable_rows, rematch
+        from ..rematching import plantable_rows, propose_captions
         from ._partition import FIT_SUSPECTS, merge_parts, plan_parts, sample_problem
 
         ray = self._ray
@@ -700,7 +700,7 @@ class RayEngine:
         size = min(FIT_SUSPECTS, self.part_suspects)
         fit_part, fit_keys = sample_problem(ig, sus_rows, keys, size, rng)
         r = fit_part.rows
-        fit = rematch(
+        fit = propose_captions(
             np.asarray(img[r]),
             np.asarray(txt[r]),
             fit_part.suspects,
