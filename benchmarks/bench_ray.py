@@ -139,7 +139,14 @@ def run_child(engine: str, manifest: Path, emb: Path, out: Path, audit_out: Path
         inside = [(r, c) for ts, r, c in samples if a <= ts <= b]
         peak[name] = round(max(r for r, _ in inside), 1) if inside else None
         cpu[name] = round(inside[-1][1] - inside[0][1], 1) if len(inside) > 1 else None
-    res.audit[["row", "status", "is_mismatched", "action", "match_score"]].to_parquet(audit_out)
+    cols = ["row", "status", "is_mismatched", "action", "match_score", "proposed_row"]
+    res.audit[cols].to_parquet(audit_out)
+    cells = getattr(eng, "last_rematch_cells", None)
+    if cells is not None:  # which cell each suspect's image and caption went to
+        np.savez(
+            audit_out.with_suffix(".cells.npz"), rows=cells[0], image=cells[1], caption=cells[2]
+        )
+    rm = res.summary.get("rematch") or {}
     det = ((res.summary.get("evaluation") or {}).get("detection")) or {}
     return {
         "engine": engine,
@@ -154,16 +161,21 @@ def run_child(engine: str, manifest: Path, emb: Path, out: Path, audit_out: Path
         "verdict": res.summary.get("verdict"),
         "n_mismatched": res.summary.get("n_mismatched"),
         "engine_info": res.summary.get("engine"),
+        "rematch": {
+            k: rm.get(k)
+            for k in ("n_suspects", "n_proposed", "parts", "part_suspects", "cost_used", "eps")
+        },
     }
 
 
-def compare(a_path: Path, b_path: Path) -> dict:
+def compare(a_path: Path, b_path: Path, manifest: Path) -> dict:
+    """Agreement of the two audits, and of their rematch proposals with the truth."""
     import pandas as pd
 
     a, b = pd.read_parquet(a_path), pd.read_parquet(b_path)
     ms_a, ms_b = a["match_score"].to_numpy(), b["match_score"].to_numpy()
     both = np.isfinite(ms_a) & np.isfinite(ms_b)
-    return {
+    out = {
         "rows_equal": bool(a["row"].tolist() == b["row"].tolist()),
         "status_identical": bool((a["status"] == b["status"]).all()),
         "flags_identical_share": float((a["is_mismatched"] == b["is_mismatched"]).mean()),
@@ -171,6 +183,37 @@ def compare(a_path: Path, b_path: Path) -> dict:
         "match_score_max_abs_diff": float(np.max(np.abs(ms_a[both] - ms_b[both]), initial=0.0)),
         "match_score_nan_equal": bool(np.array_equal(np.isnan(ms_a), np.isnan(ms_b))),
     }
+    if "proposed_row" not in a.columns:
+        return out
+    truth = pd.read_csv(manifest, usecols=["true_row"])["true_row"].to_numpy()
+    p_a, p_b = a["proposed_row"].to_numpy(), b["proposed_row"].to_numpy()
+    for name, p in (("local", p_a), ("ray", p_b)):
+        rows = np.flatnonzero(p >= 0)
+        out[f"{name}_proposals"] = int(rows.size)
+        # right: the proposed caption's true image is this row's image
+        out[f"{name}_precision"] = float((truth[p[rows]] == rows).mean()) if rows.size else None
+    out["proposals_identical_share"] = float((p_a == p_b).mean())
+    mine = p_a >= 0
+    out["local_proposals_reproduced"] = (
+        float((p_b[mine] == p_a[mine]).mean()) if mine.any() else None
+    )
+    cells = b_path.with_suffix(".cells.npz")
+    if cells.exists():
+        with np.load(cells) as z:
+            cell_img = dict(zip(z["rows"].tolist(), z["image"].tolist(), strict=True))
+            cell_cap = dict(zip(z["rows"].tolist(), z["caption"].tolist(), strict=True))
+        missed = np.flatnonzero(mine & (p_b != p_a))
+        crossed = [cell_img.get(i) != cell_cap.get(int(p_a[i])) for i in missed]
+        out["local_proposals_missed"] = int(missed.size)
+        out["missed_with_caption_in_another_cell"] = int(np.sum(crossed))
+        # every truly mismatched suspect whose true caption is on a suspect row
+        sus = np.array(sorted(cell_img))
+        sus = sus[sus < truth.size]
+        img_of = truth[sus]  # the image each suspect row's caption belongs to
+        pair = (img_of != sus) & np.isin(img_of, sus)
+        same = [cell_img[i] == cell_cap[j] for i, j in zip(img_of[pair], sus[pair], strict=True)]
+        out["true_caption_same_cell_share"] = float(np.mean(same)) if same else None
+    return out
 
 
 def _child(engine: str, manifest: Path, emb: Path, tmp: Path) -> tuple[dict, list[float]]:
@@ -293,6 +336,33 @@ def write_markdown(record: dict, path: Path) -> None:
             + f" | {c['status_identical']} | {100 * c['flags_identical_share']:.3f} % | "
             f"{100 * c['actions_identical_share']:.3f} % | {c['match_score_max_abs_diff']:.2g} |"
         )
+    lines += [
+        "",
+        "Rematch: the local engine's one problem against the Ray engine's parts (one per coarse"
+        " cell); precision against the truth, and the local proposals the parts did not make"
+        " (those whose caption lay in another cell than the image):",
+        "",
+        "| rows | suspects | parts | local proposals | Ray proposals | local precision |"
+        " Ray precision | local proposals reproduced | missed | of which caption in another"
+        " cell | true captions in the image's cell |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(record["results"], key=lambda r: r["rows"]):
+        c, rm = r["agreement"], r["ray"].get("rematch") or {}
+        if "local_proposals" not in c:
+            continue
+
+        def pct(v: float | None) -> str:
+            return "–" if v is None else f"{100 * v:.1f} %"
+
+        lines.append(
+            f"| {r['rows']:,} | {rm.get('n_suspects') or 0:,} | {rm.get('parts') or 1} | "
+            f"{c['local_proposals']:,} | {c['ray_proposals']:,} | {pct(c['local_precision'])} | "
+            f"{pct(c['ray_precision'])} | {pct(c['local_proposals_reproduced'])} | "
+            f"{c.get('local_proposals_missed', '–')} | "
+            f"{c.get('missed_with_caption_in_another_cell', '–')} | "
+            f"{pct(c.get('true_caption_same_cell_share'))} |"
+        )
     path.write_text("\n".join(lines) + "\n\n<!-- projection -->" + keep)
 
 
@@ -320,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
             res["load"] = [float(np.mean(loads)) if loads else 0.0, max(loads, default=0.0)]
             entry[engine] = res
             print(json.dumps(res), flush=True)
-        entry["agreement"] = compare(tmp / "audit-local.parquet", tmp / "audit-ray.parquet")
+        entry["agreement"] = compare(
+            tmp / "audit-local.parquet", tmp / "audit-ray.parquet", manifest
+        )
         print(json.dumps(entry["agreement"]), flush=True)
     record["results"] = [r for r in record["results"] if r["rows"] != args.rows] + [entry]
     args.out.write_text(json.dumps(record, indent=1) + "\n")

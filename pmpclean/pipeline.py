@@ -530,6 +530,7 @@ def _scan(  # noqa: C901 - the stages in order; the split part is the lead's (is
             pair_score = np.asarray(ps.score, dtype=np.float64)
             with timer("split"):
                 sp = split_scores(img, txt, pair_score, image_group, text_group, valid, cfg)
+                sp = _engine_posteriors(sp, pair_score)
         match_score = np.asarray(sp.match_score, dtype=np.float64)
         is_mismatched = np.asarray(sp.is_mismatched, dtype=bool) & valid
         mix = sp.mixture or {}
@@ -840,6 +841,14 @@ def _write_scan(result: ScanResult, target: Path, cfg: ScanConfig) -> None:
         text_col=cfg.data.text_col,
         label_col=cfg.data.label_col,
     )
+
+
+def _engine_posteriors(sp: Any, pair_score: np.ndarray) -> Any:
+    """An engine other than the local one computes the split's posteriors itself."""
+    from .engine import current_engine
+
+    engine = current_engine()
+    return sp if engine is None else engine.split_posteriors(sp, pair_score)
 
 
 def _engine_write(result: ScanResult, target: Path) -> None:

@@ -53,7 +53,9 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,6 +85,7 @@ __all__ = [
     "calibrated_rematch",
     "plant_among_suspects",
     "partial_transport",
+    "rematch_backend",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +132,9 @@ class Rematch:
         ``solver``, ``iterations``, ``converged``, ``marginal_error``,
         ``n_candidates``, ``n_proposals``, ``timings`` (seconds per stage) and, when
         nothing could be proposed, ``reason``.
+    cost_model : EdgeCost or None
+        The learned cost the plan used (None for the fixed cost), so that it can be
+        given to further problems (``rematch(cost_model=...)``).
     """
 
     proposed_row: np.ndarray
@@ -136,6 +142,7 @@ class Rematch:
     candidate_row: np.ndarray
     candidate_confidence: np.ndarray
     info: dict = field(default_factory=dict)
+    cost_model: EdgeCost | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.proposed_row.shape[0])
@@ -207,6 +214,15 @@ def _as_mask(x: np.ndarray | None, n: int, name: str) -> np.ndarray | None:
     mask = np.zeros(n, dtype=bool)
     mask[arr] = True
     return mask
+
+
+def _pool_mask(
+    captions: np.ndarray | None, pool: str, sus: np.ndarray, val: np.ndarray, n: int
+) -> np.ndarray:
+    """Rows whose captions are candidates: ``captions`` if given, else by ``pool``."""
+    if captions is not None:
+        return _as_mask(captions, n, "captions") & val
+    return sus.copy() if pool == "suspects" else val.copy()
 
 
 def _as_groups(x: np.ndarray | None, n: int, name: str) -> np.ndarray:
@@ -635,6 +651,8 @@ def propose_captions(
     tol: float = 1e-4,
     seed: int | np.random.Generator | None = None,
     progress: Progress | None = None,
+    captions: np.ndarray | None = None,
+    cost_model: EdgeCost | None = None,
 ) -> Rematch:
     # long: numpydoc of 90 lines; settings checks and solver dispatch, not yet split
     """Propose, for each suspect row, the row whose caption fits its image.
@@ -706,6 +724,14 @@ def propose_captions(
         Key sampling, batch assignment, cost initialisation and faiss training.
     progress : callable, optional
         Called as ``progress(stage, done, total)``.
+    captions : ndarray, optional
+        Mask or indices of the rows whose captions are the candidates (valid rows
+        only); overrides ``pool``. A partition of a larger problem (the Ray engine's
+        rematch by coarse cell) offers its own captions, not those of its suspects.
+    cost_model : EdgeCost, optional
+        A learned cost fitted before (:attr:`Rematch.cost_model` of another problem):
+        used as it is, with its ``scale``, instead of fitting one here (no key points
+        are planted). Only with ``cost="learned"`` and the graph solvers.
 
     Returns
     -------
@@ -809,7 +835,8 @@ def propose_captions(
         info["reason"] = "no suspects: nothing to rematch"
         return _empty_result(n, info)
 
-    pool_mask = sus.copy() if pool == "suspects" else val.copy()
+    info.update({"cost_fit": {"given": True}} if cost_model is not None else {})
+    pool_mask = _pool_mask(captions, pool, sus, val, n)
     img = _make_nodes(np.flatnonzero(sus), ig)
     cap = _make_nodes(np.flatnonzero(pool_mask), tg)
     info.update(n_image_nodes=img.size, n_caption_nodes=cap.size)
@@ -881,10 +908,11 @@ def propose_captions(
             faiss_seed=faiss_seed,
             report=report,
             timings=timings,
+            cost_model=cost_model,
         )
     if res is None:  # no edge: nothing can be proposed; reason already in info
         return _empty_result(n, info)
-    rows, cols, q = res
+    rows, cols, q, model = res
     t = time.perf_counter()
     report("rematch: proposals", 0, 1)
     share = _row_shares(rows, q, img.cap.astype(np.float64), int(k))
@@ -898,7 +926,7 @@ def propose_captions(
     info["n_candidates"] = int((cand >= 0).sum())
     info["n_proposals"] = int(take.sum())
     report("rematch: proposals", 1, 1)
-    return Rematch(proposed, confidence, cand, conf, info)
+    return Rematch(proposed, confidence, cand, conf, info, model)
 
 
 #: The earlier name of :func:`propose_captions`, kept: public (README's stage list) and
@@ -912,6 +940,23 @@ def _unit_masses(img: _Nodes, cap: _Nodes) -> tuple[np.ndarray, np.ndarray, floa
     """Node masses in row units scaled so that the suspect side sums to 1."""
     unit = float(img.cap.sum())
     return img.cap / unit, cap.cap / unit, unit
+
+
+def _key_rows(clean, val, sus, ig, tg, n, n_images, key_fraction, rng) -> np.ndarray | None:
+    """The key points of the learned cost (clean rows to plant), or None (too few)."""
+    clean_mask = _as_mask(clean, n, "clean")
+    clean_mask = (val & ~sus) if clean_mask is None else (clean_mask & val & ~sus)
+    cand_keys = plantable_rows(clean_mask, sus, ig, tg)
+    n_keys = min(cand_keys.size, max(16, int(round(key_fraction * n_images))), _MAX_KEYS)
+    if n_keys < 16:
+        warnings.warn(
+            "the learned cost (--cost learned) needs at least 16 clean rows to plant as "
+            f"key points, found {cand_keys.size}; using the fixed cost (--cost fixed). "
+            "Audit more rows, so that more pairs are kept as clean.",
+            stacklevel=4,
+        )
+        return None
+    return np.sort(rng.choice(cand_keys, size=n_keys, replace=False))
 
 
 def _rematch_graph(
@@ -942,6 +987,7 @@ def _rematch_graph(
     faiss_seed,
     report,
     timings,
+    cost_model=None,
 ):
     # long: the sparse global rematch end to end (graph, cost, transport, proposals)
     t = time.perf_counter()
@@ -952,22 +998,12 @@ def _rematch_graph(
         )
     # ---- key points (learned cost): clean pairs planted among the suspects
     keys = np.zeros(0, dtype=np.int64)
-    if cost == "learned":
-        clean_mask = _as_mask(clean, n, "clean")
-        clean_mask = (val & ~sus) if clean_mask is None else (clean_mask & val & ~sus)
-        cand_keys = plantable_rows(clean_mask, sus, ig, tg)
-        n_keys = min(cand_keys.size, max(16, int(round(key_fraction * img.size))), _MAX_KEYS)
-        if n_keys < 16:
-            warnings.warn(
-                "the learned cost (--cost learned) needs at least 16 clean rows to plant as "
-                f"key points, found {cand_keys.size}; using the fixed cost (--cost fixed). "
-                "Audit more rows, so that more pairs are kept as clean.",
-                stacklevel=3,
-            )
+    if cost == "learned" and cost_model is None:
+        keys = _key_rows(clean, val, sus, ig, tg, n, img.size, key_fraction, rng)
+        if keys is None:
             cost = "fixed"
             info["cost_fallback"] = "too few clean key points"
-        else:
-            keys = np.sort(rng.choice(cand_keys, size=n_keys, replace=False))
+            keys = np.zeros(0, dtype=np.int64)
     n_key = keys.size
     # key caption nodes: the pool node holding the key's text, else a new node
     key_cap = np.minimum(np.searchsorted(cap.code, tg[keys]), max(cap.size - 1, 0))
@@ -1023,6 +1059,8 @@ def _rematch_graph(
     scale = float(np.std(fin)) if fin.size > 1 else 0.0
     if not np.isfinite(scale) or scale <= 1e-6:
         scale = 1e-3
+    # a given cost reads its features in its own units
+    scale = scale if cost_model is None else float(cost_model.scale)
     eps = float(reg) * scale if reg_units == "std" else float(reg)
     info.update(scale=scale, eps=eps)
 
@@ -1048,8 +1086,8 @@ def _rematch_graph(
     # ---- cost
     t = time.perf_counter()
     report("rematch: cost", 0, 1)
-    model = None
-    if cost == "learned":
+    model = cost_model if cost == "learned" else None
+    if cost == "learned" and model is None:
         # the key points' edges, in the graph that includes them
         col_seg = np.full(n_ck, -1, dtype=np.int64)
         col_seg[key_cap] = np.arange(n_key)
@@ -1138,7 +1176,7 @@ def _rematch_graph(
         )
     timings["transport"] = time.perf_counter() - t
     report("rematch: transport", 1, 1)
-    return graph.rows, graph.cols, q
+    return graph.rows, graph.cols, q, model
 
 
 def _rematch_batches(
@@ -1257,7 +1295,7 @@ def _rematch_batches(
     )
     timings["transport"] = time.perf_counter() - t
     report("rematch: transport", 1, 1)
-    return rows, cols, q
+    return rows, cols, q, None  # the paper's cost is not an EdgeCost
 
 
 def _fit_paper(img_e, txt_e, sus, val, clean, n, blocks, bsz, rng, info) -> PaperCost:
@@ -1380,6 +1418,24 @@ def plant_among_suspects(
     )
 
 
+#: The solver :func:`calibrated_rematch` runs (None: :func:`rematch`); an engine
+#: installs its own with :func:`rematch_backend`, of the signature of :func:`rematch`.
+_REMATCH_BACKEND: ContextVar[Callable[..., Rematch] | None] = ContextVar(
+    "pmpclean_rematch_backend", default=None
+)
+
+
+@contextmanager
+def rematch_backend(solve: Callable[..., Rematch] | None) -> Iterator[None]:
+    """Run :func:`calibrated_rematch`'s transport with ``solve`` inside the block (e.g.
+    the Ray engine's rematch partitioned by coarse cell); None keeps :func:`rematch`."""
+    token = _REMATCH_BACKEND.set(solve)
+    try:
+        yield
+    finally:
+        _REMATCH_BACKEND.reset(token)
+
+
 #: Clean pairs planted among the suspects by :func:`calibrated_rematch`.
 N_PLANTED = 1000
 #: Fewest planted proposals a calibration is fitted on.
@@ -1455,7 +1511,7 @@ def calibrated_rematch(
     m = planted.size if planted.size >= 2 else 0
     planted = planted[:m]
     img2, txt2, sus2, ig2, tg2, clean2 = plant_among_suspects(img, txt, sus, ig, tg, cl, planted)
-    rm = propose_captions(
+    rm = (_REMATCH_BACKEND.get() or propose_captions)(
         img2,
         txt2,
         sus2,

@@ -40,7 +40,14 @@ import numpy as np
 from ._utils import check_random_state
 from .errors import ConfigError
 
-__all__ = ["Split", "split_pairs", "calibrated_split", "fit_two_gaussians", "MIN_SIGNAL"]
+__all__ = [
+    "Split",
+    "Posterior",
+    "split_pairs",
+    "calibrated_split",
+    "fit_two_gaussians",
+    "MIN_SIGNAL",
+]
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -68,6 +75,10 @@ class Split:
         One sentence saying why.
     noise_interval : (float, float)
         A 90 % interval for the share of mismatched pairs (NaN without planted evidence).
+    posterior : Posterior or None
+        The fitted map from the input score to ``match_score``, applicable to scores of
+        other rows (e.g. a block of rows on another machine); None when the split was
+        not fitted.
     mixture : dict
         ``space`` (what the mixture was fitted on), ``weights``, ``means``, ``stds``
         (clean component first), ``separation`` (Ashman's D), ``delta_bic`` (BIC of
@@ -90,6 +101,79 @@ class Split:
     verdict: str = ""
     verdict_reason: str = ""
     noise_interval: tuple[float, float] = (float("nan"), float("nan"))
+    posterior: Posterior | None = field(default=None, repr=False)
+
+
+#: Points of the grid on which :class:`Posterior` keeps its monotone envelope.
+_ENVELOPE_POINTS = 8193
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """A split's fitted map from the pair statistic to ``match_score`` (picklable).
+
+    ``match_score`` of a row depends on the fit only, except for the monotone
+    correction (:func:`_monotone`), which the fit applies over the data's own scores;
+    here it is applied over a fine grid of the fitted range plus the scores given, so
+    that a block of rows scored anywhere gets the split's scores (equal to the fit's
+    up to the posterior's variation between grid points, about 1e-4).
+
+    Attributes
+    ----------
+    kind : {"planted", "mixture", "one", "none"}
+        Which fit: :func:`calibrated_split` (a Gaussian clean component against the
+        planted densities), :func:`split_pairs`' two Gaussians, its single population
+        (every row clean, a monotone score above the threshold), or no fit (NaN).
+    threshold : float
+        Rows with ``match_score < threshold`` are flagged.
+    lo, hi : float
+        Scores are clipped to ``[lo, hi]`` first.
+    params : tuple of float
+        ``planted``: clean weight, mean, sd, pivot; ``mixture``: the two weights, means
+        and sds (ascending means), pivot; ``one``: mean, sd.
+    centres, mismatched : ndarray
+        ``planted`` only: the grid of the planted densities and their weighted sum.
+    """
+
+    kind: str
+    threshold: float
+    lo: float = float("-inf")
+    hi: float = float("inf")
+    params: tuple[float, ...] = ()
+    centres: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    mismatched: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def _raw(self, xc: np.ndarray) -> np.ndarray:
+        p = self.params
+        if self.kind == "planted":
+            w0, mu, sd = p[0], p[1], p[2]
+            f0 = _gauss_pdf(xc, mu, sd)
+            mis = np.interp(xc, self.centres, self.mismatched)
+            return w0 * f0 / np.maximum(w0 * f0 + mis, 1e-300)
+        w, mu, sd = np.array(p[0:2]), np.array(p[2:4]), np.array(p[4:6])
+        return _posterior_high(*_loglik(xc, w, mu, sd))
+
+    def __call__(self, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``match_score`` (NaN where the score is NaN) and the flags of ``score``."""
+        x = np.asarray(score, dtype=np.float64)
+        fin = np.isfinite(x)
+        match = np.full(x.shape, np.nan)
+        flagged = np.zeros(x.shape, dtype=bool)
+        if self.kind == "none" or not fin.any():
+            return match, flagged
+        xc = np.clip(x[fin], self.lo, self.hi)
+        if self.kind == "one":
+            from scipy.special import ndtr
+
+            thr = self.threshold
+            match[fin] = thr + (1.0 - thr) * ndtr((xc - self.params[0]) / self.params[1])
+            return match, flagged
+        grid = np.linspace(self.lo, self.hi, _ENVELOPE_POINTS)
+        both = np.concatenate([grid, xc])
+        post = _monotone(both, self._raw(both), self.params[-1])[grid.size :]
+        match[fin] = post
+        flagged[fin] = post < self.threshold
+        return match, flagged
 
 
 def _loglik(
@@ -382,8 +466,10 @@ def split_pairs(  # noqa: C901 - see the comment below
     # while a real minority population (>= 0.5 % of rows) is never clipped.
     q_lo, q_hi = np.quantile(x, [0.005, 0.995])
     fence = 0.5 * (q_hi - q_lo)
+    lo_clip, hi_clip = float("-inf"), float("inf")
     if fence > 0:
-        x = np.clip(x, q_lo - fence, q_hi + fence)
+        lo_clip, hi_clip = float(q_lo - fence), float(q_hi + fence)
+        x = np.clip(x, lo_clip, hi_clip)
     if max_fit is not None and x.size > max_fit:
         # EM on a seeded subsample; everything below (BIC, posteriors) uses every row.
         rng = check_random_state(seed)
@@ -442,9 +528,11 @@ def split_pairs(  # noqa: C901 - see the comment below
         # One population: every pair is clean; keep a monotone score above the threshold.
         from scipy.special import ndtr
 
-        phi = ndtr((x - x.mean()) / max(float(np.std(x)), 1e-12))
+        sd_x = max(float(np.std(x)), 1e-12)
+        phi = ndtr((x - x.mean()) / sd_x)
         match[fin] = thr + (1.0 - thr) * phi
-        return Split(match, flagged, thr, 0.0, mixture)
+        post = Posterior("one", thr, lo_clip, hi_clip, (float(x.mean()), sd_x))
+        return Split(match, flagged, thr, 0.0, mixture, posterior=post)
     match[fin] = post_clean
     flagged[fin] = post_clean < thr
     below = x[post_clean < thr]
@@ -454,7 +542,9 @@ def split_pairs(  # noqa: C901 - see the comment below
     elif below.size:
         mixture["score_at_threshold"] = float(below.max())
     noise_rate = float(np.mean(1.0 - post_clean))
-    return Split(match, flagged, thr, noise_rate, mixture)
+    params = (*map(float, w), *map(float, mu), *map(float, sd), float(mu[0]))
+    post = Posterior("mixture", thr, lo_clip, hi_clip, params)
+    return Split(match, flagged, thr, noise_rate, mixture, posterior=post)
 
 
 # --------------------------------------------------------------------------------------
@@ -719,7 +809,16 @@ def calibrated_split(
             f"{100 * signal:.0f} % (needed: {100 * min_signal:.0f} %) score above 99 % of "
             "random pairings"
         )
-        return Split(match, flagged, thr, float("nan"), mixture, "undecided", reason)
+        return Split(
+            match,
+            flagged,
+            thr,
+            float("nan"),
+            mixture,
+            "undecided",
+            reason,
+            posterior=Posterior("none", thr),
+        )
 
     # Histogram grid over data and plants (clipped to a robust range).
     lo = min(np.quantile(x, 0.0005), *(np.quantile(p, 0.001) for p in plants))
@@ -754,7 +853,17 @@ def calibrated_split(
     for wk, dk in zip(w[1:], dens, strict=True):
         mis += wk * np.interp(xc, centres, dk)
     post_clean = w[0] * f0 / np.maximum(w[0] * f0 + mis, 1e-300)
-    post_clean = _monotone(x, post_clean, float(np.median(pr)))
+    pivot = float(np.median(pr))
+    post_clean = _monotone(x, post_clean, pivot)
+    posterior = Posterior(
+        "planted",
+        thr,
+        float(edges[0]),
+        float(edges[-1]),
+        (float(w[0]), float(mu), float(sd), pivot),
+        centres,
+        np.asarray(w[1:] @ dens, dtype=np.float64),
+    )
     match[fin] = post_clean
     flagged[fin] = post_clean < thr
     noise = float(1.0 - w[0])
@@ -807,4 +916,4 @@ def calibrated_split(
             f"{100 * interval[1]:.0f} % could still be captions of similar images that "
             "this model scores like true pairs"
         )
-    return Split(match, flagged, thr, noise, mixture, verdict, reason, interval)
+    return Split(match, flagged, thr, noise, mixture, verdict, reason, interval, posterior)

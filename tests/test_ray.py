@@ -171,6 +171,126 @@ def test_coco_mini_wds_embedded_on_ray_equals_local(ray_engine, shared_data, tmp
     _assert_shards(tmp_path / "ray", first.audit, ["00000", "00001", "00002", "00003"])
 
 
+# ----------------------------------------------------------- split and rematch
+
+
+def _scores(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pair scores of 80 % true pairs and 20 % mismatches, and planted mismatches."""
+    rng = np.random.default_rng(seed)
+    x = np.r_[rng.normal(1.0, 0.3, 8000), rng.normal(-0.5, 0.3, 2000), [np.nan] * 5]
+    return x, rng.normal(-0.5, 0.3, 500), rng.normal(0.3, 0.4, 500)
+
+
+def test_the_fitted_split_applied_to_blocks_equals_the_fit() -> None:
+    """What map_batches runs: the Posterior of a fit, block by block (no Ray needed)."""
+    from pmpclean.split import calibrated_split, split_pairs
+
+    x, pr, ph = _scores(1)  # the monotone correction changes some rows here
+    one = np.r_[x[:8000], np.nan]  # one population: nothing flagged
+    for sp, score in (
+        (calibrated_split(x, random_plants=pr, hard_plants=ph, seed=0), x),
+        (split_pairs(x, seed=0), x),
+        (split_pairs(one, seed=0), one),
+    ):
+        parts = [sp.posterior(score[lo : lo + 997]) for lo in range(0, score.size, 997)]
+        match = np.concatenate([m for m, _ in parts])
+        flagged = np.concatenate([f for _, f in parts])
+        np.testing.assert_allclose(match, sp.match_score, atol=1e-6)
+        assert np.array_equal(flagged, sp.is_mismatched)
+    assert sp.posterior.kind == "one" and not flagged.any()
+
+
+@pytest.mark.ray
+def test_split_posteriors_computed_on_the_cluster_equal_the_fit(ray_engine) -> None:
+    from pmpclean.engine import _ray
+    from pmpclean.split import calibrated_split
+
+    x, pr, ph = _scores(1)
+    sp = calibrated_split(x, random_plants=pr, hard_plants=ph, seed=0)
+    driver = sp.match_score.copy()
+    sp.match_score[:] = -1.0  # what the cluster computes replaces the driver's values
+    old = _ray.POSTERIOR_ROWS
+    _ray.POSTERIOR_ROWS = 1000  # eleven blocks
+    try:
+        got = ray_engine.split_posteriors(sp, x)
+    finally:
+        _ray.POSTERIOR_ROWS = old
+    assert sp.verdict == "noisy" and got.verdict == "noisy"
+    np.testing.assert_allclose(got.match_score, driver, atol=1e-6)
+    assert np.isnan(got.match_score[-5:]).all()
+    assert np.array_equal(got.is_mismatched, driver < 0.5)
+    assert 1800 < got.is_mismatched.sum() < 2200
+
+
+def _partitioned_scan(pairs, tmp_path, **engine_kw):
+    from pmpclean.engine._ray import RayEngine
+
+    manifest, emb = pairs
+    engine = RayEngine(part_suspects=700, **engine_kw)  # ~1300 suspects and plants: 2 cells
+    with use_engine(engine):
+        res = pmpclean.scan(manifest, config=_pairs_cfg(emb), out_dir=tmp_path / "ray")
+    return engine, res
+
+
+@pytest.mark.ray
+def test_rematch_partitioned_by_cell_against_the_local_rematch(
+    ray_engine, pairs, local_audit, tmp_path
+) -> None:
+    """Split identical; rematch per cell: as precise, and it misses only what crossed cells."""
+    engine, res = _partitioned_scan(pairs, tmp_path)
+    local, ray = local_audit, res.audit
+    info = res.summary["rematch"]
+    assert info["parts"] == 2 and info["cost_fit"]["n_keys"] >= 16
+    assert info["cost_used"] == "learned"
+    assert (ray["status"] == local["status"]).all()
+    assert (ray["is_mismatched"] == local["is_mismatched"]).all()
+    assert np.nanmax(np.abs(ray["match_score"] - local["match_score"])) <= 1e-6
+    truth = pd.read_csv(pairs[0])["true_row"].to_numpy()
+    precision = {}
+    for name, audit in (("local", local), ("ray", ray)):
+        p = audit["proposed_row"].to_numpy()
+        precision[name] = (truth[p[p >= 0]] == np.flatnonzero(p >= 0)).mean()
+    assert precision["ray"] >= 0.97 and precision["local"] >= 0.97
+    p_loc, p_ray = local["proposed_row"].to_numpy(), ray["proposed_row"].to_numpy()
+    assert (p_ray >= 0).sum() >= 0.85 * (p_loc >= 0).sum()
+    assert (p_loc == p_ray).mean() >= 0.95  # rows (all, with their -1s) proposed alike
+    # a local proposal the parts did not make: mostly one whose caption lay in another cell
+    sus_rows, image_cell, caption_cell = engine.last_rematch_cells
+    cell_img = dict(zip(sus_rows, image_cell, strict=True))
+    cell_cap = dict(zip(sus_rows, caption_cell, strict=True))
+    missed = np.flatnonzero((p_loc >= 0) & (p_ray != p_loc))
+    crossed = [cell_img[i] != cell_cap[p_loc[i]] for i in missed]
+    assert len(missed) > 0 and np.mean(crossed) >= 0.5
+
+
+@pytest.mark.ray
+def test_a_killed_rematch_task_loses_and_duplicates_no_proposal(
+    ray_engine, pairs, tmp_path
+) -> None:
+    from pmpclean.engine._ray import RayEngine
+    from pmpclean.rematching import calibrated_rematch, rematch_backend
+
+    data = np.load(pairs[1])
+    img, txt = data["image"], data["text"]
+    sus = np.zeros(len(img), dtype=bool)
+    sus[::5] = True
+    results = []
+    for fault in (None, tmp_path / "kill-once"):
+        if fault is not None:
+            fault.touch()
+        engine = RayEngine(part_suspects=300, fault=None if fault is None else str(fault))
+        with rematch_backend(engine.rematch):  # no distributed search: the first task dies
+            results.append(calibrated_rematch(img, txt, sus, seed=0))
+        if fault is not None:
+            assert not fault.exists()  # a rematch task did die
+    a, b = results
+    assert a.info["parts"] >= 3
+    assert np.array_equal(a.candidate_row, b.candidate_row)
+    np.testing.assert_allclose(a.candidate_confidence, b.candidate_confidence, atol=1e-9)
+    got = b.proposed_row[b.proposed_row >= 0]
+    assert got.size > 0 and np.unique(got).size == got.size  # no caption proposed twice
+
+
 # ----------------------------------------------------------- faults
 
 

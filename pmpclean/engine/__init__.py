@@ -1,7 +1,7 @@
 """Where the scan runs: the local engine (default) or a Ray cluster (the ``[ray]`` extra).
 
 The pipeline (:mod:`pmpclean.pipeline`) is the same for every engine; an engine only
-replaces *how* three of its stages are executed, so the statistic, the split and the
+replaces *how* five of its stages are executed, so the statistic, the split and the
 outputs stay those of the local engine:
 
 * **embed**: the manifest's rows, one task per source shard, encoded by model actors;
@@ -10,6 +10,11 @@ outputs stay those of the local engine:
   (the score, the planted calibration and the rematch candidates all use it): coarse
   centroids trained on a sample and broadcast, rows routed to their lists, lists
   scanned by tasks, top-k merged;
+* **split**: the mixture fitted where the pipeline runs, every row's posterior
+  (``match_score`` and flag) computed by the engine from the fitted
+  :class:`pmpclean.split.Posterior`;
+* **rematch**: the transport of :func:`pmpclean.rematching.calibrated_rematch`,
+  partitioned by coarse cell (:mod:`pmpclean.engine._partition`);
 * **write**: each source shard's audit written by a worker, beside the usual files.
 
 Engines are activated for a block of code::
@@ -51,6 +56,15 @@ class Engine(Protocol):
         """The approximate search of :func:`pmpclean.neighbors.knn_search`."""
         ...
 
+    def split_posteriors(self, split: Any, score: Any) -> Any:
+        """``split`` (fitted on the driver) with every row's posterior computed here."""
+        ...
+
+    def rematch(self, image_emb: Any, text_emb: Any, suspects: Any, **kwargs: Any) -> Any:
+        """The transport of :func:`pmpclean.rematching.calibrated_rematch` (the
+        signature of :func:`pmpclean.rematching.rematch`)."""
+        ...
+
     def write_shards(self, audit: Any, target: Any) -> tuple[dict[str, str], dict[str, Any]]:
         """Write each source shard's audit; the files written and a summary entry."""
         ...
@@ -71,10 +85,11 @@ def use_engine(engine: Engine | None) -> Iterator[Engine | None]:
         yield None
         return
     from ..neighbors import ivf_backend
+    from ..rematching import rematch_backend
 
     token = _ENGINE.set(engine)
     try:
-        with ivf_backend(engine.ivf_search):
+        with ivf_backend(engine.ivf_search), rematch_backend(engine.rematch):
             yield engine
     finally:
         _ENGINE.reset(token)

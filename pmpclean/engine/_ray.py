@@ -17,6 +17,14 @@ What runs where (``pmpclean.engine`` describes the contract):
   pairs are dealt to tasks by cost, each task scans its lists against the queries that
   visit them, and the driver merges each query's top-k. Same lists, same candidates,
   same exact similarities as the local engine; only ties may order differently.
+* **split**: the calibration and the mixture fitted on the driver (on the gathered score
+  column and the planted pairs' scores); the fitted :class:`pmpclean.split.Posterior`
+  broadcast and every row's ``match_score`` and flag computed in ``map_batches``.
+* **rematch**: the suspects partitioned by the coarse cell of their image, their
+  candidate captions by the cell of their text (:mod:`pmpclean.engine._partition`), the
+  learned cost fitted once on a sample of the suspects on the driver, one partial-OT
+  task per cell with that cost, the proposals merged (they never collide: a caption
+  belongs to one cell).
 * **write**: each shard's audit rows written by a task to ``audit_shards/<shard>.parquet``.
 
 Failed tasks and actors are retried by Ray (a worker process killed mid-job reruns its
@@ -54,6 +62,8 @@ ROUTE_ROWS = 1 << 17
 #: Search tasks per CPU of the cluster (lists dealt by cost; more tasks balance better
 #: and make a retried task cheaper).
 TASKS_PER_CPU = 2
+#: Rows per block of the split's posterior pass.
+POSTERIOR_ROWS = 1 << 18
 
 
 def _import_ray() -> Any:
@@ -218,6 +228,47 @@ def _scan_task(
     return touched, sims, idx
 
 
+def _posteriors(batch: dict[str, np.ndarray], posterior: Any) -> dict[str, np.ndarray]:
+    """``map_batches``: the fitted split's ``match_score`` and flag of a block of rows."""
+    match, flagged = posterior(batch["score"])
+    return {"row": batch["row"], "match": match, "flagged": flagged}
+
+
+def _rematch_part(
+    img: np.ndarray,
+    txt: np.ndarray,
+    part: Any,
+    ig: np.ndarray,
+    tg: np.ndarray,
+    valid: np.ndarray,
+    model: Any,
+    settings: dict[str, Any],
+    fault: str | None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One cell's partial transport (``propose_captions`` on the part's rows); part-row results."""
+    import warnings
+
+    from ..rematching import propose_captions
+
+    _maybe_fail(fault)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the driver's merged info says what matters
+        rm = propose_captions(
+            img,
+            txt,
+            part.suspects,
+            image_group=ig,
+            text_group=tg,
+            valid=valid,
+            captions=part.captions,
+            cost_model=model,
+            min_confidence=0.0,
+            **settings,
+        )
+    keep = ("n_edges", "iterations", "converged", "reason")
+    return rm.candidate_row, rm.candidate_confidence, {k: rm.info[k] for k in keep if k in rm.info}
+
+
 def _write_shard(frame: pd.DataFrame, path: str) -> str:
     from .._utils import atomic_path
     from ..pipeline import _to_parquet
@@ -273,8 +324,12 @@ class RayEngine:
     num_cpus : int, optional
         CPUs of a local cluster (default: the machine's).
     fault : str, optional
-        Tests only: a marker file; the first embedding actor or search task that finds
-        it deletes it and kills its own process, so that Ray's retries are exercised.
+        Tests only: a marker file; the first embedding actor, search task or rematch
+        task that finds it deletes it and kills its own process, so that Ray's retries
+        are exercised.
+    part_suspects : int, optional
+        Suspects per rematch part (default :data:`~pmpclean.engine._partition.PART_SUSPECTS`);
+        with fewer suspects the rematch is one problem, as on the local engine.
     """
 
     name = "ray"
@@ -285,10 +340,17 @@ class RayEngine:
         address: str | None = None,
         num_cpus: int | None = None,
         fault: str | None = None,
+        part_suspects: int | None = None,
     ) -> None:
+        from ._partition import PART_SUSPECTS
+
         ray = _import_ray()
         self.address = address
         self.fault = fault
+        self.part_suspects = int(part_suspects or PART_SUSPECTS)
+        #: The last partitioned rematch's suspect rows and the cells of their images
+        #: and captions (diagnostics: which true captions lay in another cell).
+        self.last_rematch_cells: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
         if not ray.is_initialized():
             try:
@@ -470,10 +532,7 @@ class RayEngine:
 
         ray = self._ray
         nq, nb = q.shape[0], b.shape[0]
-        nlist = nbr.ivf_nlist(nq, nb, nprobe)
-        nprobe = min(nprobe, nlist)
-        cent = nbr._kmeans(b, nlist, seed)  # the local engine's sample and seed
-        q_ref, b_ref, c_ref = ray.put(q), ray.put(b), ray.put(cent)
+        q_ref, b_ref = ray.put(q), ray.put(b)
         nearest = ray.remote(_nearest)
 
         def route(ref: Any, n: int, kk: int) -> np.ndarray:
@@ -483,10 +542,26 @@ class RayEngine:
             ]
             return np.concatenate(ray.get(futures))
 
-        lab = route(b_ref, nb, 1).ravel()
-        b_order = np.argsort(lab, kind="stable")
-        b_bounds = np.searchsorted(lab[b_order], np.arange(nlist + 1))
-        del lab
+        # as the local engine inside neighbors.reuse_indexes: a base searched before in
+        # the block (same rows, same seed) keeps its lists, so plants meet the lists the
+        # real rows met
+        cache = nbr._INDEX_CACHE.get()
+        key = None if cache is None else ("ray", b.shape, b.dtype.str, seed, nbr._digest(b))
+        lists = None if cache is None else cache.get(key)
+        if lists is None:
+            nlist = nbr.ivf_nlist(nq, nb, nprobe)
+            cent = nbr._kmeans(b, nlist, seed)  # the local engine's sample and seed
+            c_ref = ray.put(cent)
+            lab = route(b_ref, nb, 1).ravel()
+            b_order = np.argsort(lab, kind="stable")
+            b_bounds = np.searchsorted(lab[b_order], np.arange(nlist + 1))
+            del lab
+            if cache is not None:
+                cache[key] = (nlist, cent, b_order, b_bounds)
+        else:
+            nlist, cent, b_order, b_bounds = lists
+            c_ref = ray.put(cent)
+        nprobe = min(nprobe, nlist)
         sizes = np.diff(b_bounds)
         max_probe = min(nlist, nbr._MAX_PROBE_FACTOR * nprobe)
         min_cand = min(nb, nbr._MIN_CAND_PER_K * k)
@@ -508,6 +583,199 @@ class RayEngine:
             touched, s, i = ray.get(ready[0])
             nbr._merge(sims, idx, touched, s, i)
         return nbr._finish(q, b, sims, idx)
+
+    # ----------------------------------------------------------------- split
+
+    def split_posteriors(self, split: Any, score: np.ndarray) -> Any:
+        """``split`` with every row's ``match_score`` and flag computed on the cluster,
+        block by block in ``map_batches``, from its fitted posterior."""
+        from dataclasses import replace
+
+        if split.posterior is None:  # no fit (too few rows): the driver's values stand
+            return split
+        ray = self._ray
+        score = np.asarray(score, dtype=np.float64)
+        n = score.size
+        blocks = [
+            pd.DataFrame(
+                {
+                    "row": np.arange(lo, min(n, lo + POSTERIOR_ROWS)),
+                    "score": score[lo : lo + POSTERIOR_ROWS],
+                }
+            )
+            for lo in range(0, n, POSTERIOR_ROWS)
+        ]
+        ds = ray.data.from_pandas(blocks).map_batches(
+            _posteriors,
+            fn_kwargs={"posterior": split.posterior},
+            batch_size=None,
+            batch_format="numpy",
+        )
+        match = np.full(n, np.nan)
+        flagged = np.zeros(n, dtype=bool)
+        with _on_cluster("split"):
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                match[batch["row"]] = batch["match"]
+                flagged[batch["row"]] = batch["flagged"]
+        return replace(split, match_score=match, is_mismatched=flagged)
+
+    # ----------------------------------------------------------------- rematch
+
+    def rematch(
+        self,
+        image_emb: Any,
+        text_emb: Any,
+        suspects: np.ndarray,
+        *,
+        image_group: np.ndarray | None = None,
+        text_group: np.ndarray | None = None,
+        valid: np.ndarray | None = None,
+        clean: np.ndarray | None = None,
+        min_confidence: float = 0.6,
+        seed: int | None = None,
+        progress: Any = None,
+        **settings: Any,
+    ) -> Any:
+        """:func:`pmpclean.rematching.propose_captions` partitioned by coarse cell on the cluster
+        (:mod:`pmpclean.engine._partition`); one part (few suspects), the paper's batch
+        cost or the dense solver run :func:`~pmpclean.rematching.propose_captions` as it is."""
+        from ..rematching import Rematch, propose_captions
+
+        n = int(np.asarray(suspects).shape[0])
+        sus = np.asarray(suspects, dtype=bool)
+        ok = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        ig = np.arange(n) if image_group is None else np.asarray(image_group)
+        tg = np.arange(n) if text_group is None else np.asarray(text_group)
+        cost = settings.get("cost", "learned")
+        n_sus = int((sus & ok).sum())
+        n_parts = -(-n_sus // self.part_suspects)
+        plain = settings.get("solver", "auto") not in ("auto", "sparse") or cost == "paper"
+        if n_parts <= 1 or plain or settings.get("pool", "suspects") != "suspects":
+            return propose_captions(
+                image_emb,
+                text_emb,
+                sus,
+                image_group=ig,
+                text_group=tg,
+                valid=ok,
+                clean=clean,
+                min_confidence=min_confidence,
+                seed=seed,
+                progress=progress,
+                **settings,
+            )
+        with _on_cluster("rematch"):
+            cand, conf, info = self._rematch_parts(
+                image_emb, text_emb, sus & ok, ig, tg, ok, clean, n_parts, seed, progress, settings
+            )
+        take = (cand >= 0) & (conf >= min_confidence)
+        info["n_candidates"] = int((cand >= 0).sum())
+        info["n_proposals"] = int(take.sum())
+        return Rematch(np.where(take, cand, -1), np.where(take, conf, 0.0), cand, conf, info)
+
+    def _rematch_parts(
+        self,
+        img: Any,
+        txt: Any,
+        sus: np.ndarray,
+        ig: np.ndarray,
+        tg: np.ndarray,
+        ok: np.ndarray,
+        clean: np.ndarray | None,
+        n_parts: int,
+        seed: int | None,
+        progress: Any,
+        settings: dict[str, Any],
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        from ..rematching import plantable_rows, propose_captions
+        from ._partition import FIT_SUSPECTS, merge_parts, plan_parts, sample_problem
+
+        ray = self._ray
+        n = sus.size
+        rng = np.random.default_rng(seed)
+        sus_rows = np.flatnonzero(sus)
+        # the cost: fitted once, on a sample of the suspects with its own key points
+        cl = (ok & ~sus) if clean is None else (np.asarray(clean, dtype=bool) & ok & ~sus)
+        keys = np.sort(plantable_rows(cl, sus, ig, tg))
+        size = min(FIT_SUSPECTS, self.part_suspects)
+        fit_part, fit_keys = sample_problem(ig, sus_rows, keys, size, rng)
+        r = fit_part.rows
+        fit = propose_captions(
+            np.asarray(img[r]),
+            np.asarray(txt[r]),
+            fit_part.suspects,
+            image_group=ig[r],
+            text_group=tg[r],
+            valid=ok[r],
+            clean=fit_keys,
+            min_confidence=0.0,
+            seed=seed,
+            **settings,
+        )
+        given = dict(settings, cost=fit.info.get("cost_used", settings.get("cost", "learned")))
+        given.update(reg=float(fit.info["eps"]), reg_units="cost", seed=seed)
+        model = fit.cost_model
+        # the cells: centroids of the suspects' images; a caption goes to the cell of
+        # its nearest suspect image (the modality gap keeps text vectors away from
+        # image centroids), other than its own row's
+        image_cell, caption_cell = self._cells(
+            img, txt, sus_rows, n_parts, int(rng.integers(2**31))
+        )
+        self.last_rematch_cells = (sus_rows, image_cell, caption_cell)
+        parts = plan_parts(ig, sus_rows, image_cell, sus_rows, caption_cell, n_parts)
+        task = ray.remote(_rematch_part)
+        model_ref = ray.put(model)
+        futures = []
+        for part in parts:
+            pr = part.rows
+            futures.append(
+                task.remote(
+                    np.asarray(img[pr]),
+                    np.asarray(txt[pr]),
+                    part,
+                    ig[pr],
+                    tg[pr],
+                    ok[pr],
+                    model_ref,
+                    given,
+                    self.fault,
+                )
+            )
+        results = []
+        for i, f in enumerate(futures):
+            results.append(ray.get(f))
+            if progress:
+                progress("rematch: parts", i + 1, len(futures))
+        cand, conf, info = merge_parts(n, parts, results)
+        info.update(
+            engine="ray",
+            n_rows=n,
+            n_suspects=int(sus_rows.size),
+            cost=settings.get("cost", "learned"),
+            cost_used=given["cost"],
+            cost_fit=fit.info.get("cost_fit"),
+            cost_fit_sample=int(fit_part.suspects.sum()),
+            eps=float(fit.info["eps"]),
+            scale=float(fit.info.get("scale", float("nan"))),
+        )
+        if "cost_fallback" in fit.info:
+            info["cost_fallback"] = fit.info["cost_fallback"]
+        return cand, conf, info
+
+    def _cells(
+        self, img: Any, txt: Any, sus_rows: np.ndarray, n_cells: int, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The coarse cell of each suspect's image and of each suspect's caption."""
+        from .. import neighbors as nbr
+
+        sus_img = np.asarray(img[sus_rows], dtype=np.float32)
+        cent = nbr._kmeans(sus_img, n_cells, seed)
+        image_cell = _nearest(sus_img, 0, sus_rows.size, cent, 1).ravel()
+        sus_txt = np.asarray(txt[sus_rows], dtype=np.float32)
+        _, idx = nbr.knn_search(sus_txt, sus_img, 2, seed=seed)
+        own = idx[:, 0] == np.arange(sus_rows.size)
+        near = np.where(own & (idx[:, 1] >= 0), idx[:, 1], idx[:, 0])
+        return image_cell, image_cell[np.maximum(near, 0)]
 
     # ----------------------------------------------------------------- write
 
