@@ -16,24 +16,45 @@ def _col(x: np.ndarray, name: str) -> np.ndarray:
 
 
 def test_features_of_an_exchanged_pair() -> None:
-    # six orthogonal images, each caption its image, except rows 0 and 1 exchanged
+    # six orthogonal images, each caption its image, except rows 0 and 1: each holds a
+    # caption of the other's image (0.8 of it, 0.6 of its own image)
     img = np.eye(6, dtype=np.float32)
-    txt = img[[1, 0, 2, 3, 4, 5]].copy()
+    txt = img.copy()
+    txt[0] = 0.8 * img[1] + 0.6 * img[0]
+    txt[1] = 0.8 * img[0] + 0.6 * img[1]
     x = pair_features(img, txt, k=3)
     assert x.shape == (6, len(FEATURE_NAMES))
-    np.testing.assert_allclose(_col(x, "cosine"), [0, 0, 1, 1, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(_col(x, "cosine"), [0.6, 0.6, 1, 1, 1, 1], atol=1e-6)
     # each exchanged caption's best other image is the other exchanged row's image ...
-    np.testing.assert_allclose(_col(x, "best_image")[:2], 1.0, atol=1e-6)
-    # ... whose own caption fits it not at all, and exchanging the captions back gains 2
-    np.testing.assert_allclose(_col(x, "steal_image")[:2], 1.0, atol=1e-6)
-    np.testing.assert_allclose(_col(x, "swap_image")[:2], 2.0, atol=1e-6)
-    np.testing.assert_allclose(_col(x, "swap_caption")[:2], 2.0, atol=1e-6)
+    np.testing.assert_allclose(_col(x, "best_image")[:2], 0.8, atol=1e-6)
+    np.testing.assert_allclose(_col(x, "alt_image_own")[:2], 0.6, atol=1e-6)
+    # ... which it fits better than that row's own caption does, by 0.8 - 0.6
+    np.testing.assert_allclose(_col(x, "steal_image")[:2], 0.2, atol=1e-6)
+    # exchanging the captions back: 0.8 + 0.8 - 0.6 - 0.6
+    np.testing.assert_allclose(_col(x, "swap_image")[:2], 0.4, atol=1e-6)
+    np.testing.assert_allclose(_col(x, "swap_caption")[:2], 0.4, atol=1e-6)
+    np.testing.assert_allclose(_col(x, "margin")[:2], 0.6 - 0.8, atol=1e-6)
     np.testing.assert_array_equal(_col(x, "cycle")[:2], 1.0)
     np.testing.assert_array_equal(_col(x, "image_rank")[:2], 1.0)
-    # the clean rows: own pair first, no exchange helps
+    np.testing.assert_array_equal(_col(x, "caption_rank")[:2], 1.0)
+    # the clean rows: own pair first, no exchange helps, no cycle
     assert np.all(_col(x, "swap_image")[2:] <= 0.0)
     np.testing.assert_array_equal(_col(x, "image_rank")[2:], 0.0)
     np.testing.assert_array_equal(_col(x, "caption_rank")[2:], 0.0)
+
+
+def test_planted_copy_exchanges_captions_between_images() -> None:
+    from pmpclean.detector import _planted_copy
+
+    d = clip_like_pairs(600, dim=32, captions_per_image=2, seed=0)
+    rng = np.random.default_rng(0)
+    scored = np.ones(600, dtype=bool)
+    perm = _planted_copy(d.image_emb, d.image_group, None, scored, ("similar",), 0.2, rng)
+    moved = np.flatnonzero(perm != np.arange(600))
+    np.testing.assert_array_equal(np.sort(perm), np.arange(600))  # a permutation
+    np.testing.assert_array_equal(perm[perm], np.arange(600))  # of exchanges
+    assert 40 <= moved.size <= 0.2 * 600
+    assert np.all(d.image_group[perm[moved]] != d.image_group[moved])
 
 
 def test_features_of_invalid_rows_are_nan() -> None:
