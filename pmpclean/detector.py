@@ -22,6 +22,11 @@ them on the data itself:
 
 The score is a *ranking* (higher = more likely a true pair, unbounded), like
 :attr:`pmpclean.score.PairScores.score`; it is not a calibrated probability.
+
+Experimental: the scan does not use it. On Flickr8k-MiniLM hard noise it ranks below the
+``margin`` statistic and it loses on random shuffles, and even a classifier of the same
+features trained on the *true* labels gains only 0.03-0.05 AUROC over ``csls``
+(``benchmarks/results/hard_auroc.md``).
 """
 
 from __future__ import annotations
