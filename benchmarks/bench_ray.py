@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -217,7 +216,9 @@ def compare(a_path: Path, b_path: Path, manifest: Path) -> dict:
 
 
 def _child(engine: str, manifest: Path, emb: Path, tmp: Path) -> tuple[dict, list[float]]:
-    proc = subprocess.Popen(
+    from _child import run_sampling_load
+
+    code, out, err, loads = run_sampling_load(
         [
             sys.executable,
             __file__,
@@ -227,22 +228,10 @@ def _child(engine: str, manifest: Path, emb: Path, tmp: Path) -> tuple[dict, lis
             str(emb),
             str(tmp / f"out-{engine}"),
             str(tmp / f"audit-{engine}.parquet"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        ]
     )
-    err: list[str] = []
-    drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
-    drain.start()
-    loads: list[float] = []
-    while proc.poll() is None:
-        loads.append(os.getloadavg()[0])
-        time.sleep(5)
-    out = proc.stdout.read()
-    drain.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{engine} child failed:\n{''.join(err)[-4000:]}")
+    if code != 0:
+        raise SystemExit(f"{engine} child failed:\n{err[-4000:]}")
     return json.loads(out.strip().splitlines()[-1]), loads
 
 

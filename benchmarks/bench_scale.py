@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import threading
@@ -352,9 +351,10 @@ def main(argv: list[str] | None = None) -> None:
             n, args.work, dim=args.dim, seed=args.seed, n_clusters=args.clusters, old=args.old
         )
         gen = time.time() - t0
-        loads: list[float] = []
+        from _child import run_sampling_load
+
         with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.Popen(
+            code, out_text, err, loads = run_sampling_load(
                 [
                     sys.executable,
                     __file__,
@@ -367,26 +367,10 @@ def main(argv: list[str] | None = None) -> None:
                     str(emb),
                     tmp,
                 ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
                 env={**os.environ, "PYTHONPATH": str(args.code or HERE.parent)},
             )
-            # sample the machine's load while the child runs (stderr drained by a thread)
-            err: list[str] = []
-
-            def _drain(p: subprocess.Popen = proc, sink: list[str] = err) -> None:
-                sink.append(p.stderr.read())
-
-            drain = threading.Thread(target=_drain, daemon=True)
-            drain.start()
-            while proc.poll() is None:
-                loads.append(os.getloadavg()[0])
-                time.sleep(5)
-            out_text = proc.stdout.read()
-            drain.join()
-        if proc.returncode != 0:
-            print("".join(err)[-4000:], file=sys.stderr)
+        if code != 0:
+            print(err[-4000:], file=sys.stderr)
             raise SystemExit(f"scan of {n} rows failed")
         row = json.loads(out_text.strip().splitlines()[-1])
         row["tag"] = args.tag
