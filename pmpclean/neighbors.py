@@ -333,20 +333,29 @@ def _ivf_search(
     Inside :func:`reuse_indexes`, the lists of a base already searched (same rows, same
     seed) are reused rather than trained again.
     """
-    cache = _INDEX_CACHE.get()
-    if cache is None:
-        lists = _InvertedLists(b, ivf_nlist(q.shape[0], b.shape[0], nprobe), seed, q.shape[0])
-        return lists.search(q, k, nprobe)
-    key = (b.shape, b.dtype.str, seed, _digest(b))
-    lists = cache.get(key)
-    if lists is None:
-        lists = _InvertedLists(b, ivf_nlist(q.shape[0], b.shape[0], nprobe), seed, q.shape[0])
-        cache[key] = lists
-    lists.base = b  # the same rows (by digest): the caller's array, not a kept one
+    lists = reused(
+        "local",
+        b,
+        seed,
+        lambda: _InvertedLists(b, ivf_nlist(q.shape[0], b.shape[0], nprobe), seed, q.shape[0]),
+    )
+    lists.base = b  # (when reused: the same rows by digest, the caller's array)
     try:
         return lists.search(q, k, nprobe)
     finally:
-        lists.base = None  # the cache keeps the lists, never a copy of the rows
+        lists.base = None  # a cache keeps the lists, never a copy of the rows
+
+
+def reused(tag: str, base: np.ndarray, seed: int, build: Callable[[], Any]) -> Any:
+    """``build()``, the index of ``base``; inside :func:`reuse_indexes` built once per
+    ``tag`` (the engine whose index it is), rows (by SHA-1 of their bytes) and seed."""
+    cache = _INDEX_CACHE.get()
+    if cache is None:
+        return build()
+    key = (tag, base.shape, base.dtype.str, seed, _digest(base))
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 def _digest(x: np.ndarray) -> str:
@@ -360,8 +369,8 @@ def _digest(x: np.ndarray) -> str:
     return h.hexdigest()
 
 
-#: Inverted lists built inside :func:`reuse_indexes`, by (shape, dtype, seed, digest).
-_INDEX_CACHE: ContextVar[dict[tuple[Any, ...], _InvertedLists] | None] = ContextVar(
+#: Indexes built inside :func:`reuse_indexes`, by (engine, shape, dtype, seed, digest).
+_INDEX_CACHE: ContextVar[dict[tuple[Any, ...], Any] | None] = ContextVar(
     "pmpclean_index_cache", default=None
 )
 

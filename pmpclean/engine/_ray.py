@@ -535,7 +535,7 @@ class RayEngine:
         q_ref, b_ref = ray.put(q), ray.put(b)
         nearest = ray.remote(_nearest)
 
-        def route(ref: Any, n: int, kk: int) -> np.ndarray:
+        def route(ref: Any, n: int, kk: int, c_ref: Any) -> np.ndarray:
             futures = [
                 nearest.remote(ref, lo, min(n, lo + ROUTE_ROWS), c_ref, kk)
                 for lo in range(0, n, ROUTE_ROWS)
@@ -545,27 +545,20 @@ class RayEngine:
         # as the local engine inside neighbors.reuse_indexes: a base searched before in
         # the block (same rows, same seed) keeps its lists, so plants meet the lists the
         # real rows met
-        cache = nbr._INDEX_CACHE.get()
-        key = None if cache is None else ("ray", b.shape, b.dtype.str, seed, nbr._digest(b))
-        lists = None if cache is None else cache.get(key)
-        if lists is None:
+        def build() -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
             nlist = nbr.ivf_nlist(nq, nb, nprobe)
             cent = nbr._kmeans(b, nlist, seed)  # the local engine's sample and seed
-            c_ref = ray.put(cent)
-            lab = route(b_ref, nb, 1).ravel()
+            lab = route(b_ref, nb, 1, ray.put(cent)).ravel()
             b_order = np.argsort(lab, kind="stable")
-            b_bounds = np.searchsorted(lab[b_order], np.arange(nlist + 1))
-            del lab
-            if cache is not None:
-                cache[key] = (nlist, cent, b_order, b_bounds)
-        else:
-            nlist, cent, b_order, b_bounds = lists
-            c_ref = ray.put(cent)
+            return nlist, cent, b_order, np.searchsorted(lab[b_order], np.arange(nlist + 1))
+
+        nlist, cent, b_order, b_bounds = nbr.reused("ray", b, seed, build)
+        c_ref = ray.put(cent)
         nprobe = min(nprobe, nlist)
         sizes = np.diff(b_bounds)
         max_probe = min(nlist, nbr._MAX_PROBE_FACTOR * nprobe)
         min_cand = min(nb, nbr._MIN_CAND_PER_K * k)
-        probe = route(q_ref, nq, max_probe)
+        probe = route(q_ref, nq, max_probe, c_ref)
         q_order, q_bounds = nbr._visits(probe, sizes, nprobe, min_cand)
         del probe
         cost = np.diff(q_bounds).astype(np.float64) * sizes
